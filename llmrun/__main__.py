@@ -1,0 +1,5 @@
+"""`python -m llmrun` entry point."""
+
+from llmrun.cli import main
+
+main()

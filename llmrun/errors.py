@@ -1,0 +1,35 @@
+"""The user-facing error hierarchy: every problem a person can cause or fix is one of these."""
+
+
+class LlmrunError(Exception):
+    """A problem reported to the user as one line; the CLI exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ModelNotFoundError(LlmrunError):
+    """The name matches no local path, store entry, alias or cached repo."""
+
+
+class ModelUnavailableError(LlmrunError):
+    """The model is known but not present locally and cannot be fetched now."""
+
+
+class InvalidModelError(LlmrunError):
+    """A local folder or file is not a usable model (missing files, corrupt weights)."""
+
+
+class UnsupportedArchitectureError(LlmrunError):
+    """The checkpoint's architecture has no native implementation."""
+
+
+class DownloadError(LlmrunError):
+    """Fetching a model failed."""
+
+
+class UsageError(LlmrunError):
+    """Bad command-line input (sizes, options, empty prompts)."""
+
+
+class ContextOverflowError(LlmrunError):
+    """A prompt or generation does not fit in the context window or KV cache."""

@@ -1,0 +1,1 @@
+"""Model resolution, pulling, GGUF import and the local store."""

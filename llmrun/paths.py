@@ -1,0 +1,34 @@
+"""Where llmrun's own files live: $LLMRUN_HOME, else the platform's user data directory."""
+
+import os
+import sys
+from pathlib import Path
+
+
+def llmrun_home() -> Path:
+    """The root of llmrun's files (store, history, calibration); not created here."""
+    override = os.environ.get("LLMRUN_HOME")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "llmrun"
+
+
+def store_dir() -> Path:
+    """llmrun's store of imported models: one folder per model name."""
+    return llmrun_home() / "models"
+
+
+def history_file() -> Path:
+    """The chat REPL's input history."""
+    return llmrun_home() / "history"
+
+
+def calibration_file() -> Path:
+    """Cached bandwidth measurements used by the planner."""
+    return llmrun_home() / "calibration.json"
