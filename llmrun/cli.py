@@ -19,6 +19,87 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+DEFAULT_MODEL_HELP = "Model: alias (smollm2, phi-3-mini), Hub repo id, local folder or .gguf file."
+
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    """stdin (when it is not a TTY) goes before the PROMPT argument, a blank line between."""
+    from llmrun.errors import UsageError
+
+    piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    parts = [p for p in (piped.strip("\n"), (prompt or "").strip("\n")) if p.strip()]
+    if not parts:
+        raise UsageError("no prompt: give one as an argument or pipe text on stdin")
+    return "\n\n".join(parts)
+
+
+@app.command("run")
+def run_command(
+    model: str = typer.Argument(..., help=DEFAULT_MODEL_HELP),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt (stdin, when piped, comes first)."),
+    max_tokens: int = typer.Option(512, "-n", "--max-tokens", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.7, "-t", "--temperature", help="0 = greedy (deterministic)."),
+    top_k: int = typer.Option(40, "--top-k", help="Sample from the k likeliest tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top probability."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise repeated tokens (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
+    raw: bool = typer.Option(False, "--raw", help="Skip the chat template; tokenize the prompt as is."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: model max, at most 4096)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streamed text."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats line on stderr."),
+) -> None:
+    """Answer one prompt and exit; only the model's text goes to stdout.
+
+    Example: echo "Summarise:" | llmrun run smollm2 "What is the capital of France?" -t 0
+    """
+    from llmrun.engine.build import EngineOptions, pick_dtype
+    from llmrun.engine.prompt import prompt_ids
+    from llmrun.engine.sampler import SamplingParams
+    from llmrun.runtime import open_model
+
+    text = _read_prompt(prompt)
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
+        repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
+    )
+    pick_dtype(dtype, "cpu")  # validate before loading anything
+    opened = open_model(model, EngineOptions(dtype=dtype, ctx=ctx), show_progress=not as_json)
+    ids = prompt_ids(opened.tokenizer, text, system=system, raw=raw)
+    _generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
+
+
+def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
+    import json
+
+    from llmrun.display import LiveText, print_stats
+
+    engine = opened.engine
+    if as_json:
+        for _ in engine.generate([ids], params):
+            pass
+    else:
+        with LiveText(live=sys.stdout.isatty()) as out:
+            for event in engine.generate([ids], params):
+                out.write(event.text)
+    result = engine.results[0]
+    if as_json:
+        print(json.dumps({
+            "model": opened.name, "text": result.text, "tokens": result.tokens,
+            "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
+            "ttft_s": round(result.ttft_s, 4), "decode_tok_s": round(result.decode_tok_s, 2),
+            "finish_reason": result.finish_reason.value,
+        }))
+    elif not quiet:
+        print_stats(
+            f"{result.prompt_tokens} prompt tokens, {len(result.tokens)} generated "
+            f"({result.finish_reason.value}), first token {result.ttft_s:.2f} s, "
+            f"{result.decode_tok_s:.1f} tok/s"
+        )
+
 
 @app.command("pull")
 def pull_command(

@@ -1,3 +1,176 @@
 """Rich renderers (tables, live tokens, progress): the only module that uses Rich."""
 
 from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def layer_progress(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A per-layer progress bar on stderr, shown only on a TTY and only after ~0.5 s."""
+    if not (enabled and stderr_is_tty() and total > 0):
+        yield lambda layer_idx: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.monotonic()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("layers"), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)
+    task = progress.add_task(description, total=total)
+    shown = False
+
+    def on_layer(layer_idx: int) -> None:
+        nonlocal shown
+        progress.update(task, completed=layer_idx + 1)
+        if not shown and time.monotonic() - started > 0.5:
+            progress.start()
+            shown = True
+
+    try:
+        yield on_layer
+    finally:
+        if shown:
+            progress.stop()
+
+
+class LiveText:
+    """Streams generated text to stdout: Rich Markdown re-rendered live on a TTY, plain text otherwise."""
+
+    def __init__(self, live: bool):
+        self.text = ""
+        self._live = None
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.markdown import Markdown
+
+            self._markdown = Markdown
+            self._live = Live(Markdown(""), console=Console(), refresh_per_second=12,
+                              vertical_overflow="visible")
+
+    def __enter__(self) -> "LiveText":
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def write(self, delta: str) -> None:
+        if not delta:
+            return
+        self.text += delta
+        if self._live is not None:
+            self._live.update(self._markdown(self.text))
+        else:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._markdown(self.text))
+            self._live.stop()
+        elif self.text and not self.text.endswith("\n"):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def print_stats(line: str) -> None:
+    """The dim stats line on stderr (plain when stderr is not a TTY)."""
+    if stderr_is_tty():
+        from rich.console import Console
+
+        Console(stderr=True).print(line, style="dim", highlight=False)
+    else:
+        print(line, file=sys.stderr)
+
+
+# --- model resolution, pulling and listing (llmrun.hub) ---
+
+
+def note(message: str) -> None:
+    """One `llmrun: ...` line on stderr: what the hub did on the user's behalf."""
+    print(f"llmrun: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def progress_steps(description: str, total: int) -> Iterator[Callable[[str], None]]:
+    """Yield `step(text)`: each call finishes the previous step and names the next (TTY only)."""
+    if not stderr_is_tty():
+        yield lambda text: None
+        return
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=Console(file=sys.stderr), transient=True)
+    task = progress.add_task(description, total=total)
+    started = False
+
+    def step(text: str) -> None:
+        nonlocal started
+        progress.update(task, advance=1 if started else 0, description=f"{description}: {text}")
+        started = True
+
+    with progress:
+        yield step
+
+
+@contextmanager
+def download_progress(description: str, total_bytes: int) -> Iterator[Callable[[int, str], None]]:
+    """Yield `advance(num_bytes, file_name)` for a byte-counting bar on stderr (TTY only)."""
+    if not stderr_is_tty():
+        yield lambda num_bytes, file_name: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(),
+                        console=Console(file=sys.stderr), transient=True)
+    task = progress.add_task(description, total=total_bytes or None)
+
+    def advance(num_bytes: int, file_name: str) -> None:
+        progress.update(task, advance=num_bytes, description=f"{description} {file_name}")
+
+    with progress:
+        yield advance
+
+
+def format_count(count: int | None) -> str:
+    """A parameter count for people: 134_515_008 -> "135M", 3_821_079_552 -> "3.8B"."""
+    if count is None:
+        return "?"
+    for divisor, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= divisor:
+            value = count / divisor
+            return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
+    return str(count)
+
+
+def render_models(models) -> None:
+    """The `llmrun models` table on stdout (LocalModel rows); a hint on stderr when there are none."""
+    if not models:
+        note("no local models yet; fetch a small one with `llmrun pull smollm2`, "
+             "or convert a file with `llmrun import FILE.gguf`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.sizes import format_bytes
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column, justify in (("NAME", "left"), ("ARCHITECTURE", "left"), ("PARAMS", "right"),
+                            ("DTYPE", "left"), ("SIZE", "right"), ("SOURCE", "left")):
+        table.add_column(column, justify=justify, no_wrap=column == "NAME")
+    for model in models:
+        table.add_row(model.name, model.architecture or "?", format_count(model.num_parameters),
+                      model.dtype or "?", format_bytes(model.size_bytes), model.source)
+    Console(soft_wrap=True).print(table)

@@ -1,0 +1,1 @@
+"""The generation engine: sequences, scheduling, the model runner, sampling and TokenEvents."""

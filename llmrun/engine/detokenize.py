@@ -1,0 +1,56 @@
+"""TextStream: incremental detokenization with stop strings held back and never emitted."""
+
+from __future__ import annotations
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas.
+
+    Text that may still change (an incomplete UTF-8 character) or that may be the start of a stop
+    string is held back until it is settled.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""            # everything emitted so far
+        self._decoded = ""        # the full decode of `ids`
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (new text to emit, whether a stop string was reached)."""
+        self.ids.append(token_id)
+        self._decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stop_at = self._find_stop(self._decoded)
+        if stop_at is not None:
+            return self._emit_until(stop_at), True
+        return self._emit_until(len(self._decoded) - self._holdback(self._decoded)), False
+
+    def flush(self) -> str:
+        """At the end of generation: everything still held back (minus a trailing partial char)."""
+        end = len(self._decoded)
+        if self._decoded.endswith("\ufffd"):
+            end -= 1
+        return self._emit_until(end)
+
+    def _emit_until(self, end: int) -> str:
+        end = max(end, len(self.text))
+        delta = self._decoded[len(self.text) : end]
+        self.text += delta
+        return delta
+
+    def _find_stop(self, decoded: str):
+        # Search only where a stop string could newly appear (it may straddle emitted text).
+        window_start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        hits = [decoded.find(s, window_start) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def _holdback(self, decoded: str) -> int:
+        held = 1 if decoded.endswith("\ufffd") else 0
+        for stop in self.stop:
+            for length in range(min(len(stop) - 1, len(decoded)), 0, -1):
+                if decoded.endswith(stop[:length]):
+                    held = max(held, length)
+                    break
+        return held

@@ -1,0 +1,157 @@
+"""Engine.generate: schedule, run, sample, and yield TokenEvents; results and timings per request."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence as Seq
+
+import torch
+
+from llmrun.engine.detokenize import TextStream
+from llmrun.engine.runner import ModelRunner
+from llmrun.engine.sampler import SamplingParams, make_generator, sample_next
+from llmrun.engine.scheduler import Scheduler
+from llmrun.engine.sequence import FinishReason, Sequence
+from llmrun.errors import ContextOverflowError
+from llmrun.kv.block_allocator import BlockAllocator
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request (the request's index in the generate() call)."""
+
+    request_index: int
+    token_id: int
+    text: str                              # newly settled text (may be empty)
+    finish_reason: Optional[FinishReason]  # set on the request's last event
+
+
+@dataclass
+class RequestResult:
+    prompt_tokens: int
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: Optional[FinishReason] = None
+    started_s: float = 0.0
+    first_token_s: Optional[float] = None
+    finished_s: Optional[float] = None
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.first_token_s or self.started_s) - self.started_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first token (the first one pays for the prefill)."""
+        if self.first_token_s is None or self.finished_s is None or len(self.tokens) < 2:
+            return 0.0
+        elapsed = self.finished_s - self.first_token_s
+        return (len(self.tokens) - 1) / elapsed if elapsed > 0 else 0.0
+
+
+class Engine:
+    """A loaded model with its paged KV cache, able to generate for several prompts at once."""
+
+    def __init__(self, decoder, weights, tokenizer, eos_ids: Seq[int], *, max_context: int,
+                 max_num_seqs: int, num_blocks: int, block_size: int = 16,
+                 max_prefill_tokens: int = 2048):
+        from llmrun.kv.paged_cache import KVCacheShape, PagedKVCache
+
+        cfg = decoder.config
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.max_context = max_context
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        shape = KVCacheShape(cfg.num_hidden_layers, num_blocks, block_size,
+                             cfg.num_key_value_heads, cfg.head_dim)
+        self.cache = PagedKVCache(shape, decoder.dtype, decoder.device)
+        self.runner = ModelRunner(decoder, weights, self.cache, self.allocator)
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.results: list[RequestResult] = []
+        self._next_seq_id = 0
+
+    def check_prompt(self, prompt_ids: Seq[int]) -> None:
+        if not prompt_ids:
+            raise ContextOverflowError("the prompt is empty after tokenization")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_ids)} tokens but the context window is "
+                f"{self.max_context} tokens (leave room for the reply; raise --ctx if the model allows)"
+            )
+
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
+                 on_logits: Optional[Callable] = None) -> Iterator[TokenEvent]:
+        """Generate for every prompt together; yields events as tokens are sampled.
+
+        After the iterator is exhausted, `self.results[i]` holds request i's text, tokens and timing.
+        `on_logits(request_indices, logits)` observes each step's logits before sampling.
+        """
+        per_request = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        scheduler = Scheduler(self.allocator, self.max_num_seqs, self.max_prefill_tokens)
+        started = time.perf_counter()
+        self.results, seqs, streams = [], {}, {}
+        for index, (prompt_ids, p) in enumerate(zip(prompts, per_request)):
+            self.check_prompt(prompt_ids)
+            seq = self._new_sequence(list(prompt_ids), p)
+            seqs[seq.seq_id] = index
+            streams[seq.seq_id] = TextStream(self.tokenizer, p.stop)
+            self.results.append(RequestResult(len(prompt_ids), started_s=started))
+            scheduler.add(seq)
+        try:
+            while scheduler.has_work:
+                yield from self._step(scheduler, seqs, streams, on_logits)
+        finally:
+            for seq in list(scheduler.running):
+                scheduler.finish(seq)
+
+    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(self._next_seq_id, prompt_ids, params, self.max_context)
+        self._next_seq_id += 1
+        seq.generator = make_generator(params, self.decoder.device)
+        return seq
+
+    def _step(self, scheduler: Scheduler, seqs: dict, streams: dict, on_logits) -> Iterator[TokenEvent]:
+        steps = scheduler.schedule()
+        sampling = [s.seq for s in steps if s.completes_prompt]  # before run() advances them
+        logits = self.runner.run(steps)
+        if not sampling:
+            return
+        if on_logits is not None:
+            on_logits([seqs[seq.seq_id] for seq in sampling], logits)
+        rows = [(seq.params, seq.generator, self._seen_ids(seq)) for seq in sampling]
+        next_tokens = sample_next(logits, rows, self.decoder.device)
+        now = time.perf_counter()
+        for seq, token in zip(sampling, next_tokens):
+            yield self._accept(seq, token, now, scheduler, seqs[seq.seq_id], streams[seq.seq_id])
+
+    def _seen_ids(self, seq: Sequence):
+        if seq.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(seq.all_ids, dtype=torch.long, device=self.decoder.device)
+
+    def _accept(self, seq, token, now, scheduler, index, stream) -> TokenEvent:
+        result = self.results[index]
+        seq.output_ids.append(token)
+        result.tokens.append(token)
+        if result.first_token_s is None:
+            result.first_token_s = now
+        text, reason = "", None
+        if token in self.eos_ids:
+            reason = FinishReason.EOS
+        else:
+            text, stopped = stream.push(token)
+            if stopped:
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_total_tokens:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            if reason is not FinishReason.STOP:
+                text += stream.flush()
+            seq.finish_reason = reason
+            result.finish_reason, result.finished_s = reason, now
+            scheduler.finish(seq)
+        result.text += text
+        return TokenEvent(index, token, text, reason)

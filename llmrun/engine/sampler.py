@@ -1,0 +1,95 @@
+"""SamplingParams and turning logits into next tokens (greedy = argmax, else filtered sampling)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llmrun.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: Optional[int] = 40
+    top_p: Optional[float] = 0.95
+    min_p: Optional[float] = 0.05
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0, got {self.top_k}")
+        for name in ("top_p", "min_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UsageError(f"{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        if self.repetition_penalty <= 0:
+            raise UsageError(f"repeat-penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max-tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:
+    """A seeded generator for one sequence (None for greedy decoding)."""
+    if params.is_greedy:
+        return None
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on a [vocab] row for tokens already in prompt or output."""
+    scores = logits.gather(0, seen_ids)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(0, seen_ids, scores)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering of one float32 row [vocab]."""
+    logits = logits / params.temperature
+    if params.top_k:
+        k = min(params.top_k, logits.numel())
+        kth = torch.topk(logits, k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the token crossing p
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    if params.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, rows: list, device) -> list[int]:
+    """Next token per row of logits [num_rows, vocab]; `rows` are (params, generator, seen_ids)."""
+    logits = logits.float()
+    greedy = all(params.is_greedy and params.repetition_penalty == 1.0 for params, _, _ in rows)
+    if greedy:
+        return logits.argmax(dim=-1).tolist()
+    tokens = []
+    for row, (params, generator, seen_ids) in enumerate(rows):
+        scores = logits[row]
+        if params.repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
+            scores = apply_repetition_penalty(scores, seen_ids, params.repetition_penalty)
+        if params.is_greedy:
+            tokens.append(int(scores.argmax()))
+            continue
+        probs = filter_logits(scores, params).softmax(-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+    return tokens

@@ -1,0 +1,44 @@
+"""Sequence: one prompt's state through generation (tokens, cache progress, text, finish)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from llmrun.engine.sampler import SamplingParams
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"      # a stop string appeared
+    LENGTH = "length"  # max new tokens or the context window reached
+    EOS = "eos"        # the model produced an end-of-sequence token
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_total_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0                  # tokens whose K/V are in the cache
+    finish_reason: Optional[FinishReason] = None
+    generator: object = None             # torch.Generator for sampling, None when greedy
+    seen_ids: object = None              # LongTensor of prompt+output ids (repetition penalty)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def pending_ids(self) -> list[int]:
+        """Tokens not yet run through the model (the prompt at first, then the last sample)."""
+        return self.all_ids[self.num_cached:]

@@ -1,0 +1,1 @@
+"""Checkpoint weights: the safetensors header index and loading tensors from it."""

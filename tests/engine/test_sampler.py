@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from llmrun.engine.sampler import SamplingParams, filter_logits, make_generator, sample_next
+from llmrun.errors import UsageError
+
+
+def sample_many(logits, params, n=200):
+    gen = make_generator(params, "cpu")
+    return [sample_next(logits[None], [(params, gen, None)], "cpu")[0] for _ in range(n)]
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
+    params = SamplingParams(temperature=0)
+    assert sample_next(logits, [(params, None, None)] * 2, "cpu") == [1, 0]
+
+
+def test_same_seed_same_tokens_and_different_seed_differs():
+    logits = torch.zeros(50)
+    params = SamplingParams(temperature=1.0, top_k=None, top_p=None, min_p=None, seed=7)
+    assert sample_many(logits, params) == sample_many(logits, params)
+    other = SamplingParams(temperature=1.0, top_k=None, top_p=None, min_p=None, seed=8)
+    assert sample_many(logits, params) != sample_many(logits, other)
+
+
+def test_top_k_keeps_only_k_tokens():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=None, min_p=None, seed=1)
+    assert set(sample_many(logits, params)) <= {0, 1}
+    kept = torch.isfinite(filter_logits(logits, params))
+    assert kept.tolist() == [True, True, False, False, False]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    params = SamplingParams(temperature=1.0, top_k=None, top_p=0.7, min_p=None)
+    kept = torch.isfinite(filter_logits(probs.log(), params))
+    assert kept.tolist() == [True, True, False, False]
+
+
+def test_min_p_drops_tokens_below_fraction_of_top():
+    probs = torch.tensor([0.6, 0.3, 0.05, 0.05])
+    params = SamplingParams(temperature=1.0, top_k=None, top_p=None, min_p=0.2)
+    kept = torch.isfinite(filter_logits(probs.log(), params))
+    assert kept.tolist() == [True, True, False, False]
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=1.5)
+    seen = torch.tensor([0])
+    assert sample_next(logits, [(params, None, seen)], "cpu") == [1]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 1.5), ("min_p", -0.1),
+                                         ("repetition_penalty", 0), ("max_new_tokens", 0)])
+def test_invalid_params_are_usage_errors(field, value):
+    with pytest.raises(UsageError):
+        SamplingParams(**{field: value})
