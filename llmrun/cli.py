@@ -101,6 +101,56 @@ def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
         )
 
 
+def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[int], batch: int, dtype: str):
+    from llmrun.engine.build import dtype_name
+    from llmrun.plan.make import PlanRequest
+    from llmrun.sizes import parse_size
+
+    dtype_name(dtype, "cpu") if dtype != "auto" else None  # unknown names fail before any work
+    return PlanRequest(
+        gpu_mem_bytes=parse_size(gpu_mem) if gpu_mem is not None else None,
+        cpu_mem_bytes=parse_size(cpu_mem) if cpu_mem is not None else None,
+        ctx=ctx, batch=batch, dtype=dtype,
+    )
+
+
+GPU_MEM_HELP = "Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU)."
+CPU_MEM_HELP = "Plan as if only this much RAM were free (16GB, 512MB)."
+
+
+@app.command("plan")
+def plan_command(
+    model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
+    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context tokens per sequence (default: model max, at most 4096)."),
+    batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (schema: docs/plan-json.md)."),
+) -> None:
+    """Show where every layer would live (GPU, pinned CPU, disk) before loading anything.
+
+    Example: llmrun plan phi-3-mini --gpu-mem 6GB --ctx 4096
+    """
+    import json
+    import os
+
+    from llmrun.plan.inputs import plan_inputs
+    from llmrun.plan.make import make_plan
+    from llmrun.plan.schema import plan_to_json
+
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    inputs = plan_inputs(model or os.environ.get("LLMRUN_MODEL") or "smollm2")
+    report = make_plan(inputs.config, inputs.index, request, inputs.folder)
+    data = plan_to_json(report, inputs.name, str(inputs.folder or inputs.name), inputs.architecture)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from llmrun.display import render_plan
+
+    render_plan(data)
+
+
 @app.command("pull")
 def pull_command(
     name: str = typer.Argument(..., help="Alias (smollm2, phi-3-mini, ...) or Hub repo id (org/name)."),

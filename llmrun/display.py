@@ -174,3 +174,50 @@ def render_models(models) -> None:
         table.add_row(model.name, model.architecture or "?", format_count(model.num_parameters),
                       model.dtype or "?", format_bytes(model.size_bytes), model.source)
     Console(soft_wrap=True).print(table)
+
+
+def render_plan(plan_json: dict) -> None:
+    """The plan as Rich tables on stdout: tiers with layer ranges, reservations, totals, estimate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.sizes import format_bytes
+
+    console = Console()
+    model = plan_json["model"]
+    console.print(f"[bold]{model['name']}[/] ({model['architecture']}, {model['num_layers']} layers, "
+                  f"{format_bytes(model['weight_bytes'])} in {plan_json['dtype']}) on "
+                  f"[bold]{plan_json['compute'].upper()}[/]"
+                  + (f" ({plan_json['gpu_name']})" if plan_json.get("gpu_name") else ""), highlight=False)
+    table = Table(title="Placement", title_justify="left")
+    for column in ("tier", "layers", "also holds", "weights", "reserved", "total", "budget"):
+        table.add_column(column, justify="right" if column in ("weights", "reserved", "total", "budget") else "left")
+    for tier, info in plan_json["tiers"].items():
+        if not info["total_bytes"]:
+            continue
+        ranges = ", ".join(f"{s}-{e - 1}" if e - s > 1 else str(s) for s, e in info["layers"]) or "-"
+        budget = info["budget_bytes"]
+        table.add_row(tier.upper(), f"{ranges} ({info['num_layers']})", ", ".join(info["holds"]) or "-",
+                      format_bytes(info["weight_bytes"]), format_bytes(info["reserved_bytes"]),
+                      format_bytes(info["total_bytes"]), format_bytes(budget) if budget is not None else "-")
+    console.print(table)
+    reservations = Table(title="Reserved before weights", title_justify="left")
+    for column in ("what", "tier", "bytes", "detail"):
+        reservations.add_column(column)
+    for r in plan_json["reservations"]:
+        reservations.add_row(r["name"], r["tier"].upper(), format_bytes(r["bytes"]), r["detail"])
+    console.print(reservations)
+    kv, est = plan_json["kv_cache"], plan_json["estimate"]
+    streamed = plan_json["streamed_bytes_per_token"]
+    console.print(f"KV cache: {kv['num_blocks']} blocks of {kv['block_size']} tokens = {kv['tokens']} tokens "
+                  f"({plan_json['ctx']} ctx x {plan_json['batch']} seq), {format_bytes(kv['bytes'])} on "
+                  f"{kv['tier'].upper()}", highlight=False)
+    console.print(f"Streamed per token: {format_bytes(streamed['total'])} "
+                  f"(from CPU {format_bytes(streamed['cpu'])}, from disk {format_bytes(streamed['disk'])})",
+                  highlight=False)
+    bandwidths = ", ".join(f"{name} {v['bytes_per_s'] / 1e9:.1f} GB/s ({'measured' if v['measured'] else 'assumed'})"
+                           for name, v in est["bandwidths"].items())
+    console.print(f"Estimate: decode {est['decode_tok_s']['low']:.3g}-{est['decode_tok_s']['high']:.3g} tok/s "
+                  f"per sequence, prefill ~{est['prefill_tok_s']:.0f} tok/s; {bandwidths}", highlight=False)
+    for warning in plan_json["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -114,3 +114,60 @@ def llama_config(**overrides):
 
 def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def save_sparse_checkpoint(folder: Path, config, *, dtype: str = "F16", num_shards: int = 1) -> Path:
+    """A checkpoint whose safetensors headers describe every tensor of `config`'s model, with the
+    data region left as a sparse hole (no bytes written): for planning, which reads headers only.
+    """
+    import struct
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    if config.tie_word_embeddings:
+        params = [(n, s) for n, s in params if n != "lm_head.weight"]
+    elem = {"F16": 2, "BF16": 2, "F32": 4}[dtype]
+    shards = [params[i::num_shards] for i in range(num_shards)]
+    weight_map = {}
+    for idx, shard in enumerate(shards):
+        name = "model.safetensors" if num_shards == 1 else f"model-{idx + 1:05d}-of-{num_shards:05d}.safetensors"
+        header, offset = {}, 0
+        for tensor, shape in shard:
+            size = elem
+            for dim in shape:
+                size *= dim
+            header[tensor] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[tensor] = name
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / name, "wb") as handle:
+            handle.write(struct.pack("<Q", len(raw)) + raw)
+            handle.truncate(8 + len(raw) + offset)
+    if num_shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def phi3_mini_config():
+    """Phi-3-mini's shape (Phi3Config defaults: 32 layers, hidden 3072, 4k context)."""
+    from transformers import Phi3Config
+
+    return Phi3Config()
+
+
+def llama_70b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=131072, rope_theta=500000.0)

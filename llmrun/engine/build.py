@@ -30,18 +30,41 @@ def pick_device(requested: Optional[str]) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_dtype(name: str, device: str):
-    """The torch dtype for --dtype; auto is bfloat16 where the hardware computes it natively."""
-    import torch
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX); read without torch."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
+
+def dtype_name(name: str, device: str) -> str:
+    """The concrete dtype for --dtype; auto is bfloat16 where the hardware computes it natively."""
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     if name != "auto":
-        return getattr(torch, name)
+        return name
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cpu_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return torch.bfloat16 if cpu_bf16 is not None and cpu_bf16() else torch.float32
+        from llmrun.plan.devices import has_cuda
+
+        if not has_cuda():
+            return "float16"  # planning for a GPU this machine lacks: fp16 runs on every CUDA GPU
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def pick_dtype(name: str, device: str):
+    """The torch dtype for --dtype (see dtype_name)."""
+    import torch
+
+    return getattr(torch, dtype_name(name, device))
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def context_length(requested: Optional[int], model_max: int) -> int:

@@ -1,0 +1,1 @@
+"""Placement planning: measured memory (devices.py), model sizes, and the pure planner."""

@@ -1,0 +1,63 @@
+"""What the planner reads for a model name: config.json and safetensors headers, local or remote."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from llmrun.errors import DownloadError, ModelUnavailableError
+from llmrun.weights.index import CheckpointIndex, TensorInfo
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    name: str
+    folder: Optional[Path]        # None when planned from the Hub's metadata
+    config: dict
+    index: CheckpointIndex
+    architecture: str
+
+
+def plan_inputs(name: str) -> PlanInputs:
+    """Local models are read from disk; absent ones from the Hub's metadata when it can be reached."""
+    from llmrun.hub.resolve import resolve_model
+    from llmrun.model.config import read_config_json
+    from llmrun.weights.index import build_index
+
+    try:
+        source = resolve_model(name, allow_download=False)
+    except ModelUnavailableError as unavailable:
+        return _remote_inputs(name, unavailable)
+    config = read_config_json(source.path)
+    architecture = (config.get("architectures") or ["unknown"])[0]
+    return PlanInputs(source.name, source.path, config, build_index(source.path), architecture)
+
+
+def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
+    """Config and safetensors headers of a Hub repo, without downloading weights."""
+    from llmrun.hub.aliases import find_alias
+    from llmrun.hub.hf_cache import is_offline
+
+    alias = find_alias(name)
+    repo_id = alias.repo_id if alias else name
+    if is_offline():
+        raise unavailable
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+        metadata = get_safetensors_metadata(repo_id)
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise DownloadError(f"cannot read {repo_id}'s metadata from the Hub ({type(err).__name__}); "
+                            f"run `llmrun pull {name}` when online") from unavailable
+    tensors = {}
+    for file_name, file_meta in metadata.files_metadata.items():
+        for tensor_name, info in file_meta.tensors.items():
+            start, end = info.data_offsets
+            tensors[tensor_name] = TensorInfo(tensor_name, Path(file_name), info.dtype, tuple(info.shape),
+                                              start, end)
+    architectures = config.get("architectures") or ["unknown"]
+    return PlanInputs(name, None, config, CheckpointIndex(Path(repo_id), tensors), architectures[0])

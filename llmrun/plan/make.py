@@ -1,0 +1,96 @@
+"""make_plan: measure (or take overrides), size the model from headers, plan, estimate, warn.
+
+`llmrun plan`, `run` and `chat` all plan through this one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from llmrun.plan.devices import (
+    MeasuredMemory, compute_read_bandwidth, disk_read_bandwidth, host_to_gpu_bandwidth, measure_memory,
+)
+from llmrun.plan.estimate import SpeedEstimate, estimate_speed
+from llmrun.plan.model_sizes import ModelSizes, model_sizes
+from llmrun.plan.placement import Budgets, Placement, PlanError, PlanOptions, Tier, plan
+from llmrun.sizes import format_bytes
+from llmrun.weights.index import CheckpointIndex
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    gpu_mem_bytes: Optional[int] = None   # None: measure; 0: no GPU
+    cpu_mem_bytes: Optional[int] = None   # None: measure
+    ctx: Optional[int] = None             # None: the model's context, capped
+    batch: int = 1
+    dtype: str = "auto"
+    block_size: int = 16
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    placement: Placement
+    estimate: SpeedEstimate
+    measured: MeasuredMemory
+    request: PlanRequest
+    dtype: str                            # the concrete run dtype
+    warnings: tuple[str, ...]
+
+
+def make_plan(config: dict, index: CheckpointIndex, request: PlanRequest,
+              folder: Optional[Path] = None) -> PlanReport:
+    """Plan a model (config.json dict + safetensors header index) for this machine."""
+    from llmrun.engine.build import DTYPE_BYTES, context_length, dtype_name
+
+    if request.batch < 1:
+        raise PlanError(f"--batch must be at least 1, got {request.batch}")
+    measured = measure_memory(folder, want_gpu=request.gpu_mem_bytes != 0)
+    gpu_bytes = request.gpu_mem_bytes if request.gpu_mem_bytes is not None else measured.gpu_free_bytes
+    budgets = Budgets(gpu_bytes or None,
+                      request.cpu_mem_bytes if request.cpu_mem_bytes is not None else measured.cpu_available_bytes,
+                      measured.disk_free_bytes)
+    dtype = dtype_name(request.dtype, "cuda" if budgets.has_gpu else "cpu")
+    sizes = model_sizes(index, config, DTYPE_BYTES[dtype])
+    ctx = context_length(request.ctx, sizes.max_context)
+    options = PlanOptions(ctx=ctx, dtype_bytes=DTYPE_BYTES[dtype], batch=request.batch,
+                          block_size=request.block_size)
+    placement = plan(sizes, budgets, options)
+    estimate = estimate_speed(placement, compute_read_bandwidth(budgets.has_gpu),
+                              host_to_gpu_bandwidth(calibrate=budgets.has_gpu), disk_read_bandwidth())
+    warnings = _warnings(placement, estimate, sizes, budgets, options, measured.gpu_free_bytes)
+    return PlanReport(placement, estimate, measured, request, dtype, warnings)
+
+
+def _warnings(placement: Placement, estimate: SpeedEstimate, sizes: ModelSizes, budgets: Budgets,
+              options: PlanOptions, measured_gpu: Optional[int]) -> tuple[str, ...]:
+    warnings = []
+    if budgets.has_gpu and measured_gpu is None:
+        warnings.append("no CUDA GPU is available here: this GPU plan is hypothetical (runs need --gpu-mem 0)")
+    if placement.streams:
+        shorter = _context_without_offload(sizes, budgets, options)
+        if shorter:
+            fast = "GPU" if budgets.has_gpu else "CPU memory"
+            warnings.append(f"weights are offloaded, but with --ctx {shorter} every layer would fit in {fast}")
+    disk_bytes = placement.streamed_bytes_per_token(Tier.DISK)
+    if disk_bytes:
+        num_disk = sum(1 for tier in placement.layer_tiers if tier is Tier.DISK)
+        warnings.append(
+            f"{num_disk} layers stream from disk ({format_bytes(disk_bytes)} per token): this will be slow, "
+            f"about {estimate.decode_tok_s_low:.2g}-{estimate.decode_tok_s_high:.2g} tok/s"
+        )
+    return tuple(warnings)
+
+
+def _context_without_offload(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Optional[int]:
+    """The longest context (>= 256 tokens, a multiple of 256) at which nothing streams, if any."""
+    lo, hi = 0, options.ctx // 256
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            fits = not plan(sizes, budgets, replace(options, ctx=mid * 256)).streams
+        except PlanError:
+            fits = False
+        lo, hi = (mid, hi) if fits else (lo, mid - 1)
+    return lo * 256 if lo else None

@@ -1,0 +1,243 @@
+"""The planner: a pure function of model sizes, memory budgets and options -> Placement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+from llmrun.errors import LlmrunError
+from llmrun.plan.model_sizes import ModelSizes
+from llmrun.sizes import format_bytes
+
+MiB = 1024**2
+DEFAULT_GPU_RUNTIME_BYTES = 512 * MiB   # CUDA context, cuBLAS workspace, allocator slack
+
+
+class PlanError(LlmrunError):
+    """The model (or the requested context) cannot run within the budgets."""
+
+
+class Tier(str, Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Memory the plan may use. gpu_bytes None or 0 plans for CPU and disk only."""
+
+    gpu_bytes: Optional[int]
+    cpu_bytes: int
+    disk_bytes: Optional[int] = None
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpu_bytes)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    ctx: int
+    dtype_bytes: int
+    batch: int = 1
+    block_size: int = 16
+    prefill_chunk: int = 512
+    gpu_runtime_bytes: int = DEFAULT_GPU_RUNTIME_BYTES
+
+
+@dataclass(frozen=True)
+class Reservation:
+    name: str          # runtime | kv_cache | workspace | staging | pinned_staging
+    tier: Tier
+    num_bytes: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every weight lives, what is reserved, and how many KV blocks exist."""
+
+    layer_tiers: tuple[Tier, ...]
+    head_tier: Tier                    # lm_head, or the tied embeddings
+    embed_tier: Tier                   # the input embedding table (== head_tier when tied)
+    compute_tier: Tier                 # GPU when a GPU is used, else CPU
+    ctx: int
+    batch: int
+    block_size: int
+    num_kv_blocks: int
+    reservations: tuple[Reservation, ...]
+    budgets: Budgets
+    sizes: ModelSizes
+
+    def weight_bytes(self, tier: Tier) -> int:
+        sizes = self.sizes
+        total = sum(b for b, t in zip(sizes.layer_bytes, self.layer_tiers) if t is tier)
+        if self.head_tier is tier:
+            total += sizes.head_bytes + sizes.other_bytes
+        if not sizes.tied_embeddings and self.embed_tier is tier:
+            total += sizes.embed_bytes
+        return total
+
+    def reserved_bytes(self, tier: Tier) -> int:
+        return sum(r.num_bytes for r in self.reservations if r.tier is tier)
+
+    def total_bytes(self, tier: Tier) -> int:
+        return self.weight_bytes(tier) + self.reserved_bytes(tier)
+
+    def streamed_bytes_per_token(self, tier: Tier) -> int:
+        """Weight bytes moved from `tier` to the compute device for every decode step."""
+        if tier is self.compute_tier:
+            return 0
+        total = sum(b for b, t in zip(self.sizes.layer_bytes, self.layer_tiers) if t is tier)
+        if self.head_tier is tier:
+            total += self.sizes.head_bytes + self.sizes.other_bytes
+        return total
+
+    def layer_ranges(self, tier: Tier) -> list[tuple[int, int]]:
+        """Contiguous [start, end) ranges of decoder layers in `tier`."""
+        ranges: list[tuple[int, int]] = []
+        for idx, layer_tier in enumerate(self.layer_tiers):
+            if layer_tier is tier:
+                if ranges and ranges[-1][1] == idx:
+                    ranges[-1] = (ranges[-1][0], idx + 1)
+                else:
+                    ranges.append((idx, idx + 1))
+        return ranges
+
+    @property
+    def kv_tier(self) -> Tier:
+        return self.compute_tier
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+    @property
+    def streams(self) -> bool:
+        return any(t is not self.compute_tier for t in self.layer_tiers) or self.head_tier is not self.compute_tier
+
+
+def workspace_bytes(sizes: ModelSizes, options: PlanOptions) -> int:
+    """Activations of one prefill chunk: hidden/MLP buffers, attention scores, last-token logits."""
+    chunk = min(options.prefill_chunk, options.ctx) * options.batch
+    per_token = (6 * sizes.hidden_size + 3 * sizes.intermediate_size) * options.dtype_bytes
+    scores = min(options.prefill_chunk, options.ctx) * options.ctx * sizes.num_attention_heads * 4
+    logits = options.batch * sizes.vocab_size * 4
+    return chunk * per_token + scores + logits
+
+
+def _prefix_fit(layer_bytes: tuple[int, ...], start: int, room: int) -> int:
+    """How many layers from `start` on fit, in order, in `room` bytes."""
+    count = 0
+    for size in layer_bytes[start:]:
+        if size > room:
+            break
+        room -= size
+        count += 1
+    return count
+
+
+def plan(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement:
+    """Place every weight in the fastest tier that has room, reserving KV, workspace and staging first."""
+    if options.ctx > sizes.max_context:
+        raise PlanError(f"--ctx {options.ctx} is beyond the model's maximum context of {sizes.max_context} tokens")
+    fast = Tier.GPU if budgets.has_gpu else Tier.CPU
+    fast_budget = budgets.gpu_bytes if budgets.has_gpu else budgets.cpu_bytes
+    num_blocks = -(-options.ctx // options.block_size) * options.batch
+    kv_bytes = num_blocks * options.block_size * sizes.kv_bytes_per_token
+    reservations = [
+        Reservation("kv_cache", fast, kv_bytes,
+                    f"{num_blocks} blocks x {options.block_size} tokens ({options.ctx} ctx x {options.batch} seq)"),
+        Reservation("workspace", fast, workspace_bytes(sizes, options),
+                    f"activations for a {min(options.prefill_chunk, options.ctx)}-token prefill chunk"),
+    ]
+    if fast is Tier.GPU:
+        reservations.insert(0, Reservation("runtime", Tier.GPU, options.gpu_runtime_bytes,
+                                           "CUDA context and library workspaces"))
+    fixed = sum(r.num_bytes for r in reservations)
+    if fixed > fast_budget:
+        raise PlanError(_context_error(sizes, budgets, options, fast, fast_budget, fixed))
+    room = fast_budget - fixed
+    head = sizes.head_bytes + sizes.other_bytes
+    embed = 0 if sizes.tied_embeddings else sizes.embed_bytes
+    num_layers = sizes.num_layers
+    if head + sum(sizes.layer_bytes) + embed <= room:
+        layer_tiers, head_tier, embed_tier = [fast] * num_layers, fast, fast
+    else:
+        staging = 2 * max(sizes.layer_bytes)
+        head_tier = fast
+        if head + staging > room:  # the output layer streams too: staging must hold it
+            head_tier, staging = _slow_tiers(fast)[0], 2 * max(sizes.layer_bytes + (head,))
+        if staging > room:
+            raise PlanError(_too_small_error(sizes, budgets, fast, fixed + staging))
+        reservations.append(Reservation("staging", fast, staging, "double buffer for the largest streamed layer"))
+        room -= staging + (head if head_tier is fast else 0)
+        num_fast = _prefix_fit(sizes.layer_bytes, 0, max(room, 0))
+        layer_tiers = [fast] * num_fast
+        layer_tiers += _place_slow(sizes, budgets, options, fast, num_fast, embed, head_tier, reservations)
+        embed_tier = Tier.CPU if fast is Tier.GPU else Tier.DISK
+        if fast is Tier.GPU and _cpu_left(sizes, budgets, layer_tiers, head_tier, reservations) < embed:
+            embed_tier = Tier.DISK
+    if sizes.tied_embeddings:
+        embed_tier = head_tier
+    return Placement(tuple(layer_tiers), head_tier, embed_tier, fast, options.ctx, options.batch,
+                     options.block_size, num_blocks, tuple(reservations), budgets, sizes)
+
+
+def _slow_tiers(fast: Tier) -> list[Tier]:
+    return [Tier.CPU, Tier.DISK] if fast is Tier.GPU else [Tier.DISK]
+
+
+def _place_slow(sizes, budgets, options, fast, num_fast, embed, head_tier, reservations) -> list[Tier]:
+    """Tiers of layers num_fast.. : pinned CPU memory while it lasts (GPU plans), then disk."""
+    rest = sizes.layer_bytes[num_fast:]
+    if fast is Tier.CPU or not rest:
+        return [Tier.DISK] * len(rest)
+    cpu_room = budgets.cpu_bytes - (sizes.head_bytes + sizes.other_bytes if head_tier is Tier.CPU else 0)
+    if sum(rest) + embed <= cpu_room:
+        return [Tier.CPU] * len(rest)
+    pinned = 2 * max(rest)
+    reservations.append(Reservation("pinned_staging", Tier.CPU, pinned, "pinned buffers for disk reads"))
+    num_cpu = _prefix_fit(sizes.layer_bytes, num_fast, max(cpu_room - pinned, 0))
+    return [Tier.CPU] * num_cpu + [Tier.DISK] * (len(rest) - num_cpu)
+
+
+def _cpu_left(sizes, budgets, layer_tiers, head_tier, reservations) -> int:
+    used = sum(b for b, t in zip(sizes.layer_bytes, layer_tiers) if t is Tier.CPU)
+    used += sum(r.num_bytes for r in reservations if r.tier is Tier.CPU)
+    if head_tier is Tier.CPU:
+        used += sizes.head_bytes + sizes.other_bytes
+    return budgets.cpu_bytes - used
+
+
+def max_context_fitting(sizes: ModelSizes, options: PlanOptions, budget: int, fast: Tier) -> int:
+    """The longest context (a multiple of the block size) whose reservations fit in `budget`."""
+    lo, hi = 0, options.ctx
+    while lo < hi:  # reservations grow with ctx: binary search on blocks
+        mid = (lo + hi + 1) // 2
+        trial = PlanOptions(mid, options.dtype_bytes, options.batch, options.block_size,
+                            options.prefill_chunk, options.gpu_runtime_bytes)
+        kv = -(-mid // options.block_size) * options.block_size * options.batch * sizes.kv_bytes_per_token
+        fixed = kv + workspace_bytes(sizes, trial) + (options.gpu_runtime_bytes if fast is Tier.GPU else 0)
+        lo, hi = (mid, hi) if fixed <= budget else (lo, mid - 1)
+    return lo // options.block_size * options.block_size
+
+
+def _context_error(sizes, budgets, options, fast, fast_budget, fixed) -> str:
+    fits = max_context_fitting(sizes, options, fast_budget, fast)
+    where = "GPU" if fast is Tier.GPU else "CPU"
+    if fits >= options.block_size:
+        return (f"a {options.ctx}-token context x {options.batch} sequence(s) needs {format_bytes(fixed)} of "
+                f"{where} memory for KV cache and workspace, more than the {format_bytes(fast_budget)} budget; "
+                f"--ctx {fits} fits")
+    return (f"{format_bytes(fast_budget)} of {where} memory cannot hold even a {options.block_size}-token "
+            f"context (KV cache, workspace{', CUDA runtime' if fast is Tier.GPU else ''})")
+
+
+def _too_small_error(sizes, budgets, fast, needed) -> str:
+    where = "GPU" if fast is Tier.GPU else "CPU"
+    return (f"the model cannot run: the {where} needs at least {format_bytes(needed)} "
+            f"(KV cache, workspace and staging buffers), the budget is "
+            f"{format_bytes(budgets.gpu_bytes if fast is Tier.GPU else budgets.cpu_bytes)}")

@@ -1,0 +1,36 @@
+"""Running the real CLI in a subprocess with an isolated LLMRUN_HOME and HF cache."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cli_env(home: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(
+        LLMRUN_HOME=str(home / "llmrun-home"),
+        HF_HUB_CACHE=str(home / "hf-cache"),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(args, home: Path, stdin: str | None = None, **extra) -> subprocess.CompletedProcess:
+    """`python -m llmrun ARGS`; stdin is a pipe (empty unless given), never a TTY."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmrun", *map(str, args)],
+        input=stdin if stdin is not None else "",
+        capture_output=True, text=True, env=cli_env(home, **extra), timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert fragment in lines[0], lines[0]
+    assert proc.stdout == ""
