@@ -19,6 +19,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[int], batch: int, dtype: str):
+    from llmrun.engine.build import dtype_name
+    from llmrun.plan.make import PlanRequest
+    from llmrun.sizes import parse_size
+
+    dtype_name(dtype, "cpu") if dtype != "auto" else None  # unknown names fail before any work
+    return PlanRequest(
+        gpu_mem_bytes=parse_size(gpu_mem) if gpu_mem is not None else None,
+        cpu_mem_bytes=parse_size(cpu_mem) if cpu_mem is not None else None,
+        ctx=ctx, batch=batch, dtype=dtype,
+    )
+
+
+GPU_MEM_HELP = "Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU)."
+CPU_MEM_HELP = "Plan as if only this much RAM were free (16GB, 512MB)."
+
+
+
 DEFAULT_MODEL_HELP = "Model: alias (smollm2, phi-3-mini), Hub repo id, local folder or .gguf file."
 
 
@@ -49,6 +67,10 @@ def run_command(
     raw: bool = typer.Option(False, "--raw", help="Skip the chat template; tokenize the prompt as is."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: model max, at most 4096)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
+    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
+    batch: int = typer.Option(1, "--batch", help="Prompts decoded together (with --each-line)."),
+    each_line: bool = typer.Option(False, "--each-line", help="Every stdin line is its own prompt; JSON Lines out."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streamed text."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats line on stderr."),
 ) -> None:
@@ -56,20 +78,61 @@ def run_command(
 
     Example: echo "Summarise:" | llmrun run smollm2 "What is the capital of France?" -t 0
     """
-    from llmrun.engine.build import EngineOptions, pick_dtype
+    from llmrun.engine.build import EngineOptions
     from llmrun.engine.prompt import prompt_ids
     from llmrun.engine.sampler import SamplingParams
     from llmrun.runtime import open_model
 
-    text = _read_prompt(prompt)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    prompts = _read_lines() if each_line else [_read_prompt(prompt)]
     params = SamplingParams(
         temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
         repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
     )
-    pick_dtype(dtype, "cpu")  # validate before loading anything
-    opened = open_model(model, EngineOptions(dtype=dtype, ctx=ctx), show_progress=not as_json)
-    ids = prompt_ids(opened.tokenizer, text, system=system, raw=raw)
+    options = EngineOptions(dtype=dtype, ctx=ctx, max_num_seqs=batch, gpu_mem_bytes=request.gpu_mem_bytes,
+                            cpu_mem_bytes=request.cpu_mem_bytes)
+    opened = open_model(model, options, show_progress=not (as_json or each_line))
+    if each_line:
+        ids = [prompt_ids(opened.tokenizer, line, system=system, raw=raw) for line in prompts]
+        _generate_lines(opened, prompts, ids, params, batch)
+        return
+    ids = prompt_ids(opened.tokenizer, prompts[0], system=system, raw=raw)
     _generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
+
+
+def _memory_json(engine) -> dict:
+    from llmrun.engine.build import peak_rss_bytes
+    from llmrun.plan.placement import Tier
+
+    placement = engine.plan.placement
+    return {"rss_before_weights_bytes": engine.rss_before_weights_bytes, "peak_rss_bytes": peak_rss_bytes(),
+            "cpu_plan_bytes": placement.total_bytes(Tier.CPU), "cpu_budget_bytes": placement.budgets.cpu_bytes,
+            "layer_tiers": [t.value for t in placement.layer_tiers]}
+
+
+def _read_lines() -> list[str]:
+    from llmrun.errors import UsageError
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("--each-line reads prompts from stdin: pipe them in, one per line")
+    lines = [line.rstrip("\r\n") for line in sys.stdin]
+    if not any(line.strip() for line in lines):
+        raise UsageError("no prompt: stdin has no non-empty lines")
+    return [line for line in lines if line.strip()]
+
+
+def _generate_lines(opened, prompts, ids, params, batch: int) -> None:
+    """JSON Lines in input order; prompts decoded together `batch` at a time."""
+    import json
+
+    engine = opened.engine
+    for first in range(0, len(prompts), batch):
+        for _ in engine.generate(ids[first : first + batch], params):
+            pass
+        for offset, result in enumerate(engine.results):
+            print(json.dumps({"index": first + offset, "prompt": prompts[first + offset], "text": result.text,
+                              "finish_reason": result.finish_reason.value, "tokens": result.tokens}),
+                  flush=True)
 
 
 def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
@@ -92,6 +155,7 @@ def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
             "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
             "ttft_s": round(result.ttft_s, 4), "decode_tok_s": round(result.decode_tok_s, 2),
             "finish_reason": result.finish_reason.value,
+            "memory": _memory_json(engine),
         }))
     elif not quiet:
         print_stats(
@@ -99,23 +163,6 @@ def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
             f"({result.finish_reason.value}), first token {result.ttft_s:.2f} s, "
             f"{result.decode_tok_s:.1f} tok/s"
         )
-
-
-def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[int], batch: int, dtype: str):
-    from llmrun.engine.build import dtype_name
-    from llmrun.plan.make import PlanRequest
-    from llmrun.sizes import parse_size
-
-    dtype_name(dtype, "cpu") if dtype != "auto" else None  # unknown names fail before any work
-    return PlanRequest(
-        gpu_mem_bytes=parse_size(gpu_mem) if gpu_mem is not None else None,
-        cpu_mem_bytes=parse_size(cpu_mem) if cpu_mem is not None else None,
-        ctx=ctx, batch=batch, dtype=dtype,
-    )
-
-
-GPU_MEM_HELP = "Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU)."
-CPU_MEM_HELP = "Plan as if only this much RAM were free (16GB, 512MB)."
 
 
 @app.command("plan")

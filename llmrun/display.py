@@ -169,11 +169,13 @@ def render_models(models) -> None:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column, justify in (("NAME", "left"), ("ARCHITECTURE", "left"), ("PARAMS", "right"),
                             ("DTYPE", "left"), ("SIZE", "right"), ("SOURCE", "left")):
-        table.add_column(column, justify=justify, no_wrap=column == "NAME")
+        table.add_column(column, justify=justify, no_wrap=True,
+                         overflow="fold" if column == "NAME" else "ellipsis")
     for model in models:
         table.add_row(model.name, model.architecture or "?", format_count(model.num_parameters),
                       model.dtype or "?", format_bytes(model.size_bytes), model.source)
-    Console(soft_wrap=True).print(table)
+    # In a pipe nothing is cut to 80 columns: `llmrun models | grep` sees whole names.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def render_plan(plan_json: dict) -> None:
@@ -221,3 +223,42 @@ def render_plan(plan_json: dict) -> None:
                   f"per sequence, prefill ~{est['prefill_tok_s']:.0f} tok/s; {bandwidths}", highlight=False)
     for warning in plan_json["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+class SlowStepProgress:
+    """Shows "layer k/L, x GB/s" on stderr while one forward step takes longer than ~1 s (TTY only)."""
+
+    def __init__(self, delay_s: float = 1.0):
+        from rich.console import Console
+
+        self.delay_s = delay_s
+        self.console = Console(stderr=True)
+        self._status = None
+        self._step_start = time.monotonic()
+        self._bytes_at_start = 0
+
+    def __call__(self, layer_idx, num_layers: int = 0, bytes_moved: int = 0) -> None:
+        """Called before each layer; layer_idx None marks the end of a step."""
+        if layer_idx is None:
+            self.stop()
+            return
+        now = time.monotonic()
+        if layer_idx == 0:
+            self._step_start, self._bytes_at_start = now, bytes_moved
+            self.stop()
+            return
+        elapsed = now - self._step_start
+        if elapsed < self.delay_s:
+            return
+        rate = (bytes_moved - self._bytes_at_start) / elapsed / 1e9
+        text = f"streaming weights: layer {layer_idx + 1}/{num_layers}, {rate:.2f} GB/s"
+        if self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None

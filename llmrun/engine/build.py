@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,18 +17,19 @@ DEFAULT_MAX_CONTEXT = 4096
 @dataclass(frozen=True)
 class EngineOptions:
     dtype: str = "auto"
-    device: Optional[str] = None          # None: cuda when available, else cpu
     ctx: Optional[int] = None             # context tokens per sequence; None: model max capped
-    max_num_seqs: int = 1
+    max_num_seqs: int = 1                 # sequences decoded together (the plan's --batch)
+    gpu_mem_bytes: Optional[int] = None   # planner budgets; None: measured
+    cpu_mem_bytes: Optional[int] = None
     block_size: int = 16
+    prefetch_depth: int = 1
 
+    def plan_request(self):
+        from llmrun.plan.make import PlanRequest
 
-def pick_device(requested: Optional[str]) -> str:
-    import torch
-
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return PlanRequest(gpu_mem_bytes=self.gpu_mem_bytes, cpu_mem_bytes=self.cpu_mem_bytes,
+                           ctx=self.ctx, batch=self.max_num_seqs, dtype=self.dtype,
+                           block_size=self.block_size)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -103,26 +105,60 @@ def load_tokenizer(folder: Path):
 
 
 def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callable[[int], None]] = None):
-    """Load a model folder into a ready Engine (all weights resident on one device)."""
+    """Plan a model folder exactly as `llmrun plan` does, then load it as placed into an Engine."""
     from llmrun.engine.generate import Engine
-    from llmrun.model.config import load_model_config
+    from llmrun.model.config import load_model_config, read_config_json
     from llmrun.model.registry import architecture_of, decoder_class
+    from llmrun.plan.make import make_plan
+    from llmrun.plan.placement import Tier
     from llmrun.weights.index import build_index
-    from llmrun.weights.loader import load_resident_weights
+    from llmrun.weights.placed import PlacedWeights
 
     folder = Path(folder)
     architecture = architecture_of(folder)
     config = load_model_config(folder, architecture)
-    device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device)
-    ctx = context_length(options.ctx, config.max_position_embeddings)
     index = build_index(folder)
+    report = make_plan(read_config_json(folder), index, options.plan_request(), folder)
+    placement = report.placement
+    if placement.compute_tier is Tier.GPU and report.measured.gpu_free_bytes is None:
+        raise UsageError("--gpu-mem was given but no CUDA GPU is available; use --gpu-mem 0")
+    device = "cuda" if placement.compute_tier is Tier.GPU else "cpu"
+    dtype = pick_dtype(report.dtype, device)
     tokenizer = load_tokenizer(folder)
-    decoder = decoder_class(architecture)(config, dtype, device, max_positions=ctx)
-    weights = load_resident_weights(decoder, index, dtype, device, on_layer)
-    blocks_per_seq = -(-ctx // options.block_size)
-    return Engine(
+    decoder = decoder_class(architecture)(config, dtype, device, max_positions=placement.ctx)
+    rss_before_weights = current_rss_bytes()
+    weights = PlacedWeights(decoder, index, placement, dtype, device, options.prefetch_depth, on_layer)
+    engine = Engine(
         decoder, weights, tokenizer, eos_token_ids(folder, config.raw, tokenizer),
-        max_context=ctx, max_num_seqs=options.max_num_seqs,
-        num_blocks=blocks_per_seq * options.max_num_seqs, block_size=options.block_size,
+        max_context=placement.ctx, max_num_seqs=placement.batch,
+        num_blocks=placement.num_kv_blocks, block_size=placement.block_size,
     )
+    engine.plan = report
+    engine.rss_before_weights_bytes = rss_before_weights
+    return engine
+
+
+def current_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (0 where unknown).
+
+    Linux: VmHWM, which starts afresh at exec (ru_maxrss would carry the parent's peak over).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

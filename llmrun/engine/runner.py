@@ -38,7 +38,11 @@ class ModelRunner:
         hidden = self.decoder.forward(self.weights, ids, pos, meta, self.cache)
         for step in steps:
             step.seq.num_cached += step.num_new
-        if not last_rows:
-            return hidden.new_empty((0, 0))
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        return self.decoder.logits(self.weights, hidden.index_select(0, rows))
+        logits = hidden.new_empty((0, 0))
+        if last_rows:
+            rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+            logits = self.decoder.logits(self.weights, hidden.index_select(0, rows))
+        progress = getattr(self.weights, "on_step_layer", None)
+        if progress is not None:
+            progress(None)
+        return logits

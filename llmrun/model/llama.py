@@ -16,8 +16,8 @@ from llmrun.model.layers import (
 class LlamaDecoder:
     """Pre-norm decoder: x + attn(norm(x)), then x + mlp(norm(x)); weights by their HF names.
 
-    Weights arrive per layer from a weights provider (`weights.layer(i)` is a context manager
-    yielding that layer's prepared tensors), so resident and streamed placements share this code.
+    Weights arrive from a provider (weights/placed.py): `weights.layer(i)` and `weights.head()` are
+    context managers yielding tensors on the compute device, so every placement runs this code.
     """
 
     architectures = ("LlamaForCausalLM",)
@@ -33,48 +33,41 @@ class LlamaDecoder:
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
 
-    # -- weight names --------------------------------------------------------------------------
-    def global_tensor_names(self) -> dict[str, str]:
-        names = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight"}
-        if not self.config.tie_word_embeddings:
-            names["lm_head"] = "lm_head.weight"
-        return names
+    # -- weight layout (key -> HF tensors concatenated along dim 0) ------------------------------
+    def embed_name(self) -> str:
+        return "model.embed_tokens.weight"
 
-    def layer_tensor_names(self, layer_idx: int) -> dict[str, str]:
-        prefix = f"model.layers.{layer_idx}."
-        names = {
-            "input_norm": "input_layernorm.weight",
-            "post_norm": "post_attention_layernorm.weight",
-            "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
-            "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
-            "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
+    def head_name(self) -> str:
+        """The output projection: lm_head, or the embeddings when tied."""
+        return self.embed_name() if self.config.tie_word_embeddings else "lm_head.weight"
+
+    def global_layout(self) -> dict[str, tuple[str, ...]]:
+        return {"norm": ("model.norm.weight",)}
+
+    def layer_layout(self, layer_idx: int) -> dict[str, tuple[str, ...]]:
+        """q/k/v and gate/up are fused so each layer runs two input matmuls instead of five."""
+        p = f"model.layers.{layer_idx}."
+        layout = {
+            "input_norm": (p + "input_layernorm.weight",),
+            "qkv": (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+            "o": (p + "self_attn.o_proj.weight",),
+            "post_norm": (p + "post_attention_layernorm.weight",),
+            "gate_up": (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            "down": (p + "mlp.down_proj.weight",),
         }
         if self.config.attention_bias:
-            names.update(q_bias="self_attn.q_proj.bias", k_bias="self_attn.k_proj.bias",
-                         v_bias="self_attn.v_proj.bias", o_bias="self_attn.o_proj.bias")
+            layout["qkv_bias"] = tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv")
+            layout["o_bias"] = (p + "self_attn.o_proj.bias",)
         if self.config.mlp_bias:
-            names.update(gate_bias="mlp.gate_proj.bias", up_bias="mlp.up_proj.bias",
-                         down_bias="mlp.down_proj.bias")
-        return {key: prefix + name for key, name in names.items()}
-
-    def prepare_layer(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fuse q/k/v and gate/up so each layer runs two input matmuls instead of five."""
-        out = {k: v for k, v in tensors.items() if k not in ("q", "k", "v", "gate", "up")}
-        out["qkv"] = torch.cat((tensors["q"], tensors["k"], tensors["v"]), dim=0)
-        out["gate_up"] = torch.cat((tensors["gate"], tensors["up"]), dim=0)
-        for fused, parts in (("qkv_bias", ("q_bias", "k_bias", "v_bias")),
-                             ("gate_up_bias", ("gate_bias", "up_bias"))):
-            if parts[0] in tensors:
-                out[fused] = torch.cat([tensors[key] for key in parts])
-                for key in parts:
-                    del out[key]
-        return out
+            layout["gate_up_bias"] = (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias")
+            layout["down_bias"] = (p + "mlp.down_proj.bias",)
+        return layout
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, weights, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm, for flat tokens of all sequences."""
-        hidden = F.embedding(input_ids, weights.globals["embed"])
+        hidden = weights.embed(input_ids)
         cos, sin = self.rotary.lookup(positions)
         for layer_idx in range(self.config.num_hidden_layers):
             with weights.layer(layer_idx) as w:
@@ -100,5 +93,5 @@ class LlamaDecoder:
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the given final hidden rows."""
-        head = weights.globals.get("lm_head")
-        return F.linear(hidden, head if head is not None else weights.globals["embed"])
+        with weights.head() as head:
+            return F.linear(hidden, head)

@@ -1,11 +1,16 @@
-"""Read tensors named by a CheckpointIndex out of safetensors files (mmap, no pickle)."""
+"""Reading tensors out of safetensors files with pread (no mmap, no pickle), packed as the decoder wants.
+
+A decoder names its tensors as a layout: key -> the Hugging Face tensors concatenated along dim 0
+(q/k/v into one `qkv`). Concatenation along dim 0 of row-major tensors is byte concatenation, so a
+packed tensor is filled part by part in place, with no temporary.
+"""
 
 from __future__ import annotations
 
-import mmap
-from contextlib import contextmanager
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from llmrun.errors import InvalidModelError
 from llmrun.weights.index import CheckpointIndex, TensorInfo
@@ -16,6 +21,9 @@ _TORCH_DTYPES = {
 }
 
 
+SCRATCH_BYTES = 8 * 1024 * 1024
+
+
 def torch_dtype(tag: str):
     """The torch dtype for a safetensors dtype tag."""
     import torch
@@ -23,80 +31,116 @@ def torch_dtype(tag: str):
     return getattr(torch, _TORCH_DTYPES[tag])
 
 
-class WeightReader:
-    """Copies tensors out of memory-mapped checkpoint files; owns the maps until `close()`."""
+@dataclass(frozen=True)
+class PackedTensor:
+    """One decoder tensor made of checkpoint tensors stacked along dim 0."""
 
-    def __init__(self, index: CheckpointIndex):
-        self.index = index
-        self._maps: dict[Path, mmap.mmap] = {}
+    key: str
+    parts: tuple[TensorInfo, ...]
+    shape: tuple[int, ...]
 
-    def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as handle:
-                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._maps[file]
+    @property
+    def num_elements(self) -> int:
+        return math.prod(self.shape)
 
-    def view(self, info: TensorInfo):
-        """A zero-copy tensor over the mapped bytes (valid until close)."""
+
+def pack_layout(index: CheckpointIndex, layout: dict[str, tuple[str, ...]]) -> list[PackedTensor]:
+    """Resolve a layout against the index; a missing tensor is an InvalidModelError."""
+    packed = []
+    for key, names in layout.items():
+        missing = [name for name in names if name not in index]
+        if missing:
+            raise InvalidModelError(f"{index.folder} lacks tensor {missing[0]}")
+        parts = tuple(index[name] for name in names)
+        rows = sum(part.shape[0] for part in parts)
+        packed.append(PackedTensor(key, parts, (rows, *parts[0].shape[1:])))
+    return packed
+
+
+def packed_elements(packed: list[PackedTensor]) -> int:
+    return sum(p.num_elements for p in packed)
+
+
+class TensorFileReader:
+    """pread-based reads of tensor bytes; converts dtype through a reusable scratch buffer."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self._scratch = None
+        self.bytes_read = 0
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def _pread_into(self, info: TensorInfo, buffer) -> None:
+        """Read the tensor's bytes into `buffer` (a contiguous CPU uint8 tensor of its size)."""
+        view = memoryview(buffer.numpy()).cast("B")
+        fd, done = self._fd(info.file), 0
+        while done < info.num_bytes:
+            count = os.preadv(fd, [view[done:]], info.start + done)
+            if count <= 0:
+                raise InvalidModelError(f"{info.file} is truncated (reading tensor {info.name})")
+            done += count
+        self.bytes_read += info.num_bytes
+
+    def read_into(self, info: TensorInfo, dst) -> None:
+        """Fill the contiguous CPU tensor `dst` (any dtype, same element count) with the tensor.
+
+        A dtype conversion goes through a scratch buffer of at most SCRATCH_BYTES, chunk by chunk.
+        """
         import torch
 
-        dtype = torch_dtype(info.dtype)
-        if info.num_elements == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        flat = torch.frombuffer(
-            self._map(info.file), dtype=dtype, count=info.num_elements, offset=info.start
-        )
-        return flat.view(info.shape)
+        src_dtype = torch_dtype(info.dtype)
+        if dst.dtype == src_dtype:
+            self._pread_into(info, dst.view(torch.uint8).reshape(-1))
+            return
+        if self._scratch is None:
+            self._scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8)
+        elem = torch.empty((), dtype=src_dtype).element_size()
+        flat, per_chunk = dst.reshape(-1), SCRATCH_BYTES // elem
+        for first in range(0, info.num_elements, per_chunk):
+            count = min(per_chunk, info.num_elements - first)
+            chunk = TensorInfo(info.name, info.file, info.dtype, (count,),
+                               info.start + first * elem, info.start + (first + count) * elem)
+            raw = self._scratch[: count * elem]
+            self._pread_into(chunk, raw)
+            flat[first : first + count].copy_(raw.view(src_dtype))
 
-    def load(self, name: str, dtype=None, device=None):
-        """An owned copy of tensor `name`, converted to `dtype` and placed on `device`."""
-        view = self.view(self.index[name])
-        out = view.to(device=device, dtype=dtype or view.dtype, copy=True)
-        return out.contiguous()
+    def fill_packed(self, packed: PackedTensor, dst) -> None:
+        """Fill `dst` (contiguous CPU, packed.shape) part by part."""
+        flat, offset = dst.reshape(-1), 0
+        for part in packed.parts:
+            self.read_into(part, flat[offset : offset + part.num_elements])
+            offset += part.num_elements
+
+    def load_packed(self, packed: PackedTensor, dtype, device=None, pin: bool = False):
+        """A new tensor holding `packed` in `dtype`, on `device` (read via CPU memory)."""
+        import torch
+
+        host = torch.empty(packed.shape, dtype=dtype, pin_memory=pin)
+        self.fill_packed(packed, host)
+        if device is None or torch.device(device).type == "cpu":
+            return host
+        return host.to(device)
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            mapped.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
-    def __enter__(self) -> "WeightReader":
+    def __enter__(self) -> "TensorFileReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-class ResidentWeights:
-    """All of a model's tensors in memory on one device: `globals` and per-layer dicts."""
-
-    def __init__(self, globals_: dict, layers: list[dict]):
-        self.globals = globals_
-        self.layers = layers
-
-    @contextmanager
-    def layer(self, layer_idx: int) -> Iterator[dict]:
-        yield self.layers[layer_idx]
-
-
-def load_tensors(reader: WeightReader, names: dict[str, str], dtype, device) -> dict:
-    """Load {key: hf_name} as {key: tensor}; a missing tensor is an InvalidModelError."""
-    missing = [name for name in names.values() if name not in reader.index]
-    if missing:
-        raise InvalidModelError(
-            f"{reader.index.folder} lacks tensor {missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    return {key: reader.load(name, dtype, device) for key, name in names.items()}
-
-
-def load_resident_weights(decoder, index: CheckpointIndex, dtype, device, on_layer=None) -> ResidentWeights:
-    """Load every tensor the decoder names, prepared (fused) for its forward."""
-    with WeightReader(index) as reader:
-        globals_ = load_tensors(reader, decoder.global_tensor_names(), dtype, device)
-        layers = []
-        for layer_idx in range(decoder.config.num_hidden_layers):
-            raw = load_tensors(reader, decoder.layer_tensor_names(layer_idx), dtype, device)
-            layers.append(decoder.prepare_layer(raw))
-            if on_layer is not None:
-                on_layer(layer_idx)
-    return ResidentWeights(globals_, layers)
+def views_into(flat, packed: list[PackedTensor]) -> dict:
+    """Views of a flat buffer laid out as the packed tensors, in order."""
+    views, offset = {}, 0
+    for p in packed:
+        views[p.key] = flat[offset : offset + p.num_elements].view(p.shape)
+        offset += p.num_elements
+    return views

@@ -5,7 +5,9 @@ import torch
 
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.engine.sampler import SamplingParams
+from llmrun.plan.placement import Tier
 from tests.checkpoints import llama_config, save_checkpoint
+from tests.placements import placement_options
 
 VARIANTS = {
     "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
@@ -18,6 +20,7 @@ VARIANTS = {
     ),
 }
 PROMPT_LEN, DECODE_STEPS = 40, 24
+PLACEMENTS = ("resident", "disk", "disk-head")
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -43,10 +46,13 @@ def prompt_ids(seed, length, vocab=320):
     return torch.randint(3, vocab, (length,), generator=gen).tolist()
 
 
-def test_logits_and_greedy_tokens_match_transformers(checkpoint):
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_logits_and_greedy_tokens_match_transformers(checkpoint, placement):
     prompt = prompt_ids(0, PROMPT_LEN)
     ref_tokens, ref_logits = reference(checkpoint, prompt, DECODE_STEPS)
-    engine = build_engine(checkpoint, EngineOptions(dtype="float32", device="cpu"))
+    engine = build_engine(checkpoint, placement_options(placement, checkpoint))
+    if placement != "resident":
+        assert Tier.DISK in engine.plan.placement.layer_tiers
     engine.eos_ids = frozenset()  # compare all 24 steps even if the random model emits EOS
     ours = []
     events = list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=DECODE_STEPS),
@@ -55,10 +61,11 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint):
     torch.testing.assert_close(torch.stack(ours), ref_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_batched_prompts_of_different_lengths_match_each_alone(checkpoint):
+@pytest.mark.parametrize("placement", ("resident", "disk"))
+def test_batched_prompts_of_different_lengths_match_each_alone(checkpoint, placement):
     prompts = [prompt_ids(seed, length) for seed, length in ((1, 5), (2, 33), (3, 17), (4, 1))]
     params = SamplingParams(temperature=0, max_new_tokens=12)
-    engine = build_engine(checkpoint, EngineOptions(dtype="float32", device="cpu", max_num_seqs=4))
+    engine = build_engine(checkpoint, placement_options(placement, checkpoint, max_num_seqs=4))
     engine.eos_ids = frozenset()
     list(engine.generate(prompts, params))
     together = [r.tokens for r in engine.results]
@@ -71,12 +78,13 @@ def test_batched_prompts_of_different_lengths_match_each_alone(checkpoint):
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks  # all blocks returned
 
 
-def test_chunked_prefill_matches_single_prefill(checkpoint):
+@pytest.mark.parametrize("placement", ("resident", "disk-head"))
+def test_chunked_prefill_matches_single_prefill(checkpoint, placement):
     prompt = prompt_ids(5, 70)
     params = SamplingParams(temperature=0, max_new_tokens=8)
-    whole = build_engine(checkpoint, EngineOptions(dtype="float32", device="cpu"))
+    whole = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0))
     list(whole.generate([prompt], params))
-    chunked = build_engine(checkpoint, EngineOptions(dtype="float32", device="cpu"))
+    chunked = build_engine(checkpoint, placement_options(placement, checkpoint))
     chunked.max_prefill_tokens = 16  # five prefill chunks, each attending to the cached ones
     list(chunked.generate([prompt], params))
     assert chunked.results[0].tokens == whole.results[0].tokens

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from llmrun.errors import InvalidModelError
 from llmrun.weights.index import build_index
-from llmrun.weights.loader import WeightReader
+from llmrun.weights.loader import TensorFileReader, pack_layout
 
 
 def test_index_reads_headers_and_loader_reads_exact_tensors(tmp_path):
@@ -17,9 +17,25 @@ def test_index_reads_headers_and_loader_reads_exact_tensors(tmp_path):
     assert index["a"].shape == (2, 3) and index["a"].dtype == "F32" and index["a"].num_bytes == 24
     assert index["b"].dtype == "BF16"
     assert index.num_parameters == 10
-    with WeightReader(index) as reader:
-        assert torch.equal(reader.load("a"), tensors["a"])
-        assert reader.load("b", dtype=torch.float32).dtype == torch.float32
+    (a,), (b,) = pack_layout(index, {"a": ("a",)}), pack_layout(index, {"b": ("b",)})
+    with TensorFileReader() as reader:
+        assert torch.equal(reader.load_packed(a, torch.float32), tensors["a"])
+        assert torch.equal(reader.load_packed(b, torch.float32), torch.ones(4))
+
+
+def test_packed_tensors_concatenate_parts_and_convert_in_chunks(tmp_path, monkeypatch):
+    import llmrun.weights.loader as loader
+
+    q, k = torch.randn(6, 4), torch.randn(2, 4)
+    save_file({"q": q, "k": k}, tmp_path / "model.safetensors")
+    (packed,) = pack_layout(build_index(tmp_path), {"qk": ("q", "k")})
+    assert packed.shape == (8, 4)
+    monkeypatch.setattr(loader, "SCRATCH_BYTES", 12)  # three fp32 values per conversion chunk
+    with TensorFileReader() as reader:
+        out = reader.load_packed(packed, torch.bfloat16)
+    assert torch.equal(out, torch.cat((q, k)).to(torch.bfloat16))
+    with pytest.raises(InvalidModelError, match="lacks tensor v"):
+        pack_layout(build_index(tmp_path), {"qkv": ("q", "k", "v")})
 
 
 def test_sharded_checkpoint_uses_the_shard_index(tmp_path):
