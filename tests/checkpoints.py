@@ -171,3 +171,15 @@ def llama_70b_config():
     return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                        max_position_embeddings=131072, rope_theta=500000.0)
+
+
+def phi3_config(**overrides):
+    """A tiny Phi-3 config (fused qkv_proj / gate_up_proj)."""
+    from transformers import Phi3Config
+
+    values = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  original_max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return Phi3Config(**values)

@@ -6,14 +6,15 @@ from llmrun.plan.make import PlanRequest, make_plan
 from llmrun.plan.placement import PlanError, Tier
 from llmrun.weights.index import build_index
 
+TOP = 1 << 36
 
-def _disk_layers(folder, cpu_bytes, **kwargs):
-    request = PlanRequest(gpu_mem_bytes=0, cpu_mem_bytes=cpu_bytes, **kwargs)
+
+def _placement(folder, gpu, cpu, **kwargs):
+    request = PlanRequest(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, **kwargs)
     try:
-        placement = make_plan(read_config_json(folder), build_index(folder), request).placement
+        return make_plan(read_config_json(folder), build_index(folder), request).placement
     except PlanError:
-        return None, None
-    return sum(t is Tier.DISK for t in placement.layer_tiers), placement
+        return None
 
 
 def _search(lo: int, hi: int, good) -> int:
@@ -24,29 +25,49 @@ def _search(lo: int, hi: int, good) -> int:
     return hi
 
 
-def cpu_budget_streaming(folder, *, head_on_disk: bool = False, **kwargs) -> int:
-    """The largest CPU budget at which at least half the layers (and optionally the head) stream."""
+def streaming_budget(folder, slow: Tier, *, gpu=None, head_slow: bool = False, **kwargs) -> int:
+    """The largest budget (GPU when slow is CPU, else CPU) at which at least half the layers are in
+    `slow`, and the output head too when `head_slow` (otherwise the head stays faster)."""
     num_layers = read_config_json(folder)["num_hidden_layers"]
-    top = 1 << 34
-    smallest = _search(0, top, lambda b: _disk_layers(folder, b, **kwargs)[0] is not None)
 
-    def streams_enough(budget):
-        count, placement = _disk_layers(folder, budget, **kwargs)
-        return count >= (num_layers + 1) // 2 and (placement.head_tier is Tier.DISK or not head_on_disk)
+    def placed(budget):
+        if slow is Tier.CPU:
+            return _placement(folder, budget, TOP, **kwargs)
+        return _placement(folder, gpu if gpu is not None else 0, budget, **kwargs)
 
-    assert streams_enough(smallest), "no streaming placement exists"
-    budget = _search(smallest, top, lambda b: not streams_enough(b)) - 256
-    count, placement = _disk_layers(folder, budget, **kwargs)
-    assert count and (placement.head_tier is Tier.DISK) == head_on_disk
+    def enough(budget):
+        p = placed(budget)
+        return (p is not None and sum(t is slow for t in p.layer_tiers) >= (num_layers + 1) // 2
+                and (p.head_tier is slow or not head_slow))
+
+    smallest = _search(0, TOP, lambda b: placed(b) is not None)
+    assert enough(smallest), "no streaming placement exists"
+    budget = _search(smallest, TOP, lambda b: not enough(b)) - 256
+    assert (placed(budget).head_tier is slow) == head_slow
     return budget
 
 
 def placement_options(name: str, folder, dtype="float32", **kwargs) -> EngineOptions:
-    """EngineOptions for a named placement: resident | disk | disk-head."""
-    if name == "resident":
-        return EngineOptions(dtype=dtype, gpu_mem_bytes=0, **kwargs)
-    plan_kwargs = {k: v for k, v in kwargs.items() if k in ("ctx",)}
+    """EngineOptions for a named placement.
+
+    CPU compute: resident | disk | disk-head. GPU compute: gpu | gpu-cpu (layers streamed from pinned
+    memory) | gpu-disk (from disk through pinned buffers).
+    """
+    plan_kwargs = {"dtype": dtype}
+    if "ctx" in kwargs:
+        plan_kwargs["ctx"] = kwargs["ctx"]
     if "max_num_seqs" in kwargs:
         plan_kwargs["batch"] = kwargs["max_num_seqs"]
-    budget = cpu_budget_streaming(folder, head_on_disk=name == "disk-head", dtype=dtype, **plan_kwargs)
-    return EngineOptions(dtype=dtype, gpu_mem_bytes=0, cpu_mem_bytes=budget, **kwargs)
+    if name == "resident":
+        return EngineOptions(dtype=dtype, gpu_mem_bytes=0, **kwargs)
+    if name in ("disk", "disk-head"):
+        budget = streaming_budget(folder, Tier.DISK, head_slow=name == "disk-head", **plan_kwargs)
+        return EngineOptions(dtype=dtype, gpu_mem_bytes=0, cpu_mem_bytes=budget, **kwargs)
+    if name == "gpu":
+        return EngineOptions(dtype=dtype, **kwargs)
+    gpu_budget = streaming_budget(folder, Tier.CPU, **plan_kwargs)
+    if name == "gpu-cpu":
+        return EngineOptions(dtype=dtype, gpu_mem_bytes=gpu_budget, cpu_mem_bytes=TOP, **kwargs)
+    assert name == "gpu-disk", name
+    cpu_budget = streaming_budget(folder, Tier.DISK, gpu=gpu_budget, **plan_kwargs)
+    return EngineOptions(dtype=dtype, gpu_mem_bytes=gpu_budget, cpu_mem_bytes=cpu_budget, **kwargs)

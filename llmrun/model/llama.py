@@ -26,7 +26,8 @@ class LlamaDecoder:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
-        inv_freq, scaling = rope_inv_freq(dict(config.rope_parameters), config.head_dim)
+        rotary_dim = int(config.head_dim * float(config.raw.get("partial_rotary_factor") or 1.0))
+        inv_freq, scaling = rope_inv_freq(dict(config.rope_parameters), rotary_dim)
         self.rotary = RotaryTable(inv_freq, scaling, max_positions, dtype, device)
         self.act = activation(config.hidden_act)
         self.scale = config.head_dim**-0.5

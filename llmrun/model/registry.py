@@ -10,6 +10,7 @@ from llmrun.model.config import read_config_json
 # Filled lazily so that importing the registry does not import torch.
 _DECODERS = {
     "LlamaForCausalLM": ("llmrun.model.llama", "LlamaDecoder"),
+    "Phi3ForCausalLM": ("llmrun.model.phi3", "Phi3Decoder"),
 }
 
 

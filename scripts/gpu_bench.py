@@ -1,0 +1,223 @@
+"""GPU benchmark (issue: layer streaming; decode speed): one run, everything measured in-process.
+
+Builds a Phi-3-mini-shaped fp16 random checkpoint (Phi3Config defaults, ~7.6 GB) unless it exists,
+then measures, in this order and in the same process:
+  - HBM read bandwidth and pinned host->GPU bandwidth;
+  - llmrun all-resident decode (batch 1 and 8) and its greedy tokens;
+  - llmrun with --gpu-mem 6GB (layers streamed from pinned memory): tokens, peak GPU memory, tok/s
+    against the link bound (pinned bandwidth / bytes streamed per token), batch 8;
+  - transformers generate (dynamic cache, static cache) all-resident, and accelerate dispatch_model
+    with a 6 GiB GPU budget.
+Prints one JSON object (and writes it to --out).
+
+Usage: PYTHONPATH=$PWD python scripts/gpu_bench.py --folder /tmp/phi3-mini --out $OUT/gpu_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 1024**3
+
+
+def build_checkpoint(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, GenerationConfig, Phi3Config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.checkpoints import save_tokenizer
+
+    config = Phi3Config(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(folder, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(folder)
+    save_tokenizer(folder)
+    del model
+    torch.cuda.empty_cache()
+
+
+def hbm_read_bandwidth() -> float:
+    data = torch.empty(4 * GIB // 2, dtype=torch.float16, device="cuda").normal_()
+    data.sum(dtype=torch.float32)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        data.sum(dtype=torch.float32)
+    torch.cuda.synchronize()
+    value = 10 * data.numel() * 2 / (time.perf_counter() - started)
+    del data
+    torch.cuda.empty_cache()
+    return value
+
+
+def pinned_bandwidth() -> float:
+    src = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return 5 * GIB / (time.perf_counter() - started)
+
+
+def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None) -> dict:
+    from llmrun.engine.build import EngineOptions, build_engine
+    from llmrun.engine.sampler import SamplingParams
+    from llmrun.plan.placement import Tier
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    free_before, _ = torch.cuda.mem_get_info()
+    started = time.perf_counter()
+    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, max_num_seqs=batch, ctx=4096))
+    load_s = time.perf_counter() - started
+    engine.eos_ids = frozenset()
+    params = SamplingParams(temperature=0, max_new_tokens=steps)
+    list(engine.generate([prompt] * batch, SamplingParams(temperature=0, max_new_tokens=4)))  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    list(engine.generate([prompt] * batch, params))
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    placement = engine.plan.placement
+    result = {
+        "batch": batch, "load_s": round(load_s, 2),
+        "decode_tok_s_per_seq": round(min(r.decode_tok_s for r in engine.results), 2),
+        "total_tok_s": round(batch * steps / wall, 2),
+        "ttft_s": round(engine.results[0].ttft_s, 4),
+        "tokens": engine.results[0].tokens,
+        "layers_on_gpu": sum(t is Tier.GPU for t in placement.layer_tiers),
+        "streamed_bytes_per_token": placement.streamed_bytes_per_token(Tier.CPU) + placement.streamed_bytes_per_token(Tier.DISK),
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "process_gpu_bytes_estimate": free_before - torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() * 0,
+    }
+    engine.runner.weights.close()
+    del engine
+    torch.cuda.empty_cache()
+    return result
+
+
+def transformers_decode(folder: Path, prompt: list[int], steps: int, cache: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).cuda()
+    ids = torch.tensor([prompt], device="cuda")
+    kwargs = dict(do_sample=False, pad_token_id=0, min_new_tokens=steps)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    model.generate(ids, max_new_tokens=4, **{**kwargs, "min_new_tokens": 4})
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=steps, **kwargs)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    tokens = out[0, len(prompt):].tolist()
+    del model
+    torch.cuda.empty_cache()
+    return {"cache": cache, "tok_s": round(steps / wall, 2), "tokens": tokens}
+
+
+def accelerate_decode(folder: Path, prompt: list[int], steps: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map="auto",
+                                                 max_memory={0: "6GiB", "cpu": "100GiB"})
+    ids = torch.tensor([prompt], device="cuda")
+    model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    on_gpu = sum(1 for v in model.hf_device_map.values() if v == 0)
+    del model
+    torch.cuda.empty_cache()
+    return {"tok_s": round(steps / wall, 2), "modules_on_gpu": on_gpu}
+
+
+def step(results: dict, name: str, fn, *args) -> None:
+    started = time.perf_counter()
+    try:
+        results[name] = fn(*args)
+    except Exception as err:  # keep going: one broken measurement must not hide the others
+        import traceback
+
+        traceback.print_exc()
+        results[name] = {"error": f"{type(err).__name__}: {err}"}
+    print(f"[{time.perf_counter() - started:6.1f} s] {name}: "
+          f"{ {k: v for k, v in results[name].items() if k != 'tokens'} if isinstance(results[name], dict) else results[name]}",
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/phi3-mini"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--skip", default="", help="comma list: transformers,accelerate,batch8")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if not (args.folder / "config.json").exists():
+        started = time.perf_counter()
+        build_checkpoint(args.folder)
+        print(f"built checkpoint in {time.perf_counter() - started:.1f} s", flush=True)
+    prompt = torch.randint(3, 320, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results["hbm_read_bytes_s"] = hbm_read_bandwidth()
+    results["pinned_h2d_bytes_s"] = pinned_bandwidth()
+    print(f"HBM read {results['hbm_read_bytes_s'] / 1e9:.0f} GB/s, pinned H2D {results['pinned_h2d_bytes_s'] / 1e9:.1f} GB/s", flush=True)
+    weight_bytes = sum(f.stat().st_size for f in args.folder.glob("*.safetensors"))
+    results["weight_bytes"] = weight_bytes
+    step(results, "llmrun_resident_b1", llmrun_decode, args.folder, prompt, args.steps, 1)
+    step(results, "llmrun_gpu6gb_b1", llmrun_decode, args.folder, prompt, min(args.steps, 48), 1, 6 * 10**9)
+    if "batch8" not in skip:
+        step(results, "llmrun_gpu6gb_b8", llmrun_decode, args.folder, prompt, 16, 8, 6 * 10**9)
+        step(results, "llmrun_resident_b8", llmrun_decode, args.folder, prompt, args.steps, 8)
+    if "transformers" not in skip:
+        step(results, "transformers_dynamic", transformers_decode, args.folder, prompt, args.steps, "dynamic")
+        step(results, "transformers_static", transformers_decode, args.folder, prompt, args.steps, "static")
+    if "accelerate" not in skip:
+        step(results, "accelerate_6gib", accelerate_decode, args.folder, prompt, 16)
+    summarize(results)
+    text = json.dumps(results, indent=2, default=str)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+def summarize(r: dict) -> None:
+    resident, streamed = r.get("llmrun_resident_b1", {}), r.get("llmrun_gpu6gb_b1", {})
+    summary = {}
+    if "decode_tok_s_per_seq" in resident:
+        summary["hbm_bound_tok_s"] = round(r["hbm_read_bytes_s"] / r["weight_bytes"], 1)
+        summary["resident_vs_hbm_bound"] = round(resident["decode_tok_s_per_seq"] / summary["hbm_bound_tok_s"], 3)
+    if "decode_tok_s_per_seq" in streamed:
+        bound = r["pinned_h2d_bytes_s"] / max(1, streamed["streamed_bytes_per_token"])
+        summary["link_bound_tok_s"] = round(bound, 2)
+        summary["streamed_vs_link_bound"] = round(streamed["decode_tok_s_per_seq"] / bound, 3)
+        summary["streamed_peak_reserved_gb"] = round(streamed["peak_reserved_bytes"] / 1e9, 3)
+        if "tokens" in resident:
+            n = len(streamed["tokens"])
+            summary["streamed_tokens_equal_resident"] = streamed["tokens"] == resident["tokens"][:n]
+        acc = r.get("accelerate_6gib", {})
+        if "tok_s" in acc:
+            summary["streamed_vs_accelerate"] = round(streamed["decode_tok_s_per_seq"] / acc["tok_s"], 2)
+    for name in ("transformers_dynamic", "transformers_static"):
+        if "tok_s" in r.get(name, {}) and "decode_tok_s_per_seq" in resident:
+            summary[f"resident_vs_{name}"] = round(resident["decode_tok_s_per_seq"] / r[name]["tok_s"], 2)
+            n = min(len(r[name]["tokens"]), len(resident.get("tokens", [])))
+            summary[f"tokens_equal_{name}"] = r[name]["tokens"][:n] == resident["tokens"][:n]
+    r["summary"] = summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""CUDA paths (run by scripts/gpu_check.sh on an NVIDIA machine; skipped elsewhere)."""
+
+import pytest
+import torch
+
+from llmrun.engine.build import build_engine
+from llmrun.engine.sampler import SamplingParams
+from llmrun.plan.placement import Tier
+from tests.checkpoints import llama_config, phi3_config, save_checkpoint
+from tests.placements import placement_options
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+CONFIGS = {"llama": llama_config, "phi3": phi3_config}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param](), seed=9)
+
+
+def reference_cuda(folder, prompt, steps):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda()
+    out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=steps, do_sample=False,
+                         min_new_tokens=steps, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(out).logits[0, len(prompt) - 1 : -1].cpu()
+    return out[0, len(prompt):].tolist(), logits
+
+
+@pytest.mark.parametrize("placement", ("gpu", "gpu-cpu", "gpu-disk"))
+def test_cuda_placements_match_transformers(checkpoint, placement):
+    prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_tokens, ref_logits = reference_cuda(checkpoint, prompt, 16)
+    engine = build_engine(checkpoint, placement_options(placement, checkpoint))
+    tiers = engine.plan.placement.layer_tiers
+    assert engine.plan.placement.compute_tier is Tier.GPU
+    expected = {"gpu": Tier.GPU, "gpu-cpu": Tier.CPU, "gpu-disk": Tier.DISK}[placement]
+    assert expected in tiers
+    engine.eos_ids = frozenset()
+    ours = []
+    events = list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=16),
+                                  on_logits=lambda idx, logits: ours.append(logits[0].float().cpu())))
+    assert [e.token_id for e in events] == ref_tokens
+    torch.testing.assert_close(torch.stack(ours), ref_logits, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("placement", ("gpu", "gpu-cpu"))
+def test_cuda_batched_matches_alone(checkpoint, placement):
+    prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 29, 11)]
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    engine = build_engine(checkpoint, placement_options(placement, checkpoint, max_num_seqs=3))
+    engine.eos_ids = frozenset()
+    list(engine.generate(prompts, params))
+    together = [r.tokens for r in engine.results]
+    alone = []
+    for prompt in prompts:
+        list(engine.generate([prompt], params))
+        alone.append(engine.results[0].tokens)
+    assert together == alone
