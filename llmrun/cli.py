@@ -94,10 +94,16 @@ def run_command(
     opened = open_model(model, options, show_progress=not (as_json or each_line))
     if each_line:
         ids = [prompt_ids(opened.tokenizer, line, system=system, raw=raw) for line in prompts]
-        _generate_lines(opened, prompts, ids, params, batch)
+        try:
+            _generate_lines(opened, prompts, ids, params, batch)
+        except BrokenPipeError:
+            _silence_broken_pipe()
         return
     ids = prompt_ids(opened.tokenizer, prompts[0], system=system, raw=raw)
-    _generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
+    try:
+        _generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
+    except BrokenPipeError:
+        _silence_broken_pipe()  # the reader went away (`| head`): that is a normal end
 
 
 def _memory_json(engine) -> dict:

@@ -1,0 +1,98 @@
+"""Writing a tiny GGUF (F32 tensors, byte-level BPE tokenizer in metadata) from a tiny Llama checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_CONTROL_TOKEN_TYPE = 3
+_NORMAL_TOKEN_TYPE = 1
+
+
+def write_tiny_gguf(checkpoint: Path, out_file: Path) -> Path:
+    """Write `checkpoint` (a tiny Llama saved by tests.checkpoints) as a llama.cpp-style F32 GGUF."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope_theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta")
+    writer.add_rope_freq_base(rope_theta or 10000.0)
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_tokenizer(writer, checkpoint)
+    for name, array in tensors.items():
+        writer.add_tensor(_gguf_name(name), _llama_cpp_layout(name, array, config))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
+def _add_tokenizer(writer, checkpoint: Path) -> None:
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    vocab = dict(tokenizer["model"]["vocab"])
+    special = {token["content"]: token["id"] for token in tokenizer["added_tokens"]}
+    vocab.update(special)
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([_CONTROL_TOKEN_TYPE if t in special else _NORMAL_TOKEN_TYPE for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab[tokenizer_config["bos_token"]])
+    writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
+    writer.add_chat_template((checkpoint / "chat_template.jinja").read_text())
+
+
+def _gguf_name(name: str) -> str:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    _, _, layer, *module, _ = name.split(".")  # model.layers.<i>.<module...>.weight
+    return f"blk.{layer}.{_LAYER_TENSORS['.'.join(module)]}.weight"
+
+
+def _llama_cpp_layout(name: str, array, config: dict):
+    """llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes this on load."""
+    import numpy as np
+
+    if name.endswith("q_proj.weight"):
+        array = _permute(array, config["num_attention_heads"])
+    elif name.endswith("k_proj.weight"):
+        array = _permute(array, config["num_key_value_heads"])
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _permute(weights, num_heads: int):
+    rows = weights.shape[0]
+    return (weights.reshape(num_heads, 2, rows // num_heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
