@@ -157,7 +157,7 @@ def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
     result = engine.results[0]
     if as_json:
         print(json.dumps({
-            "model": opened.name, "text": result.text, "tokens": result.tokens,
+            "model": opened.name, "dtype": engine.plan.dtype, "text": result.text, "tokens": result.tokens,
             "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
             "ttft_s": round(result.ttft_s, 4), "decode_tok_s": round(result.decode_tok_s, 2),
             "finish_reason": result.finish_reason.value,
