@@ -28,8 +28,21 @@ class TokenEvent:
 
 
 @dataclass
+class KeptSequence:
+    """A sequence whose KV blocks stay cached between generate() calls (a conversation).
+
+    The next call with it prefills only what follows the longest common prefix of `cached_ids`
+    and the new prompt, so the result equals a fresh run while skipping the shared history.
+    """
+
+    seq_id: int
+    cached_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
 class RequestResult:
     prompt_tokens: int
+    prefilled_tokens: int = 0              # prompt tokens run through the model (the rest was cached)
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[FinishReason] = None
@@ -82,23 +95,39 @@ class Engine:
                 f"{self.max_context} tokens (leave room for the reply; raise --ctx if the model allows)"
             )
 
+    def keep_sequence(self) -> KeptSequence:
+        """A handle whose KV blocks outlive generate() calls; give it back with release()."""
+        kept = KeptSequence(self._next_seq_id)
+        self._next_seq_id += 1
+        self.allocator.add_sequence(kept.seq_id)
+        return kept
+
+    def release(self, kept: KeptSequence) -> None:
+        if self.allocator.has_sequence(kept.seq_id):
+            self.allocator.free_sequence(kept.seq_id)
+        kept.cached_ids = []
+
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
-                 on_logits: Optional[Callable] = None) -> Iterator[TokenEvent]:
+                 on_logits: Optional[Callable] = None,
+                 kept: Optional[Seq[Optional[KeptSequence]]] = None) -> Iterator[TokenEvent]:
         """Generate for every prompt together; yields events as tokens are sampled.
 
         After the iterator is exhausted, `self.results[i]` holds request i's text, tokens and timing.
         `on_logits(request_indices, logits)` observes each step's logits before sampling.
+        `kept[i]`, when given, continues request i in that kept sequence's cached prefix.
         """
         per_request = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        kept = list(kept) if kept is not None else [None] * len(prompts)
         scheduler = Scheduler(self.allocator, self.max_num_seqs, self.max_prefill_tokens)
         started = time.perf_counter()
         self.results, seqs, streams = [], {}, {}
-        for index, (prompt_ids, p) in enumerate(zip(prompts, per_request)):
+        for index, (prompt_ids, p, handle) in enumerate(zip(prompts, per_request, kept)):
             self.check_prompt(prompt_ids)
-            seq = self._new_sequence(list(prompt_ids), p)
+            seq = self._new_sequence(list(prompt_ids), p, handle)
             seqs[seq.seq_id] = index
             streams[seq.seq_id] = TextStream(self.tokenizer, p.stop)
-            self.results.append(RequestResult(len(prompt_ids), started_s=started))
+            self.results.append(RequestResult(len(prompt_ids), len(prompt_ids) - seq.num_cached,
+                                              started_s=started))
             scheduler.add(seq)
         try:
             while scheduler.has_work:
@@ -107,9 +136,18 @@ class Engine:
             for seq in list(scheduler.running):
                 scheduler.finish(seq)
 
-    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        seq = Sequence(self._next_seq_id, prompt_ids, params, self.max_context)
-        self._next_seq_id += 1
+    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams,
+                      kept: Optional[KeptSequence]) -> Sequence:
+        if kept is None:
+            seq = Sequence(self._next_seq_id, prompt_ids, params, self.max_context)
+            self._next_seq_id += 1
+        else:
+            # Reuse the cached prefix, but always run at least one token to get logits.
+            common = min(common_prefix_len(kept.cached_ids, prompt_ids), len(prompt_ids) - 1)
+            self.allocator.truncate(kept.seq_id, common)
+            kept.cached_ids = prompt_ids[:common]
+            seq = Sequence(kept.seq_id, prompt_ids, params, self.max_context, num_cached=common)
+            seq.kept = kept
         seq.generator = make_generator(params, self.decoder.device)
         return seq
 
@@ -155,3 +193,12 @@ class Engine:
             scheduler.finish(seq)
         result.text += text
         return TokenEvent(index, token, text, reason)
+
+
+def common_prefix_len(a: Seq[int], b: Seq[int]) -> int:
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count

@@ -55,7 +55,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.allocator.can_grow(None, len(seq.prompt_ids)):
+            held = seq.seq_id if self.allocator.has_sequence(seq.seq_id) else None
+            if not self.allocator.can_grow(held, len(seq.prompt_ids)):
                 if not self.running:
                     raise ContextOverflowError(
                         f"the prompt has {len(seq.prompt_ids)} tokens but the KV cache holds "
@@ -63,7 +64,8 @@ class Scheduler:
                     )
                 return
             self.waiting.popleft()
-            self.allocator.add_sequence(seq.seq_id)
+            if held is None:
+                self.allocator.add_sequence(seq.seq_id)
             self.running.append(seq)
 
     def _prefill_chunk(self, prefilling: list[Sequence]) -> list[ScheduledSeq]:
@@ -78,6 +80,10 @@ class Scheduler:
         return steps
 
     def finish(self, seq: Sequence) -> None:
-        """Release a finished sequence's blocks."""
+        """Release a finished sequence's blocks (a kept one keeps them, with what they hold)."""
         self.running.remove(seq)
-        self.allocator.free_sequence(seq.seq_id)
+        if seq.kept is None:
+            self.allocator.free_sequence(seq.seq_id)
+            return
+        self.allocator.truncate(seq.seq_id, seq.num_cached)
+        seq.kept.cached_ids = seq.all_ids[: seq.num_cached]

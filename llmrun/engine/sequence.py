@@ -26,6 +26,7 @@ class Sequence:
     finish_reason: Optional[FinishReason] = None
     generator: object = None             # torch.Generator for sampling, None when greedy
     seen_ids: object = None              # LongTensor of prompt+output ids (repetition penalty)
+    kept: object = None                  # a KeptSequence whose blocks outlive this generation
 
     @property
     def all_ids(self) -> list[int]:

@@ -33,6 +33,7 @@ class AttentionMetadata:
     context_slots: tuple[object, ...]     # per sequence LongTensor [context_len]: all its slots
     decode_slots: Optional[object]        # LongTensor [num_seqs, max_context] when all decode
     decode_mask: Optional[object]         # BoolTensor [num_seqs, 1, 1, max_context] or None
+    decode_span: Optional[tuple[int, int]] = None  # one decoding sequence in contiguous slots: (start, len)
 
     @property
     def num_seqs(self) -> int:
@@ -40,7 +41,7 @@ class AttentionMetadata:
 
     @property
     def is_decode(self) -> bool:
-        return self.decode_slots is not None
+        return self.decode_slots is not None or self.decode_span is not None
 
 
 def token_slots(block_table: Sequence[int], block_size: int, start: int, stop: int) -> list[int]:
@@ -48,9 +49,27 @@ def token_slots(block_table: Sequence[int], block_size: int, start: int, stop: i
     return [block_table[pos // block_size] * block_size + pos % block_size for pos in range(start, stop)]
 
 
+def contiguous_start(block_table: Sequence[int], num_tokens: int, block_size: int) -> Optional[int]:
+    """The first slot when the blocks holding `num_tokens` tokens are consecutive, else None."""
+    used = block_table[: -(-num_tokens // block_size)]
+    if all(b == used[0] + i for i, b in enumerate(used)):
+        return used[0] * block_size
+    return None
+
+
 def build_metadata(steps: Sequence[SeqStep], block_size: int, device) -> AttentionMetadata:
     """Translate block tables into the slot tensors of one forward step."""
     import torch
+
+    if len(steps) == 1 and steps[0].num_new == 1:
+        step = steps[0]
+        start = contiguous_start(step.block_table, step.context_len, block_size)
+        if start is not None:
+            return AttentionMetadata(
+                slot_mapping=torch.tensor([start + step.num_cached], dtype=torch.long, device=device),
+                query_starts=(0,), query_lens=(1,), cached_lens=(step.num_cached,), context_slots=(),
+                decode_slots=None, decode_mask=None, decode_span=(start, step.context_len),
+            )
 
     new_slots: list[int] = []
     context_slots = []

@@ -11,12 +11,17 @@ from llmrun.errors import UnsupportedArchitectureError
 from llmrun.kv.metadata import AttentionMetadata
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias); `weight` may be a oneDNN-packed CPU weight (see weights/packing.py)."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, scaled by `weight` in the input dtype (as transformers does)."""
-    input_dtype = x.dtype
-    x32 = x.to(torch.float32)
-    variance = x32.pow(2).mean(-1, keepdim=True)
-    return weight * (x32 * torch.rsqrt(variance + eps)).to(input_dtype)
+    """RMSNorm computed in float32, scaled by `weight` in the input dtype (as transformers does;
+    torch.rms_norm on float32 input gives the same bits as its pow/mean/rsqrt sequence)."""
+    return weight * torch.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def rope_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -50,33 +55,36 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for positions [0, max_positions), computed once in float32, kept in the run dtype."""
+    """cos/sin for positions [0, max_positions), computed once in float32, kept in the run dtype.
+
+    `sin` is stored sign-folded (first half negated) so that rotate_half(x) * sin becomes
+    x.roll(half) * sin_folded: the same products, bit for bit, in fewer operations.
+    """
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int, dtype, device):
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, rotary_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, rotary_dim]
-        self.cos = (emb.cos() * attention_scaling).to(dtype=dtype, device=device)
-        self.sin = (emb.sin() * attention_scaling).to(dtype=dtype, device=device)
+        cos = (emb.cos() * attention_scaling).to(dtype=dtype)
+        sin = (emb.sin() * attention_scaling).to(dtype=dtype)
+        half = sin.shape[-1] // 2
+        self.cos = cos.to(device)
+        self.sin_folded = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(device)
         self.max_positions = max_positions
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [num_tokens, 1, rotary_dim], broadcastable over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos, folded sin for each token: [num_tokens, 1, rotary_dim], broadcastable over heads."""
+        return self.cos[positions].unsqueeze(1), self.sin_folded[positions].unsqueeze(1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [num_tokens, num_heads, head_dim] (only the first cos.shape[-1] dims)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """Rotate x [num_tokens, num_heads, head_dim] (only the first cos.shape[-1] dims): the result of
+    (x * cos) + (rotate_half(x) * sin), computed as (x * cos) + (x.roll(half) * sin_folded)."""
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
-        return (x * cos) + (rotate_half(x) * sin)
+        return (x * cos) + (x.roll(rotary_dim // 2, dims=-1) * sin_folded)
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat(((rot * cos) + (rotate_half(rot) * sin), rest), dim=-1)
+    return torch.cat(((rot * cos) + (rot.roll(rotary_dim // 2, dims=-1) * sin_folded), rest), dim=-1)
 
 
 def write_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -94,6 +102,12 @@ def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tenso
     """
     num_tokens, num_heads, head_dim = q.shape
     gqa = num_heads != k_slots.shape[1]
+    if meta.decode_span is not None:  # one sequence, its slots contiguous: read the pool in place
+        start, length = meta.decode_span
+        keys = k_slots.narrow(0, start, length).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, dim]
+        values = v_slots.narrow(0, start, length).transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, scale=scale, enable_gqa=gqa)
+        return out.reshape(num_tokens, num_heads * head_dim)
     if meta.is_decode:
         keys = k_slots[meta.decode_slots].transpose(1, 2)  # [num_seqs, num_kv_heads, ctx, head_dim]
         values = v_slots[meta.decode_slots].transpose(1, 2)

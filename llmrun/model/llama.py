@@ -9,7 +9,7 @@ from llmrun.kv.metadata import AttentionMetadata
 from llmrun.kv.paged_cache import PagedKVCache
 from llmrun.model.config import ModelConfig
 from llmrun.model.layers import (
-    RotaryTable, activation, apply_rope, paged_attention, rms_norm, rope_inv_freq, write_kv,
+    RotaryTable, activation, apply_rope, linear, paged_attention, rms_norm, rope_inv_freq, write_kv,
 )
 
 
@@ -80,19 +80,20 @@ class LlamaDecoder:
         cfg = self.config
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, w["input_norm"], cfg.rms_norm_eps)
-        qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = apply_rope(q.view(num_tokens, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
-        v = v.view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
+        qkv = linear(x, w["qkv"], w.get("qkv_bias"))
+        qk_size = self.q_size + self.kv_size
+        # q and k rotate together: [num_tokens, num_heads + num_kv_heads, head_dim]
+        qk = apply_rope(qkv[:, :qk_size].view(num_tokens, -1, cfg.head_dim), cos, sin)
+        q, k = qk[:, : cfg.num_attention_heads], qk[:, cfg.num_attention_heads :]
+        v = qkv[:, qk_size:].view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
         write_kv(k_slots, v_slots, k, v, meta)
         attn = paged_attention(q, k_slots, v_slots, meta, self.scale)
-        hidden = hidden + F.linear(attn, w["o"], w.get("o_bias"))
+        hidden = hidden + linear(attn, w["o"], w.get("o_bias"))
         x = rms_norm(hidden, w["post_norm"], cfg.rms_norm_eps)
-        gate, up = F.linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
-        return hidden + F.linear(self.act(gate) * up, w["down"], w.get("down_bias"))
+        gate, up = linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
+        return hidden + linear(self.act(gate) * up, w["down"], w.get("down_bias"))
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the given final hidden rows."""
         with weights.head() as head:
-            return F.linear(hidden, head)
+            return linear(hidden, head)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from llmrun.plan.placement import Placement, Tier
 from llmrun.weights.index import CheckpointIndex
+from llmrun.weights.packing import can_pack, pack_matmul_weights
 from llmrun.weights.loader import PackedTensor, TensorFileReader, pack_layout, packed_elements, views_into
 from llmrun.weights.streamer import LayerStreamer
 
@@ -34,13 +35,15 @@ class PlacedWeights:
         tiers[self.head_unit] = placement.head_tier
         compute = placement.compute_tier
         self.resident: dict[int, dict] = {}
+        self.packed = can_pack(dtype, self.device)
         streamed_sources: dict[int, Optional[torch.Tensor]] = {}
         with TensorFileReader() as reader:
             self.globals = {p.key: reader.load_packed(p, dtype, self.device)
                             for p in pack_layout(index, decoder.global_layout())}
             for unit in sorted(packs):
                 if tiers[unit] is compute:
-                    self.resident[unit] = {p.key: reader.load_packed(p, dtype, self.device) for p in packs[unit]}
+                    tensors = {p.key: reader.load_packed(p, dtype, self.device) for p in packs[unit]}
+                    self.resident[unit] = pack_matmul_weights(tensors) if self.packed else tensors
                 elif tiers[unit] is Tier.CPU:
                     streamed_sources[unit] = self._pinned_unit(reader, packs[unit])
                 else:
@@ -66,6 +69,8 @@ class PlacedWeights:
         if placement.embed_tier is placement.compute_tier:
             head = self.resident.get(self.head_unit, {}).get(HEAD)
             if decoder.embed_name() == decoder.head_name() and head is not None:
+                if head.is_mkldnn:  # tied and packed for the head: look rows up in the file instead
+                    return None, packed.parts[0]
                 return head, None  # tied: the same tensor
             return reader.load_packed(packed, self.dtype, self.device), None
         if placement.embed_tier is Tier.CPU:
