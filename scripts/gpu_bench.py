@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 GIB = 1024**3
+CONTEXT_BYTES = 0  # CUDA context and library handles, measured at start (outside torch's allocator)
 
 
 def build_checkpoint(folder: Path) -> None:
@@ -68,7 +69,7 @@ def pinned_bandwidth() -> float:
     return 5 * GIB / (time.perf_counter() - started)
 
 
-def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None) -> dict:
+def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None, ctx=4096) -> dict:
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.engine.sampler import SamplingParams
     from llmrun.plan.placement import Tier
@@ -77,7 +78,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
     torch.cuda.reset_peak_memory_stats()
     free_before, _ = torch.cuda.mem_get_info()
     started = time.perf_counter()
-    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, max_num_seqs=batch, ctx=4096))
+    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, max_num_seqs=batch, ctx=ctx))
     load_s = time.perf_counter() - started
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=steps)
@@ -89,7 +90,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
     wall = time.perf_counter() - started
     placement = engine.plan.placement
     result = {
-        "batch": batch, "load_s": round(load_s, 2),
+        "batch": batch, "ctx": ctx, "load_s": round(load_s, 2),
         "decode_tok_s_per_seq": round(min(r.decode_tok_s for r in engine.results), 2),
         "total_tok_s": round(batch * steps / wall, 2),
         "ttft_s": round(engine.results[0].ttft_s, 4),
@@ -98,7 +99,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
         "streamed_bytes_per_token": placement.streamed_bytes_per_token(Tier.CPU) + placement.streamed_bytes_per_token(Tier.DISK),
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-        "process_gpu_bytes_estimate": free_before - torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() * 0,
+        "peak_with_context_bytes": CONTEXT_BYTES + torch.cuda.max_memory_reserved(),
     }
     engine.runner.weights.close()
     del engine
@@ -130,7 +131,7 @@ def accelerate_decode(folder: Path, prompt: list[int], steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map="auto",
-                                                 max_memory={0: "6GiB", "cpu": "100GiB"})
+                                                 max_memory={0: 6 * 10**9, "cpu": 100 * 10**9})
     ids = torch.tensor([prompt], device="cuda")
     model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
@@ -171,22 +172,28 @@ def main() -> None:
         build_checkpoint(args.folder)
         print(f"built checkpoint in {time.perf_counter() - started:.1f} s", flush=True)
     prompt = torch.randint(3, 320, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    global CONTEXT_BYTES
+    torch.ones(1, device="cuda") @ torch.ones(1, 1, device="cuda")  # create the context and cuBLAS handle
+    free, total = torch.cuda.mem_get_info()
+    CONTEXT_BYTES = total - free - torch.cuda.memory_reserved()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context_bytes": CONTEXT_BYTES}
     results["hbm_read_bytes_s"] = hbm_read_bandwidth()
     results["pinned_h2d_bytes_s"] = pinned_bandwidth()
     print(f"HBM read {results['hbm_read_bytes_s'] / 1e9:.0f} GB/s, pinned H2D {results['pinned_h2d_bytes_s'] / 1e9:.1f} GB/s", flush=True)
     weight_bytes = sum(f.stat().st_size for f in args.folder.glob("*.safetensors"))
     results["weight_bytes"] = weight_bytes
     step(results, "llmrun_resident_b1", llmrun_decode, args.folder, prompt, args.steps, 1)
-    step(results, "llmrun_gpu6gb_b1", llmrun_decode, args.folder, prompt, min(args.steps, 48), 1, 6 * 10**9)
+    step(results, "llmrun_gpu6gb_ctx4096_b1", llmrun_decode, args.folder, prompt, 32, 1, 6 * 10**9, 4096)
+    step(results, "llmrun_gpu6gb_b1", llmrun_decode, args.folder, prompt, 48, 1, 6 * 10**9, 512)
     if "batch8" not in skip:
-        step(results, "llmrun_gpu6gb_b8", llmrun_decode, args.folder, prompt, 16, 8, 6 * 10**9)
+        step(results, "llmrun_gpu6gb_b8", llmrun_decode, args.folder, prompt, 16, 8, 6 * 10**9, 512)
         step(results, "llmrun_resident_b8", llmrun_decode, args.folder, prompt, args.steps, 8)
     if "transformers" not in skip:
         step(results, "transformers_dynamic", transformers_decode, args.folder, prompt, args.steps, "dynamic")
+    if "static" not in skip:
         step(results, "transformers_static", transformers_decode, args.folder, prompt, args.steps, "static")
     if "accelerate" not in skip:
-        step(results, "accelerate_6gib", accelerate_decode, args.folder, prompt, 16)
+        step(results, "accelerate_6gb", accelerate_decode, args.folder, prompt, 16)
     summarize(results)
     text = json.dumps(results, indent=2, default=str)
     if args.out:
@@ -204,18 +211,20 @@ def summarize(r: dict) -> None:
         bound = r["pinned_h2d_bytes_s"] / max(1, streamed["streamed_bytes_per_token"])
         summary["link_bound_tok_s"] = round(bound, 2)
         summary["streamed_vs_link_bound"] = round(streamed["decode_tok_s_per_seq"] / bound, 3)
-        summary["streamed_peak_reserved_gb"] = round(streamed["peak_reserved_bytes"] / 1e9, 3)
+        summary["streamed_peak_with_context_gb"] = round(streamed["peak_with_context_bytes"] / 1e9, 3)
         if "tokens" in resident:
             n = len(streamed["tokens"])
             summary["streamed_tokens_equal_resident"] = streamed["tokens"] == resident["tokens"][:n]
-        acc = r.get("accelerate_6gib", {})
+        acc = r.get("accelerate_6gb", {})
         if "tok_s" in acc:
             summary["streamed_vs_accelerate"] = round(streamed["decode_tok_s_per_seq"] / acc["tok_s"], 2)
     for name in ("transformers_dynamic", "transformers_static"):
         if "tok_s" in r.get(name, {}) and "decode_tok_s_per_seq" in resident:
             summary[f"resident_vs_{name}"] = round(resident["decode_tok_s_per_seq"] / r[name]["tok_s"], 2)
             n = min(len(r[name]["tokens"]), len(resident.get("tokens", [])))
-            summary[f"tokens_equal_{name}"] = r[name]["tokens"][:n] == resident["tokens"][:n]
+            ours, theirs = resident["tokens"][:n], r[name]["tokens"][:n]
+            summary[f"tokens_equal_{name}"] = ours == theirs
+            summary[f"first_divergence_{name}"] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     r["summary"] = summary
 
 

@@ -45,6 +45,13 @@ class BlockAllocator:
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._tables
 
+    def sequence_ids(self) -> list[int]:
+        return list(self._tables)
+
+    def wasted_slots(self, seq_id: int) -> int:
+        """Slots a sequence holds beyond its tokens (always less than one block)."""
+        return len(self._tables[seq_id]) * self.block_size - self._num_tokens[seq_id]
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

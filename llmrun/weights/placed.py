@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from llmrun.plan.placement import Placement, Tier
 from llmrun.weights.index import CheckpointIndex
+from llmrun.weights.offload import offloaded
 from llmrun.weights.packing import can_pack, pack_matmul_weights
 from llmrun.weights.loader import PackedTensor, TensorFileReader, pack_layout, packed_elements, views_into
 from llmrun.weights.streamer import LayerStreamer
@@ -54,6 +55,8 @@ class PlacedWeights:
         self.on_step_layer: Optional[Callable[[int, int, int], None]] = None  # (layer, layers, bytes moved)
         self.streamer = None
         if streamed_sources:
+            disk_units = [u for u, source in streamed_sources.items() if source is None]
+            packs.update(offloaded(packs, disk_units, dtype))  # read disk layers in the run dtype
             self.streamer = LayerStreamer({u: packs[u] for u in streamed_sources}, streamed_sources,
                                           dtype, self.device, prefetch_depth)
 

@@ -23,7 +23,7 @@ def options(ctx=1024, batch=1, runtime=100 * MB):
 
 def fixed_gpu(sizes, opts):
     kv = -(-opts.ctx // 16) * 16 * opts.batch * sizes.kv_bytes_per_token
-    return opts.gpu_runtime_bytes + kv + workspace_bytes(sizes, opts)
+    return opts.gpu_runtime_bytes + kv + workspace_bytes(sizes, opts, G)
 
 
 def test_everything_on_gpu_when_it_fits():

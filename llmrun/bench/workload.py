@@ -1,0 +1,57 @@
+"""The fixed benchmark workload and the statistics reported for it."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+# A neutral English passage; prompts are its tokens repeated and cut to the exact length.
+_PASSAGE = (
+    "The history of computing is a story of machines that grew smaller, faster and cheaper, "
+    "from rooms full of vacuum tubes to chips in every pocket. Each generation of hardware "
+    "made new kinds of software possible, and each new kind of software asked more of the "
+    "hardware that ran it. "
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    prompt_tokens: int
+    new_tokens: int
+    batch: int
+
+
+def default_cases(batch: int = 8, new_tokens: int = 128) -> list[Case]:
+    """Prompt lengths 128 and 512, batch 1 and `batch`, `new_tokens` generated (greedy, no EOS)."""
+    return [
+        Case("prompt128_b1", 128, new_tokens, 1),
+        Case("prompt512_b1", 512, new_tokens, 1),
+        Case(f"prompt128_b{batch}", 128, new_tokens, batch),
+    ]
+
+
+def quick_cases(batch: int = 4) -> list[Case]:
+    return [Case("prompt64_b1", 64, 16, 1), Case(f"prompt64_b{batch}", 64, 16, batch)]
+
+
+def prompt_ids(tokenizer, length: int, variant: int = 0) -> list[int]:
+    """Exactly `length` token ids of the passage (variant shifts the start so prompts differ)."""
+    ids = tokenizer(_PASSAGE, add_special_tokens=False)["input_ids"]
+    reps = length // max(1, len(ids)) + 2
+    stream = (ids * reps)[variant % len(ids):]
+    return stream[:length]
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stat":
+        return cls(statistics.median(values), min(values), max(values))
+
+    def to_json(self) -> dict:
+        return {"median": round(self.median, 4), "min": round(self.low, 4), "max": round(self.high, 4)}

@@ -1,0 +1,76 @@
+"""The offload cache: disk-tier layers stored once in the run dtype, so streaming reads them as is.
+
+When a checkpoint's dtype differs from the run dtype (SmolLM2 imported as float32, run in
+bfloat16), every streamed read would move twice the bytes and convert them. Like accelerate's
+offload folder, llmrun writes those layers once, converted and already fused, under
+$LLMRUN_HOME/offload/<key>/, and streams from there. Files are written to a temporary name and
+renamed, so an interrupted run never leaves a half-written unit behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from llmrun.paths import llmrun_home
+from llmrun.weights.index import TensorInfo
+from llmrun.weights.loader import PackedTensor, TensorFileReader
+
+_TAGS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def needs_offload(packs: list[PackedTensor], dtype) -> bool:
+    return any(part.dtype != _TAGS.get(dtype) for packed in packs for part in packed.parts)
+
+
+def cache_folder(packs: dict[int, list[PackedTensor]], dtype) -> Path:
+    """A folder keyed by the source files (path, size, mtime) and the dtype."""
+    files = sorted({part.file for unit in packs.values() for p in unit for part in p.parts})
+    digest = hashlib.sha256(str(dtype).encode())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return llmrun_home() / "offload" / digest.hexdigest()[:24]
+
+
+def offloaded(packs: dict[int, list[PackedTensor]], units: list[int], dtype) -> dict[int, list[PackedTensor]]:
+    """For each unit needing conversion, its packed tensors re-pointed at a cached run-dtype file."""
+    todo = [u for u in units if needs_offload(packs[u], dtype)]
+    if not todo:
+        return {}
+    folder = cache_folder(packs, dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    with TensorFileReader() as reader:
+        for unit in todo:
+            file = folder / f"unit-{unit}.bin"
+            if not file.exists():
+                _write_unit(reader, packs[unit], dtype, file)
+            out[unit] = _repoint(packs[unit], dtype, file)
+    return out
+
+
+def _write_unit(reader: TensorFileReader, packs: list[PackedTensor], dtype, file: Path) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            for packed in packs:
+                tensor = reader.load_packed(packed, dtype)
+                handle.write(tensor.view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _repoint(packs: list[PackedTensor], dtype, file: Path) -> list[PackedTensor]:
+    element = torch.empty((), dtype=dtype).element_size()
+    out, offset = [], 0
+    for packed in packs:
+        size = packed.num_elements * element
+        part = TensorInfo(packed.key, file, _TAGS[dtype], packed.shape, offset, offset + size)
+        out.append(PackedTensor(packed.key, (part,), packed.shape))
+        offset += size
+    return out
