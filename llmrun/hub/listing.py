@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ DTYPE_NAMES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
 @dataclass(frozen=True)
@@ -88,21 +86,14 @@ def weight_files_of(folder: Path) -> list[Path]:
 
 
 def read_safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file: 8 bytes little-endian length, then that many bytes."""
-    with Path(file).open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{file} is too short to be a safetensors file")
-        (header_bytes,) = struct.unpack("<Q", prefix)
-        if header_bytes > _MAX_HEADER_BYTES:
-            raise ValueError(f"{file} has an implausible header length {header_bytes}")
-        raw = handle.read(header_bytes)
-    if len(raw) != header_bytes:
-        raise ValueError(f"{file} ends inside its header")
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise ValueError(f"{file} has a header that is not a JSON object")
-    return header
+    """The JSON header of a safetensors file (weights/index.py reads it; ValueError when unreadable)."""
+    from llmrun.errors import InvalidModelError
+    from llmrun.weights.index import read_header
+
+    try:
+        return read_header(Path(file))[0]
+    except InvalidModelError as err:
+        raise ValueError(str(err)) from err
 
 
 def _parameters_by_dtype(file: Path) -> Counter[str]:

