@@ -58,15 +58,9 @@ def hbm_read_bandwidth() -> float:
 
 
 def pinned_bandwidth() -> float:
-    src = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(GIB, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return 5 * GIB / (time.perf_counter() - started)
+    from llmrun.plan.devices import measure_host_to_gpu
+
+    return measure_host_to_gpu(GIB, repeats=5)
 
 
 def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None, ctx=4096) -> dict:

@@ -96,20 +96,24 @@ def host_to_gpu_bandwidth(calibrate: bool = True) -> Bandwidth:
         return Bandwidth(float(cached), True)
     if not (calibrate and has_cuda()):
         return Bandwidth(ASSUMED_HOST_TO_GPU_BYTES_S, False)
+    value = measure_host_to_gpu(256 * 1024**2, repeats=4)
+    _save_calibration({"host_to_gpu_bytes_s": value})
+    return Bandwidth(value, True)
+
+
+def measure_host_to_gpu(num_bytes: int, repeats: int) -> float:
+    """Pinned host->GPU copy bandwidth in bytes/s, timed over `repeats` copies after a warm-up."""
     import torch
 
-    num_bytes = 256 * 1024**2
     src = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    for _ in range(4):
+    for _ in range(repeats):
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
-    value = 4 * num_bytes / (time.perf_counter() - started)
-    _save_calibration({"host_to_gpu_bytes_s": value})
-    return Bandwidth(value, True)
+    return repeats * num_bytes / (time.perf_counter() - started)
 
 
 def compute_read_bandwidth(gpu: bool) -> Bandwidth:
