@@ -183,3 +183,62 @@ def phi3_config(**overrides):
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     values.update(overrides)
     return Phi3Config(**values)
+
+
+_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def mistral_config(**overrides):
+    """A tiny Mistral config with a 16-token sliding window on every layer."""
+    from transformers import MistralConfig
+
+    return MistralConfig(**{**_TINY, "sliding_window": 16, **overrides})
+
+
+def qwen2_config(**overrides):
+    """A tiny Qwen2 config (q/k/v biases); layers 1 and 2 slide over 16 tokens, layer 0 is full."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**{**_TINY, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1,
+                          "tie_word_embeddings": True, **overrides})
+
+
+def qwen3_config(**overrides):
+    """A tiny Qwen3 config: per-head q/k norms, head_dim 32 (heads × head_dim ≠ hidden, as in Qwen3)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**{**_TINY, "head_dim": 32, **overrides})
+
+
+def longrope_parameters(rotary_dim: int, original: int = 32) -> dict:
+    """Phi-3 128k style LongRoPE parameters with distinct short and long factors per frequency."""
+    half = rotary_dim // 2
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": original,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.5 + 0.75 * i for i in range(half)]}
+
+
+def gemma2_config(**overrides):
+    """A tiny Gemma 2 config: sliding (16) and global layers alternating, small soft-caps so that
+    tanh bends the scores, and query_pre_attn_scalar different from head_dim."""
+    from transformers import Gemma2Config
+
+    values = {**_TINY, "head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 24,
+              "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0, "tie_word_embeddings": True,
+              "hidden_activation": "gelu_pytorch_tanh"}
+    return Gemma2Config(**{**values, **overrides})
+
+
+def gemma3_config(**overrides):
+    """A tiny Gemma 3 text config: sliding, global, sliding layers; local RoPE base 10k, global 1M
+    with linear scaling (as the larger Gemma 3 models use)."""
+    from transformers import Gemma3TextConfig
+
+    values = {**_TINY, "head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 24,
+              "tie_word_embeddings": True, "sliding_window_pattern": 2,
+              "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                  "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                     "rope_theta": 1000000.0}}}
+    return Gemma3TextConfig(**{**values, **overrides})

@@ -144,6 +144,8 @@ class Engine:
         else:
             # Reuse the cached prefix, but always run at least one token to get logits.
             common = min(common_prefix_len(kept.cached_ids, prompt_ids), len(prompt_ids) - 1)
+            if self.decoder.rope_variant(len(kept.cached_ids)) != self.decoder.rope_variant(len(prompt_ids)):
+                common = 0  # cached under the other RoPE table (LongRoPE): recompute it all
             self.allocator.truncate(kept.seq_id, common)
             kept.cached_ids = prompt_ids[:common]
             seq = Sequence(kept.seq_id, prompt_ids, params, self.max_context, num_cached=common)
@@ -185,6 +187,9 @@ class Engine:
                 reason = FinishReason.STOP
             elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_total_tokens:
                 reason = FinishReason.LENGTH
+        if reason is None and self._rope_switched(seq):
+            seq.num_cached = 0  # K/V were rotated with the other LongRoPE table: run the sequence again
+            self.allocator.truncate(seq.seq_id, 0)  # its prefill chunks grow it back
         if reason is not None:
             if reason is not FinishReason.STOP:
                 text += stream.flush()
@@ -193,6 +198,11 @@ class Engine:
             scheduler.finish(seq)
         result.text += text
         return TokenEvent(index, token, text, reason)
+
+    def _rope_switched(self, seq: Sequence) -> bool:
+        """Whether the token just added moves the sequence to another RoPE table (LongRoPE passing
+        its original context), which transformers' Phi-3 generation handles by recomputing."""
+        return self.decoder.rope_variant(seq.num_tokens) != self.decoder.rope_variant(seq.num_tokens - 1)
 
 
 def common_prefix_len(a: Seq[int], b: Seq[int]) -> int:

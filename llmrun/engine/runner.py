@@ -29,7 +29,7 @@ class ModelRunner:
             seq, start = step.seq, step.seq.num_cached
             input_ids.extend(seq.all_ids[start : start + step.num_new])
             positions.extend(range(start, start + step.num_new))
-            seq_steps.append(SeqStep(self.allocator.block_table(seq.seq_id), start, step.num_new))
+            seq_steps.append(SeqStep(self.allocator.block_table(seq.seq_id), start, step.num_new, seq.num_tokens))
             if step.completes_prompt:
                 last_rows.append(len(input_ids) - 1)
         meta = build_metadata(seq_steps, self.cache.shape.block_size, self.device)

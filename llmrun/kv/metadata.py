@@ -1,18 +1,23 @@
-"""AttentionMetadata and the one function that turns block tables into slot indices."""
+"""AttentionMetadata and the one place block tables become slot indices (sliding windows included)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
 class SeqStep:
-    """One sequence's share of a forward step: `num_new` tokens after `num_cached` cached ones."""
+    """One sequence's share of a forward step: `num_new` tokens after `num_cached` cached ones.
+
+    `seq_len` is every token the sequence has now, those a later prefill chunk will run included
+    (None: just context_len); it is the length transformers' forward would see for the sequence.
+    """
 
     block_table: Sequence[int]
     num_cached: int
     num_new: int
+    seq_len: Optional[int] = None
 
     @property
     def context_len(self) -> int:
@@ -30,10 +35,14 @@ class AttentionMetadata:
     query_starts: tuple[int, ...]         # first flat token of each sequence
     query_lens: tuple[int, ...]           # new tokens per sequence
     cached_lens: tuple[int, ...]          # tokens already cached per sequence
-    context_slots: tuple[object, ...]     # per sequence LongTensor [context_len]: all its slots
-    decode_slots: Optional[object]        # LongTensor [num_seqs, max_context] when all decode
-    decode_mask: Optional[object]         # BoolTensor [num_seqs, 1, 1, max_context] or None
+    seq_lens: tuple[int, ...]             # tokens each sequence has now (see SeqStep.seq_len)
+    context_slots: tuple[object, ...]     # per sequence LongTensor [num_keys]: the slots it attends to
+    decode_slots: Optional[object]        # LongTensor [num_seqs, max_keys] when all decode
+    decode_mask: Optional[object]         # BoolTensor [num_seqs, 1, 1, max_keys] or None
     decode_span: Optional[tuple[int, int]] = None  # one decoding sequence in contiguous slots: (start, len)
+    # Per sequence BoolTensor [num_new, num_keys] where the causal rule over all of context_slots
+    # does not apply (a sliding window trimmed them); empty, or None for a sequence: causal.
+    context_masks: tuple[Optional[object], ...] = ()
 
     @property
     def num_seqs(self) -> int:
@@ -57,18 +66,34 @@ def contiguous_start(block_table: Sequence[int], num_tokens: int, block_size: in
     return None
 
 
+def _padded_decode(context_slots: Sequence, device):
+    """Decode slots padded to the longest row [num_seqs, max_keys], and the mask of real ones."""
+    import torch
+
+    lens = [slots.numel() for slots in context_slots]
+    padded = torch.zeros((len(lens), max(lens)), dtype=torch.long, device=device)
+    for row, slots in enumerate(context_slots):
+        padded[row, : slots.numel()] = slots
+    if len(set(lens)) == 1:
+        return padded, None
+    positions = torch.arange(max(lens), device=device)
+    mask = positions[None, :] < torch.tensor(lens, device=device)[:, None]
+    return padded, mask[:, None, None, :]
+
+
 def build_metadata(steps: Sequence[SeqStep], block_size: int, device) -> AttentionMetadata:
     """Translate block tables into the slot tensors of one forward step."""
     import torch
 
+    seq_lens = tuple(s.context_len if s.seq_len is None else s.seq_len for s in steps)
     if len(steps) == 1 and steps[0].num_new == 1:
         step = steps[0]
         start = contiguous_start(step.block_table, step.context_len, block_size)
         if start is not None:
             return AttentionMetadata(
                 slot_mapping=torch.tensor([start + step.num_cached], dtype=torch.long, device=device),
-                query_starts=(0,), query_lens=(1,), cached_lens=(step.num_cached,), context_slots=(),
-                decode_slots=None, decode_mask=None, decode_span=(start, step.context_len),
+                query_starts=(0,), query_lens=(1,), cached_lens=(step.num_cached,), seq_lens=seq_lens,
+                context_slots=(), decode_slots=None, decode_mask=None, decode_span=(start, step.context_len),
             )
 
     new_slots: list[int] = []
@@ -82,21 +107,46 @@ def build_metadata(steps: Sequence[SeqStep], block_size: int, device) -> Attenti
         start += step.num_new
     decode_slots = decode_mask = None
     if all(step.num_new == 1 for step in steps):
-        max_context = max(step.context_len for step in steps)
-        padded = torch.zeros((len(steps), max_context), dtype=torch.long, device=device)
-        for row, slots in enumerate(context_slots):
-            padded[row, : slots.numel()] = slots
-        decode_slots = padded
-        if any(step.context_len != max_context for step in steps):
-            lens = torch.tensor([s.context_len for s in steps], device=device)
-            positions = torch.arange(max_context, device=device)
-            decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+        decode_slots, decode_mask = _padded_decode(context_slots, device)
     return AttentionMetadata(
         slot_mapping=torch.tensor(new_slots, dtype=torch.long, device=device),
         query_starts=tuple(query_starts),
         query_lens=tuple(s.num_new for s in steps),
         cached_lens=tuple(s.num_cached for s in steps),
+        seq_lens=seq_lens,
         context_slots=tuple(context_slots),
         decode_slots=decode_slots,
         decode_mask=decode_mask,
     )
+
+
+def _window_mask(num_cached: int, num_new: int, first_key: int, window: int, device):
+    """BoolTensor [num_new, num_keys]: query at num_cached + r sees key at first_key + j when
+    q - window < k <= q (transformers' sliding-window rule: the last `window` positions)."""
+    import torch
+
+    queries = torch.arange(num_new, device=device)[:, None] + num_cached
+    keys = torch.arange(num_cached + num_new - first_key, device=device)[None, :] + first_key
+    return (keys <= queries) & (keys > queries - window)
+
+
+def windowed(meta: AttentionMetadata, window: int) -> AttentionMetadata:
+    """The metadata of a sliding-window layer: slots before any query's window are dropped, and
+    prefill queries get band masks. Built once per step and shared by the layers with that window."""
+    context_lens = [c + n for c, n in zip(meta.cached_lens, meta.query_lens)]
+    if max(context_lens) <= window:
+        return meta
+    if meta.decode_span is not None:
+        start, length = meta.decode_span
+        return replace(meta, decode_span=(start + length - window, window))
+    device = meta.slot_mapping.device
+    firsts = [max(0, cached - window + 1) for cached in meta.cached_lens]
+    trimmed = tuple(slots[first:] for slots, first in zip(meta.context_slots, firsts))
+    if meta.decode_slots is not None:
+        decode_slots, decode_mask = _padded_decode(trimmed, device)
+        return replace(meta, context_slots=trimmed, decode_slots=decode_slots, decode_mask=decode_mask)
+    masks = tuple(
+        _window_mask(cached, new, first, window, device) if cached + new > window else None
+        for cached, new, first in zip(meta.cached_lens, meta.query_lens, firsts)
+    )
+    return replace(meta, context_slots=trimmed, context_masks=masks)

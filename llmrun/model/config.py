@@ -40,6 +40,20 @@ class ModelConfig:
         return self.rope_parameters.get("rope_type") or self.rope_parameters.get("type") or "default"
 
 
+def sliding_windows(config: ModelConfig) -> tuple[Optional[int], ...]:
+    """Each layer's sliding window (None: full attention), as transformers decides it.
+
+    With `layer_types` (Qwen2/3, Gemma 2/3) only "sliding_attention" layers slide; without it a
+    `sliding_window` applies to every layer (Mistral, Phi-3). Qwen's config already clears
+    `sliding_window` when `use_sliding_window` is off.
+    """
+    window = config.raw.get("sliding_window")
+    layer_types = config.raw.get("layer_types")
+    if layer_types is None:
+        return (window,) * config.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
 def read_config_json(folder: Path) -> dict:
     """The raw config.json of a model folder."""
     path = Path(folder) / "config.json"
@@ -88,7 +102,7 @@ def load_model_config(folder: Path, architecture: str) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(hf, "attention_bias", False)),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        hidden_act=getattr(hf, "hidden_act", "silu"),
+        hidden_act=getattr(hf, "hidden_act", None) or getattr(hf, "hidden_activation", None) or "silu",
         checkpoint_dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
         raw=hf.to_dict(),
     )

@@ -1,16 +1,15 @@
-"""The Llama family decoder (Llama 2/3, SmolLM2, Mistral-style checkpoints without extras)."""
+"""The Llama family decoder (Llama 2/3.x, SmolLM2), and the base the other families specialise."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from llmrun.kv.metadata import AttentionMetadata
+from llmrun.kv.metadata import AttentionMetadata, windowed
 from llmrun.kv.paged_cache import PagedKVCache
-from llmrun.model.config import ModelConfig
-from llmrun.model.layers import (
-    RotaryTable, activation, apply_rope, linear, paged_attention, rms_norm, rope_inv_freq, write_kv,
-)
+from llmrun.model.attention import paged_attention, write_kv
+from llmrun.model.config import ModelConfig, sliding_windows
+from llmrun.model.layers import activation, linear, rms_norm
+from llmrun.model.rope import RotaryTable, apply_rope, rotary_table
 
 
 class LlamaDecoder:
@@ -18,6 +17,7 @@ class LlamaDecoder:
 
     Weights arrive from a provider (weights/placed.py): `weights.layer(i)` and `weights.head()` are
     context managers yielding tensors on the compute device, so every placement runs this code.
+    Families override the hooks: layer_layout, project_qkv, norm, layer_forward, embed, logits.
     """
 
     architectures = ("LlamaForCausalLM",)
@@ -26,13 +26,33 @@ class LlamaDecoder:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
-        rotary_dim = int(config.head_dim * float(config.raw.get("partial_rotary_factor") or 1.0))
-        inv_freq, scaling = rope_inv_freq(dict(config.rope_parameters), rotary_dim)
-        self.rotary = RotaryTable(inv_freq, scaling, max_positions, dtype, device)
+        self.max_positions = max_positions
+        self.rotaries, self.layer_rotary = self.build_rotaries()
+        self.windows = sliding_windows(config)
         self.act = activation(config.hidden_act)
         self.scale = config.head_dim**-0.5
+        self.attn_softcap = None
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
+
+    def rotary_dim(self, rope_parameters) -> int:
+        factor = rope_parameters.get("partial_rotary_factor") or self.config.raw.get("partial_rotary_factor")
+        return int(self.config.head_dim * float(factor or 1.0))
+
+    def build_rotaries(self) -> tuple[tuple[RotaryTable, ...], tuple[int, ...]]:
+        """The RoPE tables and, per layer, the index of the one it uses (one table here)."""
+        params = self.config.rope_parameters
+        table = rotary_table(params, self.rotary_dim(params), self.config.max_position_embeddings,
+                             self.max_positions, self.dtype, self.device)
+        return (table,), (0,) * self.config.num_hidden_layers
+
+    def rope_variant(self, seq_len: int) -> int:
+        """Which RoPE table a sequence of `seq_len` tokens uses (LongRoPE: 0 short, 1 long; else 0).
+
+        K cached under another variant is stale: the engine recomputes it, as transformers' Phi-3
+        generation drops its cache when a sequence grows past the original context.
+        """
+        return max(table.variant(seq_len) for table in self.rotaries)
 
     # -- weight layout (key -> HF tensors concatenated along dim 0) ------------------------------
     def embed_name(self) -> str:
@@ -68,30 +88,54 @@ class LlamaDecoder:
     def forward(self, weights, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm, for flat tokens of all sequences."""
-        hidden = weights.embed(input_ids)
-        cos, sin = self.rotary.lookup(positions)
+        hidden = self.embed(weights, input_ids)
+        ropes = [table.lookup(positions, meta) for table in self.rotaries]
+        metas = {window: windowed(meta, window) for window in set(self.windows) if window is not None}
+        metas[None] = meta
         for layer_idx in range(self.config.num_hidden_layers):
+            rope, layer_meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
             with weights.layer(layer_idx) as w:
                 k_slots, v_slots = cache.layer(layer_idx)
-                hidden = self.layer_forward(w, hidden, cos, sin, meta, k_slots, v_slots)
-        return rms_norm(hidden, weights.globals["norm"], self.config.rms_norm_eps)
+                hidden = self.layer_forward(w, hidden, rope, layer_meta, k_slots, v_slots)
+        return self.norm(hidden, weights.globals["norm"])
 
-    def layer_forward(self, w, hidden, cos, sin, meta, k_slots, v_slots) -> torch.Tensor:
-        cfg = self.config
-        num_tokens = hidden.shape[0]
-        x = rms_norm(hidden, w["input_norm"], cfg.rms_norm_eps)
+    def embed(self, weights, input_ids: torch.Tensor) -> torch.Tensor:
+        return weights.embed(input_ids)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def layer_forward(self, w, hidden, rope, meta, k_slots, v_slots) -> torch.Tensor:
+        x = self.norm(hidden, w["input_norm"])
+        hidden = hidden + linear(self.attention(w, x, rope, meta, k_slots, v_slots), w["o"], w.get("o_bias"))
+        return hidden + self.mlp(w, self.norm(hidden, w["post_norm"]))
+
+    def project_qkv(self, w, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k before RoPE together [num_tokens, num_heads + num_kv_heads, head_dim], and v."""
+        num_tokens, qk_size = x.shape[0], self.q_size + self.kv_size
         qkv = linear(x, w["qkv"], w.get("qkv_bias"))
-        qk_size = self.q_size + self.kv_size
-        # q and k rotate together: [num_tokens, num_heads + num_kv_heads, head_dim]
-        qk = apply_rope(qkv[:, :qk_size].view(num_tokens, -1, cfg.head_dim), cos, sin)
-        q, k = qk[:, : cfg.num_attention_heads], qk[:, cfg.num_attention_heads :]
-        v = qkv[:, qk_size:].view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
+        qk = qkv[:, :qk_size].view(num_tokens, -1, self.config.head_dim)  # [tokens, heads + kv_heads, dim]
+        v = qkv[:, qk_size:].view(num_tokens, self.config.num_key_value_heads, self.config.head_dim)
+        return qk, v
+
+    def norm_heads(self, w, qk: torch.Tensor) -> torch.Tensor:
+        """Per-head norms of q and k before RoPE (Qwen3, Gemma 3): weights [head_dim] each."""
+        num_heads = self.config.num_attention_heads
+        q = self.norm(qk[:, :num_heads], w["q_norm"])  # [num_tokens, num_heads, head_dim]
+        k = self.norm(qk[:, num_heads:], w["k_norm"])  # [num_tokens, num_kv_heads, head_dim]
+        return torch.cat((q, k), dim=1)
+
+    def attention(self, w, x, rope, meta, k_slots, v_slots) -> torch.Tensor:
+        """Attention output [num_tokens, num_heads * head_dim], before o_proj; q and k rotate together."""
+        qk, v = self.project_qkv(w, x)
+        qk = apply_rope(qk, *rope)
+        q, k = qk[:, : self.config.num_attention_heads], qk[:, self.config.num_attention_heads :]
         write_kv(k_slots, v_slots, k, v, meta)
-        attn = paged_attention(q, k_slots, v_slots, meta, self.scale)
-        hidden = hidden + linear(attn, w["o"], w.get("o_bias"))
-        x = rms_norm(hidden, w["post_norm"], cfg.rms_norm_eps)
+        return paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
+
+    def mlp(self, w, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
-        return hidden + linear(self.act(gate) * up, w["down"], w.get("down_bias"))
+        return linear(self.act(gate) * up, w["down"], w.get("down_bias"))
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the given final hidden rows."""

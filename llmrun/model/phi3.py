@@ -1,4 +1,4 @@
-"""The Phi-3 family (Phi-3/3.5 mini and medium, Phi-4-mini): Llama's layers with fused checkpoint tensors."""
+"""The Phi-3 family (Phi-3/3.5 mini and medium, Phi-4-mini): fused checkpoint tensors, LongRoPE."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from llmrun.model.llama import LlamaDecoder
 
 class Phi3Decoder(LlamaDecoder):
     """Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (gate rows first),
-    exactly the fused layout the Llama decoder runs; partial rotary comes from the config."""
+    exactly the fused layout the Llama decoder runs.
+
+    What else Phi-3 needs comes from its config through the shared code: LongRoPE's short/long
+    tables and their attention scaling (rope.py), `partial_rotary_factor` (Phi-4-mini), and a
+    `sliding_window` on every layer (Phi-3-mini-4k: 2047).
+    """
 
     architectures = ("Phi3ForCausalLM",)
 

@@ -1,6 +1,6 @@
 import torch
 
-from llmrun.kv.metadata import SeqStep, build_metadata, token_slots
+from llmrun.kv.metadata import SeqStep, build_metadata, token_slots, windowed
 
 
 def test_token_slots_follow_the_block_table():
@@ -30,3 +30,22 @@ def test_decode_metadata_pads_and_masks_shorter_sequences():
     same_len = build_metadata([SeqStep([0], 2, 1), SeqStep([1], 2, 1)], 4, "cpu")
     assert same_len.decode_mask is None
     assert torch.equal(same_len.decode_slots, torch.tensor([[0, 1, 2], [4, 5, 6]]))
+
+
+def test_window_drops_slots_before_every_query_window():
+    # one sequence decoding its 7th token in contiguous slots 8..14: a window of 3 reads 12..14
+    meta = build_metadata([SeqStep([2, 3], 6, 1)], 4, "cpu")
+    assert windowed(meta, 3).decode_span == (12, 3)
+    assert windowed(meta, 7) is meta  # the whole context fits: nothing to restrict
+    # two decoding sequences (7 and 3 tokens): each keeps its last 3 slots at most
+    both = windowed(build_metadata([SeqStep([2, 0], 6, 1), SeqStep([5], 2, 1)], 4, "cpu"), 3)
+    assert both.decode_slots.tolist() == [[0, 1, 2], [20, 21, 22]]  # positions 4-6 sit in block 0
+    assert both.decode_mask is None
+
+
+def test_window_masks_prefill_queries_to_their_band():
+    # 2 cached + 3 new tokens, window 2: the first query (position 2) needs keys from position 1
+    meta = windowed(build_metadata([SeqStep([0, 1], 2, 3)], 4, "cpu"), 2)
+    assert meta.context_slots[0].tolist() == [1, 2, 3, 4]
+    assert meta.context_masks[0].int().tolist() == [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    assert meta.seq_lens == (5,)

@@ -1,0 +1,85 @@
+"""The Gemma 2 and Gemma 3 (text) families: Gemma norms, scaled embeddings, soft-caps, sliding layers."""
+
+from __future__ import annotations
+
+import torch
+
+from llmrun.model.layers import gemma_rms_norm, linear, soft_cap
+from llmrun.model.llama import LlamaDecoder
+from llmrun.model.rope import RotaryTable, rotary_table
+
+
+class Gemma2Decoder(LlamaDecoder):
+    """Gemma 2: embeddings × sqrt(hidden) (rounded to the run dtype first), RMSNorm x·(1+w) in
+    float32, norms before and after both attention and MLP, GELU-tanh, attention scale
+    query_pre_attn_scalar^-0.5, attention and final logit soft-capping, and sliding windows on the
+    layers `layer_types` marks (every other one)."""
+
+    architectures = ("Gemma2ForCausalLM",)
+
+    def __init__(self, config, dtype, device, max_positions: int):
+        super().__init__(config, dtype, device, max_positions)
+        raw = config.raw
+        self.scale = float(raw.get("query_pre_attn_scalar") or config.head_dim) ** -0.5
+        self.attn_softcap = self.attention_softcap()
+        self.final_softcap = raw.get("final_logit_softcapping")
+        self.normalizer = torch.tensor(config.hidden_size**0.5).to(dtype=dtype, device=self.device)
+
+    def attention_softcap(self):
+        return self.config.raw.get("attn_logit_softcapping")
+
+    def layer_layout(self, layer_idx: int) -> dict[str, tuple[str, ...]]:
+        p = f"model.layers.{layer_idx}."
+        return {
+            **super().layer_layout(layer_idx),
+            "pre_mlp_norm": (p + "pre_feedforward_layernorm.weight",),
+            "post_mlp_norm": (p + "post_feedforward_layernorm.weight",),
+        }
+
+    def embed(self, weights, input_ids: torch.Tensor) -> torch.Tensor:
+        return weights.embed(input_ids) * self.normalizer
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return gemma_rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def layer_forward(self, w, hidden, rope, meta, k_slots, v_slots) -> torch.Tensor:
+        x = self.norm(hidden, w["input_norm"])
+        attn = linear(self.attention(w, x, rope, meta, k_slots, v_slots), w["o"], w.get("o_bias"))
+        hidden = hidden + self.norm(attn, w["post_norm"])  # post_attention_layernorm
+        x = self.norm(hidden, w["pre_mlp_norm"])
+        return hidden + self.norm(self.mlp(w, x), w["post_mlp_norm"])
+
+    def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().logits(weights, hidden)
+        return logits if self.final_softcap is None else soft_cap(logits, self.final_softcap)
+
+
+class Gemma3Decoder(Gemma2Decoder):
+    """Gemma 3 text: Gemma 2's layers plus a per-head x·(1+w) norm on q and k before RoPE, its own
+    RoPE base for sliding layers (`rope_parameters` per layer type), sliding layers by the config's
+    pattern, and no attention soft-capping (transformers' Gemma 3 never applies it)."""
+
+    architectures = ("Gemma3ForCausalLM",)
+
+    def attention_softcap(self):
+        return None
+
+    def build_rotaries(self) -> tuple[tuple[RotaryTable, ...], tuple[int, ...]]:
+        """One table per layer type ("sliding_attention", "full_attention"), from that type's RoPE."""
+        layer_types = self.config.raw["layer_types"]
+        kinds = sorted(set(layer_types))
+        tables = tuple(
+            rotary_table(self.config.rope_parameters[kind], self.config.head_dim,
+                         self.config.max_position_embeddings, self.max_positions, self.dtype, self.device)
+            for kind in kinds
+        )
+        return tables, tuple(kinds.index(kind) for kind in layer_types)
+
+    def layer_layout(self, layer_idx: int) -> dict[str, tuple[str, ...]]:
+        p = f"model.layers.{layer_idx}.self_attn."
+        return {**super().layer_layout(layer_idx),
+                "q_norm": (p + "q_norm.weight",), "k_norm": (p + "k_norm.weight",)}
+
+    def project_qkv(self, w, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qk, v = super().project_qkv(w, x)
+        return self.norm_heads(w, qk), v
