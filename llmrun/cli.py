@@ -171,6 +171,52 @@ def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
         )
 
 
+@app.command("chat")
+def chat_command(
+    model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
+    max_tokens: int = typer.Option(512, "-n", "--max-tokens", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.7, "-t", "--temperature", help="0 = greedy (deterministic)."),
+    top_k: int = typer.Option(40, "--top-k", help="Sample from the k likeliest tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top probability."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise repeated tokens (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same replies."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop a reply before this text (repeatable)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: model max, at most 4096)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
+    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats line after each reply."),
+) -> None:
+    """Talk with a model; the conversation stays in the KV cache, so each turn prefills only what is new.
+
+    /help lists the commands (/set, /system, /save, /load, /reset, /stats, /exit). Piped, each
+    stdin line is one turn and stdout holds only the replies, separated by blank lines.
+
+    Example: llmrun chat smollm2 --system "Answer briefly." -t 0.2
+    """
+    import os
+
+    from llmrun.chat.repl import run_chat
+    from llmrun.engine.build import EngineOptions
+    from llmrun.engine.sampler import SamplingParams
+    from llmrun.runtime import open_model
+
+    request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype)
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
+        repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
+    )
+    options = EngineOptions(dtype=dtype, ctx=ctx, max_num_seqs=1, gpu_mem_bytes=request.gpu_mem_bytes,
+                            cpu_mem_bytes=request.cpu_mem_bytes)
+    opened = open_model(model or os.environ.get("LLMRUN_MODEL") or "smollm2", options)
+    try:
+        run_chat(opened, params, system=system, quiet=quiet)
+    except BrokenPipeError:
+        _silence_broken_pipe()
+
+
 @app.command("plan")
 def plan_command(
     model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
@@ -202,6 +248,87 @@ def plan_command(
     from llmrun.display import render_plan
 
     render_plan(data)
+
+
+@app.command("bench")
+def bench_command(
+    model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
+    compare: str = typer.Option("none", "--compare", help="Also run: transformers (or accelerate, for offload)."),
+    batch: int = typer.Option(8, "--batch", help="Sequences in the batched case."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated per sequence."),
+    reps: int = typer.Option(3, "--reps", help="Timed repetitions per case (after one warm-up)."),
+    quick: bool = typer.Option(False, "--quick", help="A small workload (64-token prompts, 16 new tokens)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context tokens per sequence."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
+    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Measure prefill and decode speed on a fixed workload (docs/performance.md).
+
+    Example: llmrun bench smollm2 --compare transformers --json
+    """
+    import json
+    import os
+
+    from llmrun.bench.workload import default_cases, quick_cases
+
+    compare = _check_bench_args(compare, batch, new_tokens, reps)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    cases = quick_cases(batch) if quick else default_cases(batch, new_tokens)
+    data = _run_bench(model or os.environ.get("LLMRUN_MODEL") or "smollm2", request, cases, reps, compare)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from llmrun.display import render_bench
+
+    render_bench(data)
+
+
+def _check_bench_args(compare: str, batch: int, new_tokens: int, reps: int) -> str:
+    from llmrun.bench.run import check_compare
+    from llmrun.errors import UsageError
+
+    if batch < 1 or new_tokens < 2 or reps < 1:
+        raise UsageError("--batch and --reps must be at least 1 and --new-tokens at least 2")
+    return check_compare(compare)
+
+
+def _run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
+    import gc
+
+    from llmrun.bench.report import bench_json
+    from llmrun.bench.run import machine_facts, run_llmrun, run_reference
+    from llmrun.engine.build import EngineOptions, peak_rss_bytes
+    from llmrun.plan.placement import Tier
+    from llmrun.runtime import open_model
+
+    options = EngineOptions(dtype=request.dtype, ctx=request.ctx, max_num_seqs=request.batch,
+                            gpu_mem_bytes=request.gpu_mem_bytes, cpu_mem_bytes=request.cpu_mem_bytes)
+    opened = open_model(name, options)
+    engine = opened.engine
+    cases = [c for c in cases if c.prompt_tokens + c.new_tokens <= engine.max_context]
+    ours, waste = run_llmrun(engine, cases, reps)
+    device = engine.decoder.device.type
+    peak_gpu = 0
+    if device == "cuda":
+        import torch
+
+        peak_gpu = torch.cuda.max_memory_reserved()
+    placement = engine.plan.placement
+    streamed = placement.streams
+    dtype_name, budgets = engine.plan.dtype, placement.budgets
+    data_engine = engine
+    refs = {}
+    if compare != "none":
+        engine.runner.weights.close()
+        refs = run_reference(compare, opened.path, dtype_name, device, cases, reps,
+                             budgets.cpu_bytes if streamed else None,
+                             budgets.gpu_bytes if placement.compute_tier is Tier.GPU and streamed else None,
+                             streamed)
+        gc.collect()
+    return bench_json(opened.name, data_engine, machine_facts(device), ours, refs, compare, reps, waste,
+                      peak_rss_bytes(), peak_gpu)
 
 
 @app.command("pull")
@@ -257,7 +384,9 @@ def models_command(
 def main() -> None:
     """Console-script entry point: run the app, turning LlmrunError into one line and exit 1."""
     try:
-        app(standalone_mode=False)
+        exit_code = app(standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code:  # Typer turns Ctrl-C into Exit(130), returned here
+            raise KeyboardInterrupt if exit_code == 130 else typer.Exit(exit_code)
     except LlmrunError as err:
         print(f"llmrun: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

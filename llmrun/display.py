@@ -262,3 +262,141 @@ class SlowStepProgress:
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+def render_bench(data: dict) -> None:
+    """The benchmark report as a Rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.sizes import format_bytes
+
+    console = Console()
+    machine, placement = data["machine"], data["placement"]
+    console.print(f"[bold]{data['model']}[/] {data['dtype']} on {machine.get('gpu') or machine['cpu']} "
+                  f"({machine['threads']} threads), layers {placement['layer_tiers']}, "
+                  f"median of {data['repetitions']}", highlight=False)
+    compare = data["compare"]
+    table = Table()
+    for column in ("case", "TTFT s", "prefill tok/s", "decode tok/s"):
+        table.add_column(column, justify="right" if column != "case" else "left")
+    if compare != "none":
+        for column in (f"{compare} decode", "decode x", "TTFT x", "same tokens"):
+            table.add_column(column, justify="right")
+    for name, entry in data["cases"].items():
+        ours = entry["llmrun"]
+        row = [name, f"{ours['ttft_s']['median']:.3f}", f"{ours['prefill_tok_s']['median']:.0f}",
+               f"{ours['decode_tok_s']['median']:.1f} ({ours['decode_tok_s']['min']:.1f}-{ours['decode_tok_s']['max']:.1f})"]
+        if compare != "none" and compare in entry:
+            speed = entry["speedup"]
+            row += [f"{entry[compare]['decode_tok_s']['median']:.1f}", f"{speed['decode_tok_s']:.2f}",
+                    f"{speed['ttft_s']:.2f}" if "ttft_s" in speed else "-",
+                    {True: "yes", False: "no"}.get(entry.get("tokens_match"), "-")]
+        table.add_row(*row)
+    console.print(table)
+    kv = data["kv_cache"]
+    console.print(f"peak RSS {format_bytes(data['peak_rss_bytes'])}"
+                  + (f", peak GPU {format_bytes(data['peak_gpu_bytes'])}" if data["peak_gpu_bytes"] else "")
+                  + f"; KV waste at most {kv['max_wasted_slots_per_seq']} slots per sequence "
+                  f"(block {kv['block_size']})", highlight=False)
+
+
+# --- chat (llmrun.chat) ---
+
+
+class _MarkdownTail:
+    """A growing text as Markdown, cut to the last lines that fit the terminal while it streams
+    (a Live region taller than the screen would leave stale copies in the scrollback)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __rich_console__(self, console, options):
+        from rich.markdown import Markdown
+        from rich.segment import Segment
+
+        # No height: render_lines would pad to it, and crop the top rather than keep the tail.
+        lines = console.render_lines(Markdown(self.text), options.update(height=None), pad=False)
+        for line in lines[-max(1, console.size.height - 2):]:
+            yield from line
+            yield Segment.line()
+
+
+class ChatReplyView:
+    """One chat reply on stdout: live Markdown on a TTY (its tail while it grows, then all of it,
+    so code blocks and lists render right); plain text otherwise."""
+
+    def __init__(self, live: bool):
+        self.text = ""
+        self._live = None
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._console = Console()
+            self._tail = _MarkdownTail()
+            self._live = Live(self._tail, console=self._console, refresh_per_second=12, transient=True)
+
+    def __enter__(self) -> "ChatReplyView":
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def write(self, delta: str) -> None:
+        if not delta:
+            return
+        self.text += delta
+        if self._live is not None:
+            self._tail.text = self.text  # the Live thread re-renders it
+        else:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            from rich.markdown import Markdown
+
+            self._live.stop()
+            if self.text.strip():
+                self._console.print(Markdown(self.text))
+        elif not self.text.endswith("\n"):  # every reply ends a line, even an empty one
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def chat_line(message: str, style: str = "dim") -> None:
+    """A line for the person at the terminal (stderr): styled on a TTY, plain otherwise."""
+    if stderr_is_tty():
+        from rich.console import Console
+
+        Console(stderr=True).print(message, style=style, highlight=False, markup=False)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def chat_warning(message: str) -> None:
+    chat_line(f"llmrun: {message}", style="yellow")
+
+
+def chat_error(message: str) -> None:
+    chat_line(f"llmrun: error: {message}", style="red")
+
+
+def chat_rows(rows: list[tuple[str, str]]) -> None:
+    """Two columns (name, value) on stderr, for /help, /set and /stats."""
+    if not stderr_is_tty():
+        width = max((len(name) for name, _ in rows), default=0)
+        for name, value in rows:
+            print(f"  {name.ljust(width)}  {value}", file=sys.stderr)
+        sys.stderr.flush()
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for name, value in rows:
+        table.add_row(Text(name), Text(value))  # no markup: values may hold [brackets]
+    Console(stderr=True).print(table, highlight=False)

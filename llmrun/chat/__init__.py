@@ -1,0 +1,1 @@
+"""`llmrun chat`: a multi-turn conversation whose KV blocks stay cached between turns."""

@@ -1,0 +1,157 @@
+"""The terminal side of chat: reading inputs (readline, history, prompts, pipes) and Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from llmrun.chat.commands import ALIASES, COMMANDS
+from llmrun.chat.multiline import InputAssembler
+
+PROMPT = ">>> "
+CONTINUATION = "... "
+HISTORY_LENGTH = 1000
+
+
+class InputReader:
+    """Whole inputs one at a time (None at the end), from a terminal with readline or from a pipe.
+
+    In a pipe each line is an input, with the same multi-line markers. At a terminal, Ctrl-D ends,
+    Ctrl-C clears what was typed, and Ctrl-C at an empty prompt ends.
+    """
+
+    def __init__(self, interactive: bool, history_path: Optional[Path] = None):
+        self.interactive = interactive
+        self.history_path = history_path
+        self._readline = _setup_readline(history_path) if interactive else None
+
+    def read(self) -> Optional[str]:
+        return self._read_terminal() if self.interactive else self._read_pipe()
+
+    def _read_pipe(self) -> Optional[str]:
+        assembler = InputAssembler()
+        for line in sys.stdin or ():
+            text = assembler.feed(line)
+            if text is not None and text.strip():
+                return text
+        return assembler.flush()
+
+    def _read_terminal(self) -> Optional[str]:
+        assembler = InputAssembler()
+        while True:
+            try:
+                line = self._input(CONTINUATION if assembler.pending else PROMPT)
+            except EOFError:  # Ctrl-D
+                _newline()
+                return None
+            except KeyboardInterrupt:
+                typed = self._readline.get_line_buffer() if self._readline is not None else ""
+                _newline()
+                if typed or assembler.pending:
+                    assembler.reset()
+                    continue
+                return None
+            text = assembler.feed(line)
+            if text is not None:
+                self.save_history()
+                return text
+
+    def _input(self, prompt: str) -> str:
+        if sys.stdout.isatty():
+            return input(prompt)  # readline draws the prompt and edits the line
+        sys.stderr.write(prompt)  # stdout carries replies only
+        sys.stderr.flush()
+        return input()
+
+    def save_history(self) -> None:
+        if self._readline is None or self.history_path is None:
+            return
+        try:
+            self.history_path.parent.mkdir(parents=True, exist_ok=True)
+            self._readline.write_history_file(str(self.history_path))
+        except OSError:
+            pass  # an unwritable data dir costs the history, not the chat
+
+
+def _newline() -> None:
+    (sys.stdout if sys.stdout.isatty() else sys.stderr).write("\n")
+
+
+def _setup_readline(history_path: Optional[Path]):
+    """GNU readline (or libedit) with persistent history and /command completion; None if absent."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    readline.set_history_length(HISTORY_LENGTH)
+    if history_path is not None:
+        try:
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+            readline.read_history_file(str(history_path))
+        except OSError:
+            pass
+    names = sorted({f"/{name}" for name in (*COMMANDS, *ALIASES) if name.isalpha()})
+
+    def complete(text: str, state: int) -> Optional[str]:
+        matches = [n + " " for n in names if n.startswith(text)] if text.startswith("/") else []
+        return matches[state] if state < len(matches) else None
+
+    readline.set_completer(complete)
+    readline.set_completer_delims(" \t\n")
+    libedit = "libedit" in (readline.__doc__ or "")
+    readline.parse_and_bind("bind ^I rl_complete" if libedit else "tab: complete")
+    return readline
+
+
+class StopOnInterrupt:
+    """While a reply streams: the first Ctrl-C asks it to stop after the current token, a second
+    one interrupts at once (KeyboardInterrupt). Call the object to ask whether to stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextmanager
+def keys_not_echoed() -> Iterator[None]:
+    """While a reply streams on a terminal: typed keys (and ^C) are not echoed into it, and Ctrl-C
+    does not flush output in flight; either would leave the live view's cursor out of step.
+    Keys typed meanwhile stay queued for the next prompt."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = (quiet[3] & ~termios.ECHO) | termios.NOFLSH
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
