@@ -32,23 +32,20 @@ def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[
     )
 
 
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop):
+    """SamplingParams from the options run and chat share (0 turns top-k and min-p off)."""
+    from llmrun.engine.sampler import SamplingParams
+
+    return SamplingParams(
+        temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
+        repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
+    )
+
+
 GPU_MEM_HELP = "Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU)."
 CPU_MEM_HELP = "Plan as if only this much RAM were free (16GB, 512MB)."
 
-
-
 DEFAULT_MODEL_HELP = "Model: alias (smollm2, phi-3-mini), Hub repo id, local folder or .gguf file."
-
-
-def _read_prompt(prompt: Optional[str]) -> str:
-    """stdin (when it is not a TTY) goes before the PROMPT argument, a blank line between."""
-    from llmrun.errors import UsageError
-
-    piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    parts = [p for p in (piped.strip("\n"), (prompt or "").strip("\n")) if p.strip()]
-    if not parts:
-        raise UsageError("no prompt: give one as an argument or pipe text on stdin")
-    return "\n\n".join(parts)
 
 
 @app.command("run")
@@ -78,97 +75,26 @@ def run_command(
 
     Example: echo "Summarise:" | llmrun run smollm2 "What is the capital of France?" -t 0
     """
-    from llmrun.engine.build import EngineOptions
     from llmrun.engine.prompt import prompt_ids
-    from llmrun.engine.sampler import SamplingParams
+    from llmrun.oneshot import generate_lines, generate_one, read_lines, read_prompt
     from llmrun.runtime import open_model
 
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
-    prompts = _read_lines() if each_line else [_read_prompt(prompt)]
-    params = SamplingParams(
-        temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
-        repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
-    )
-    options = EngineOptions(dtype=dtype, ctx=ctx, max_num_seqs=batch, gpu_mem_bytes=request.gpu_mem_bytes,
-                            cpu_mem_bytes=request.cpu_mem_bytes)
-    opened = open_model(model, options, show_progress=not (as_json or each_line))
+    prompts = read_lines() if each_line else [read_prompt(prompt)]
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
+    opened = open_model(model, request.engine_options(), show_progress=not (as_json or each_line))
     if each_line:
         ids = [prompt_ids(opened.tokenizer, line, system=system, raw=raw) for line in prompts]
         try:
-            _generate_lines(opened, prompts, ids, params, batch)
+            generate_lines(opened, prompts, ids, params, batch)
         except BrokenPipeError:
             _silence_broken_pipe()
         return
     ids = prompt_ids(opened.tokenizer, prompts[0], system=system, raw=raw)
     try:
-        _generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
+        generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
     except BrokenPipeError:
         _silence_broken_pipe()  # the reader went away (`| head`): that is a normal end
-
-
-def _memory_json(engine) -> dict:
-    from llmrun.engine.build import peak_rss_bytes
-    from llmrun.plan.placement import Tier
-
-    placement = engine.plan.placement
-    return {"rss_before_weights_bytes": engine.rss_before_weights_bytes, "peak_rss_bytes": peak_rss_bytes(),
-            "cpu_plan_bytes": placement.total_bytes(Tier.CPU), "cpu_budget_bytes": placement.budgets.cpu_bytes,
-            "layer_tiers": [t.value for t in placement.layer_tiers]}
-
-
-def _read_lines() -> list[str]:
-    from llmrun.errors import UsageError
-
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("--each-line reads prompts from stdin: pipe them in, one per line")
-    lines = [line.rstrip("\r\n") for line in sys.stdin]
-    if not any(line.strip() for line in lines):
-        raise UsageError("no prompt: stdin has no non-empty lines")
-    return [line for line in lines if line.strip()]
-
-
-def _generate_lines(opened, prompts, ids, params, batch: int) -> None:
-    """JSON Lines in input order; prompts decoded together `batch` at a time."""
-    import json
-
-    engine = opened.engine
-    for first in range(0, len(prompts), batch):
-        for _ in engine.generate(ids[first : first + batch], params):
-            pass
-        for offset, result in enumerate(engine.results):
-            print(json.dumps({"index": first + offset, "prompt": prompts[first + offset], "text": result.text,
-                              "finish_reason": result.finish_reason.value, "tokens": result.tokens}),
-                  flush=True)
-
-
-def _generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
-    import json
-
-    from llmrun.display import LiveText, print_stats
-
-    engine = opened.engine
-    if as_json:
-        for _ in engine.generate([ids], params):
-            pass
-    else:
-        with LiveText(live=sys.stdout.isatty()) as out:
-            for event in engine.generate([ids], params):
-                out.write(event.text)
-    result = engine.results[0]
-    if as_json:
-        print(json.dumps({
-            "model": opened.name, "dtype": engine.plan.dtype, "text": result.text, "tokens": result.tokens,
-            "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
-            "ttft_s": round(result.ttft_s, 4), "decode_tok_s": round(result.decode_tok_s, 2),
-            "finish_reason": result.finish_reason.value,
-            "memory": _memory_json(engine),
-        }))
-    elif not quiet:
-        print_stats(
-            f"{result.prompt_tokens} prompt tokens, {len(result.tokens)} generated "
-            f"({result.finish_reason.value}), first token {result.ttft_s:.2f} s, "
-            f"{result.decode_tok_s:.1f} tok/s"
-        )
 
 
 @app.command("chat")
@@ -199,18 +125,11 @@ def chat_command(
     import os
 
     from llmrun.chat.repl import run_chat
-    from llmrun.engine.build import EngineOptions
-    from llmrun.engine.sampler import SamplingParams
     from llmrun.runtime import open_model
 
     request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype)
-    params = SamplingParams(
-        temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
-        repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
-    )
-    options = EngineOptions(dtype=dtype, ctx=ctx, max_num_seqs=1, gpu_mem_bytes=request.gpu_mem_bytes,
-                            cpu_mem_bytes=request.cpu_mem_bytes)
-    opened = open_model(model or os.environ.get("LLMRUN_MODEL") or "smollm2", options)
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
+    opened = open_model(model or os.environ.get("LLMRUN_MODEL") or "smollm2", request.engine_options())
     try:
         run_chat(opened, params, system=system, quiet=quiet)
     except BrokenPipeError:
@@ -271,64 +190,19 @@ def bench_command(
     import json
     import os
 
+    from llmrun.bench.run import check_bench_args, run_bench
     from llmrun.bench.workload import default_cases, quick_cases
 
-    compare = _check_bench_args(compare, batch, new_tokens, reps)
+    compare = check_bench_args(compare, batch, new_tokens, reps)
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
     cases = quick_cases(batch) if quick else default_cases(batch, new_tokens)
-    data = _run_bench(model or os.environ.get("LLMRUN_MODEL") or "smollm2", request, cases, reps, compare)
+    data = run_bench(model or os.environ.get("LLMRUN_MODEL") or "smollm2", request, cases, reps, compare)
     if as_json:
         print(json.dumps(data, indent=2))
         return
     from llmrun.display import render_bench
 
     render_bench(data)
-
-
-def _check_bench_args(compare: str, batch: int, new_tokens: int, reps: int) -> str:
-    from llmrun.bench.run import check_compare
-    from llmrun.errors import UsageError
-
-    if batch < 1 or new_tokens < 2 or reps < 1:
-        raise UsageError("--batch and --reps must be at least 1 and --new-tokens at least 2")
-    return check_compare(compare)
-
-
-def _run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
-    import gc
-
-    from llmrun.bench.report import bench_json
-    from llmrun.bench.run import machine_facts, run_llmrun, run_reference
-    from llmrun.engine.build import EngineOptions, peak_rss_bytes
-    from llmrun.plan.placement import Tier
-    from llmrun.runtime import open_model
-
-    options = EngineOptions(dtype=request.dtype, ctx=request.ctx, max_num_seqs=request.batch,
-                            gpu_mem_bytes=request.gpu_mem_bytes, cpu_mem_bytes=request.cpu_mem_bytes)
-    opened = open_model(name, options)
-    engine = opened.engine
-    cases = [c for c in cases if c.prompt_tokens + c.new_tokens <= engine.max_context]
-    ours, waste = run_llmrun(engine, cases, reps)
-    device = engine.decoder.device.type
-    peak_gpu = 0
-    if device == "cuda":
-        import torch
-
-        peak_gpu = torch.cuda.max_memory_reserved()
-    placement = engine.plan.placement
-    streamed = placement.streams
-    dtype_name, budgets = engine.plan.dtype, placement.budgets
-    data_engine = engine
-    refs = {}
-    if compare != "none":
-        engine.runner.weights.close()
-        refs = run_reference(compare, opened.path, dtype_name, device, cases, reps,
-                             budgets.cpu_bytes if streamed else None,
-                             budgets.gpu_bytes if placement.compute_tier is Tier.GPU and streamed else None,
-                             streamed)
-        gc.collect()
-    return bench_json(opened.name, data_engine, machine_facts(device), ours, refs, compare, reps, waste,
-                      peak_rss_bytes(), peak_gpu)
 
 
 @app.command("pull")

@@ -42,45 +42,6 @@ def layer_progress(description: str, total: int, *, enabled: bool = True) -> Ite
             progress.stop()
 
 
-class LiveText:
-    """Streams generated text to stdout: Rich Markdown re-rendered live on a TTY, plain text otherwise."""
-
-    def __init__(self, live: bool):
-        self.text = ""
-        self._live = None
-        if live:
-            from rich.console import Console
-            from rich.live import Live
-            from rich.markdown import Markdown
-
-            self._markdown = Markdown
-            self._live = Live(Markdown(""), console=Console(), refresh_per_second=12,
-                              vertical_overflow="visible")
-
-    def __enter__(self) -> "LiveText":
-        if self._live is not None:
-            self._live.start()
-        return self
-
-    def write(self, delta: str) -> None:
-        if not delta:
-            return
-        self.text += delta
-        if self._live is not None:
-            self._live.update(self._markdown(self.text))
-        else:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-
-    def __exit__(self, *exc) -> None:
-        if self._live is not None:
-            self._live.update(self._markdown(self.text))
-            self._live.stop()
-        elif self.text and not self.text.endswith("\n"):
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-
-
 def print_stats(line: str) -> None:
     """The dim stats line on stderr (plain when stderr is not a TTY)."""
     if stderr_is_tty():
@@ -322,8 +283,8 @@ class _MarkdownTail:
             yield Segment.line()
 
 
-class ChatReplyView:
-    """One chat reply on stdout: live Markdown on a TTY (its tail while it grows, then all of it,
+class ReplyView:
+    """One reply (run or chat) on stdout: live Markdown on a TTY (its tail while it grows, then all of it,
     so code blocks and lists render right); plain text otherwise."""
 
     def __init__(self, live: bool):
@@ -337,7 +298,7 @@ class ChatReplyView:
             self._tail = _MarkdownTail()
             self._live = Live(self._tail, console=self._console, refresh_per_second=12, transient=True)
 
-    def __enter__(self) -> "ChatReplyView":
+    def __enter__(self) -> "ReplyView":
         if self._live is not None:
             self._live.start()
         return self
@@ -352,7 +313,9 @@ class ChatReplyView:
             sys.stdout.write(delta)
             sys.stdout.flush()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and not self.text and self._live is None:
+            return  # nothing was shown: an error before the first token leaves stdout empty
         if self._live is not None:
             from rich.markdown import Markdown
 

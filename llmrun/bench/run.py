@@ -84,3 +84,45 @@ def check_compare(compare: str) -> str:
     if compare not in COMPARE_CHOICES:
         raise UsageError(f"--compare must be one of: {', '.join(COMPARE_CHOICES)}")
     return compare
+
+
+def check_bench_args(compare: str, batch: int, new_tokens: int, reps: int) -> str:
+
+    if batch < 1 or new_tokens < 2 or reps < 1:
+        raise UsageError("--batch and --reps must be at least 1 and --new-tokens at least 2")
+    return check_compare(compare)
+
+
+def run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
+    import gc
+
+    from llmrun.bench.report import bench_json
+    from llmrun.engine.build import peak_rss_bytes
+    from llmrun.plan.placement import Tier
+    from llmrun.runtime import open_model
+
+    opened = open_model(name, request.engine_options())
+    engine = opened.engine
+    cases = [c for c in cases if c.prompt_tokens + c.new_tokens <= engine.max_context]
+    ours, waste = run_llmrun(engine, cases, reps)
+    peak_rss = peak_rss_bytes()  # llmrun's own peak, before a reference model is loaded
+    device = engine.decoder.device.type
+    peak_gpu = 0
+    if device == "cuda":
+        import torch
+
+        peak_gpu = torch.cuda.max_memory_reserved()
+    placement = engine.plan.placement
+    streamed = placement.streams
+    dtype_name, budgets = engine.plan.dtype, placement.budgets
+    data_engine = engine
+    refs = {}
+    if compare != "none":
+        engine.runner.weights.close()
+        refs = run_reference(compare, opened.path, dtype_name, device, cases, reps,
+                             budgets.cpu_bytes if streamed else None,
+                             budgets.gpu_bytes if placement.compute_tier is Tier.GPU and streamed else None,
+                             streamed)
+        gc.collect()
+    return bench_json(opened.name, data_engine, machine_facts(device), ours, refs, compare, reps, waste,
+                      peak_rss, peak_gpu)

@@ -76,7 +76,7 @@ class ChatLoop:
         return True
 
     def send(self, text: str) -> None:
-        from llmrun.display import ChatReplyView, chat_line, chat_warning, print_stats
+        from llmrun.display import ReplyView, chat_line, chat_warning, print_stats
 
         turn = self.session.add_user(text)
         if turn.dropped_turns:
@@ -87,7 +87,7 @@ class ChatLoop:
         # At a terminal Ctrl-C stops the reply; in a pipe it ends everything, as in any pipeline.
         quiet_keys = keys_not_echoed() if self.interactive else nullcontext()
         stop = StopOnInterrupt() if self.interactive else nullcontext(lambda: False)
-        with quiet_keys, stop as should_stop, ChatReplyView(self.live) as view:
+        with quiet_keys, stop as should_stop, ReplyView(self.live) as view:
             reply = self.session.reply(turn, view.write, should_stop)
         if reply.interrupted and not self.interactive:
             raise KeyboardInterrupt

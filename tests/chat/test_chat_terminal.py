@@ -97,9 +97,9 @@ Done.
 
 RENDER_SCRIPT = """
 import sys, time
-from llmrun.display import ChatReplyView
+from llmrun.display import ReplyView
 text = sys.argv[1]
-with ChatReplyView(live=True) as view:
+with ReplyView(live=True) as view:
     for i in range(0, len(text), 7):
         view.write(text[i:i + 7])
         time.sleep(0.005)

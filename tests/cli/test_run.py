@@ -62,7 +62,8 @@ def test_plain_stdout_is_only_model_text_and_stats_go_to_stderr(tiny, home):
     plain = run_cli(args, home)
     as_json = json.loads(run_cli(args + ["--json"], home).stdout)
     assert plain.returncode == 0, plain.stderr
-    assert plain.stdout == as_json["text"] + ("\n" if as_json["text"] else "")
+    text = as_json["text"]
+    assert plain.stdout == (text if text.endswith("\n") else text + "\n")  # a reply always ends a line
     assert "\x1b[" not in plain.stdout
     assert "prompt tokens" in plain.stderr and "tok/s" in plain.stderr
     quiet = run_cli(args + ["--quiet"], home)

@@ -1,0 +1,37 @@
+"""`llmrun bench` end to end on a tiny checkpoint: the report's fields, ratios and KV waste."""
+
+import json
+
+import pytest
+
+from tests.checkpoints import llama_config, save_checkpoint
+from tests.cli.helpers import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", llama_config(), seed=3)
+
+
+def test_quick_bench_with_transformers_comparison(tiny, tmp_path):
+    proc = run_cli(["bench", tiny, "--quick", "--batch", "4", "--reps", "2", "--dtype", "float32", "--compare", "transformers",
+                    "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["schema"] == "llmrun.bench/1" and data["dtype"] == "float32" and data["repetitions"] == 2
+    assert set(data["cases"]) == {"prompt64_b1", "prompt64_b4"}
+    single = data["cases"]["prompt64_b1"]
+    for figure in ("ttft_s", "prefill_tok_s", "decode_tok_s"):
+        stat = single["llmrun"][figure]
+        assert stat["min"] <= stat["median"] <= stat["max"] and stat["median"] > 0
+    assert single["speedup"]["decode_tok_s"] > 0 and "ttft_s" in single["speedup"]
+    assert single["tokens_match"] is True  # greedy fp32 on the same prompt: transformers' tokens
+    assert data["kv_cache"]["under_one_block"] and data["kv_cache"]["max_wasted_slots_per_seq"] < 16
+    assert data["machine"]["threads"] >= 1 and data["peak_rss_bytes"] > 0
+
+
+def test_bench_table_and_bad_arguments(tiny, tmp_path):
+    proc = run_cli(["bench", tiny, "--quick", "--reps", "1"], tmp_path, COLUMNS="160")
+    assert proc.returncode == 0, proc.stderr
+    assert "decode tok/s" in proc.stdout and "KV waste" in proc.stdout
+    assert_one_line_error(run_cli(["bench", tiny, "--compare", "llama.cpp"], tmp_path), "--compare must be one of")
