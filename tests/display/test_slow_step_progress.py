@@ -1,0 +1,32 @@
+"""The streaming progress line: shown only once a step is slow, with layer k/L and GB/s, then gone."""
+
+import io
+
+from rich.console import Console
+
+from llmrun.display import SlowStepProgress
+
+
+def make(delay_s):
+    progress = SlowStepProgress(delay_s=delay_s)
+    progress.console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    return progress
+
+
+def test_fast_steps_show_nothing():
+    progress = make(delay_s=60)
+    for layer in range(4):
+        progress(layer, 4, layer * 10**9)
+    assert progress._status is None
+    progress(None)
+
+
+def test_slow_step_shows_layer_and_rate_then_clears():
+    progress = make(delay_s=0)
+    progress(0, 4, 0)
+    progress(2, 4, 2 * 10**9)
+    assert progress._status is not None
+    assert "layer 3/4" in str(progress._status.renderable.text)
+    assert "GB/s" in str(progress._status.renderable.text)
+    progress(None)  # end of step
+    assert progress._status is None
