@@ -60,6 +60,7 @@ class Gemma3Decoder(Gemma2Decoder):
     pattern, and no attention soft-capping (transformers' Gemma 3 never applies it)."""
 
     architectures = ("Gemma3ForCausalLM",)
+    qk_norm = True
 
     def attention_softcap(self):
         return None
@@ -74,12 +75,3 @@ class Gemma3Decoder(Gemma2Decoder):
             for kind in kinds
         )
         return tables, tuple(kinds.index(kind) for kind in layer_types)
-
-    def layer_layout(self, layer_idx: int) -> dict[str, tuple[str, ...]]:
-        p = f"model.layers.{layer_idx}.self_attn."
-        return {**super().layer_layout(layer_idx),
-                "q_norm": (p + "q_norm.weight",), "k_norm": (p + "k_norm.weight",)}
-
-    def project_qkv(self, w, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qk, v = super().project_qkv(w, x)
-        return self.norm_heads(w, qk), v

@@ -21,6 +21,7 @@ class LlamaDecoder:
     """
 
     architectures = ("LlamaForCausalLM",)
+    qk_norm = False  # per-head q/k norms before RoPE (Qwen3, Gemma 3)
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device, max_positions: int):
         self.config = config
@@ -82,6 +83,8 @@ class LlamaDecoder:
         if self.config.mlp_bias:
             layout["gate_up_bias"] = (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias")
             layout["down_bias"] = (p + "mlp.down_proj.bias",)
+        if self.qk_norm:
+            layout.update(q_norm=(p + "self_attn.q_norm.weight",), k_norm=(p + "self_attn.k_norm.weight",))
         return layout
 
     # -- forward -------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ class LlamaDecoder:
         qkv = linear(x, w["qkv"], w.get("qkv_bias"))
         qk = qkv[:, :qk_size].view(num_tokens, -1, self.config.head_dim)  # [tokens, heads + kv_heads, dim]
         v = qkv[:, qk_size:].view(num_tokens, self.config.num_key_value_heads, self.config.head_dim)
-        return qk, v
+        return (self.norm_heads(w, qk) if self.qk_norm else qk), v
 
     def norm_heads(self, w, qk: torch.Tensor) -> torch.Tensor:
         """Per-head norms of q and k before RoPE (Qwen3, Gemma 3): weights [head_dim] each."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from llmrun.model.llama import LlamaDecoder
 
 
@@ -12,12 +10,4 @@ class Qwen3Decoder(LlamaDecoder):
     follow `attention_bias`, sliding layers `layer_types`, as in the base decoder."""
 
     architectures = ("Qwen3ForCausalLM",)
-
-    def layer_layout(self, layer_idx: int) -> dict[str, tuple[str, ...]]:
-        p = f"model.layers.{layer_idx}.self_attn."
-        return {**super().layer_layout(layer_idx),
-                "q_norm": (p + "q_norm.weight",), "k_norm": (p + "k_norm.weight",)}
-
-    def project_qkv(self, w, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qk, v = super().project_qkv(w, x)
-        return self.norm_heads(w, qk), v
+    qk_norm = True
