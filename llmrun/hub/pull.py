@@ -95,7 +95,7 @@ def download_from_hub(repo_id: str) -> Path:
     """
     from huggingface_hub import HfApi
 
-    with _hub_errors(repo_id):
+    with hub_errors(repo_id):
         info = HfApi().model_info(repo_id, files_metadata=True)
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or () if "/" not in s.rfilename}
     if CONFIG_FILE not in sizes:
@@ -140,7 +140,7 @@ def _download_all(repo_id: str, revision: str | None, ordered: list[str], sizes:
 def _download(repo_id: str, file_name: str, revision: str | None, on_bytes) -> str:
     from huggingface_hub import hf_hub_download
 
-    with _hub_errors(repo_id):
+    with hub_errors(repo_id):
         return hf_hub_download(
             repo_id, file_name, revision=revision, cache_dir=hub_cache_dir(),
             tqdm_class=_silent_tqdm(on_bytes),
@@ -172,7 +172,7 @@ def _silent_tqdm(on_bytes):
 
 
 @contextmanager
-def _hub_errors(repo_id: str) -> Iterator[None]:
+def hub_errors(repo_id: str) -> Iterator[None]:
     """Turn huggingface_hub's errors into HubUnreachableError or a one-line LlmrunError."""
     from huggingface_hub import errors as hub
 

@@ -44,15 +44,21 @@ def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
     repo_id = alias.repo_id if alias else name
     if is_offline():
         raise unavailable
-    from huggingface_hub import get_safetensors_metadata, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+    import huggingface_hub
+
+    from llmrun.hub.pull import HubUnreachableError, hub_errors
 
     try:
-        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
-        metadata = get_safetensors_metadata(repo_id)
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        raise DownloadError(f"cannot read {repo_id}'s metadata from the Hub ({type(err).__name__}); "
-                            f"run `llmrun pull {name}` when online") from unavailable
+        with hub_errors(repo_id):
+            revision = huggingface_hub.HfApi().model_info(repo_id).sha  # fails fast when unreachable
+            config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision)
+            config = json.loads(Path(config_path).read_text())
+            metadata = huggingface_hub.get_safetensors_metadata(repo_id, revision=revision)
+    except HubUnreachableError as err:
+        raise ModelUnavailableError(f"{name} is not downloaded and the Hub cannot be reached ({err}); "
+                                    f"run `llmrun pull {name}` when online") from None
+    except ValueError as err:
+        raise DownloadError(f"cannot read {repo_id}'s config from the Hub: {err}") from None
     tensors = {}
     for file_name, file_meta in metadata.files_metadata.items():
         for tensor_name, info in file_meta.tensors.items():

@@ -44,6 +44,13 @@ def fake_hub(monkeypatch, tmp_path, calls):
     metadata = SafetensorsRepoMetadata(metadata=None, sharded=False, weight_map={n: "model.safetensors" for n in tensors},
                                        files_metadata={"model.safetensors": SafetensorsFileMetadata({}, tensors)})
 
+    class Info:
+        sha = "a" * 40
+
+    def model_info(self, repo_id, **kwargs):
+        calls.append(("info", repo_id))
+        return Info()
+
     def download(repo_id, filename, **kwargs):
         calls.append(("download", repo_id, filename))
         return str(config_file)
@@ -52,6 +59,7 @@ def fake_hub(monkeypatch, tmp_path, calls):
         calls.append(("metadata", repo_id))
         return metadata
 
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", safetensors_metadata)
 
@@ -78,5 +86,18 @@ def test_offline_says_what_is_missing_without_network(empty_home, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", forbidden)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", forbidden)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", forbidden)
     with pytest.raises(ModelUnavailableError, match="llmrun pull phi-3-mini"):
+        plan_inputs_module.plan_inputs("phi-3-mini")
+
+
+def test_unreachable_hub_fails_fast_with_advice(empty_home, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(ModelUnavailableError, match=r"Hub cannot be reached .*run `llmrun pull phi-3-mini`"):
         plan_inputs_module.plan_inputs("phi-3-mini")
