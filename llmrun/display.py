@@ -13,24 +13,30 @@ def stderr_is_tty() -> bool:
 
 
 @contextmanager
-def layer_progress(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A per-layer progress bar on stderr, shown only on a TTY and only after ~0.5 s."""
+def layer_progress(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A per-layer progress bar with the bytes loaded, on stderr, only on a TTY and after ~0.5 s.
+
+    Yields on_layer(layer_idx, num_bytes): layer `layer_idx` is placed, `num_bytes` of it were read.
+    """
     if not (enabled and stderr_is_tty() and total > 0):
-        yield lambda layer_idx: None
+        yield lambda layer_idx, num_bytes=0: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from llmrun.sizes import format_bytes
+
     started = time.monotonic()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("layers"), TimeElapsedColumn(),
+                        TextColumn("layers, {task.fields[loaded]}"), TimeElapsedColumn(),
                         console=Console(stderr=True), transient=True)
-    task = progress.add_task(description, total=total)
-    shown = False
+    task = progress.add_task(description, total=total, loaded=format_bytes(0))
+    shown, loaded = False, 0
 
-    def on_layer(layer_idx: int) -> None:
-        nonlocal shown
-        progress.update(task, completed=layer_idx + 1)
+    def on_layer(layer_idx: int, num_bytes: int = 0) -> None:
+        nonlocal shown, loaded
+        loaded += num_bytes
+        progress.update(task, completed=layer_idx + 1, loaded=format_bytes(loaded))
         if not shown and time.monotonic() - started > 0.5:
             progress.start()
             shown = True

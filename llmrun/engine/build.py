@@ -104,7 +104,7 @@ def load_tokenizer(folder: Path):
         raise InvalidModelError(f"cannot load the tokenizer in {folder}: {str(err).splitlines()[0]}") from err
 
 
-def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callable[[int], None]] = None):
+def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callable[[int, int], None]] = None):
     """Plan a model folder exactly as `llmrun plan` does, then load it as placed into an Engine."""
     from llmrun.engine.generate import Engine
     from llmrun.model.config import load_model_config, read_config_json

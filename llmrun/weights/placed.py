@@ -25,9 +25,10 @@ class PlacedWeights:
     """
 
     def __init__(self, decoder, index: CheckpointIndex, placement: Placement, dtype, device,
-                 prefetch_depth: int = 1, on_layer: Optional[Callable[[int], None]] = None):
+                 prefetch_depth: int = 1, on_layer: Optional[Callable[[int, int], None]] = None):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.element_size = torch.empty((), dtype=dtype).element_size()
         num_layers = decoder.config.num_hidden_layers
         self.head_unit = num_layers
         packs = {i: pack_layout(index, decoder.layer_layout(i)) for i in range(num_layers)}
@@ -50,7 +51,8 @@ class PlacedWeights:
                 else:
                     streamed_sources[unit] = None
                 if on_layer is not None and unit < num_layers:
-                    on_layer(unit)
+                    placed = tiers[unit] is not Tier.DISK  # disk layers are read when they run
+                    on_layer(unit, packed_elements(packs[unit]) * self.element_size if placed else 0)
             self._embed_table, self._embed_rows = self._load_embed(reader, index, decoder, placement)
         self.on_step_layer: Optional[Callable[[int, int, int], None]] = None  # (layer, layers, bytes moved)
         self.streamer = None

@@ -30,3 +30,23 @@ def test_slow_step_shows_layer_and_rate_then_clears():
     assert "GB/s" in str(progress._status.renderable.text)
     progress(None)  # end of step
     assert progress._status is None
+
+
+def test_loading_progress_counts_layers_and_bytes(monkeypatch):
+    import rich.progress
+
+    from llmrun import display
+
+    updates = []
+
+    class RecordingProgress(rich.progress.Progress):
+        def update(self, task_id, **fields):
+            updates.append(fields)
+            super().update(task_id, **fields)
+
+    monkeypatch.setattr(display, "stderr_is_tty", lambda: True)
+    monkeypatch.setattr(rich.progress, "Progress", RecordingProgress)
+    with display.layer_progress("loading", 3) as on_layer:
+        for layer in range(3):
+            on_layer(layer, 1024 * 1024)
+    assert updates[-1] == {"completed": 3, "loaded": "3.00 MiB"}
