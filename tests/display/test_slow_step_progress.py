@@ -44,7 +44,7 @@ def test_loading_progress_counts_layers_and_bytes(monkeypatch):
             updates.append(fields)
             super().update(task_id, **fields)
 
-    monkeypatch.setattr(display, "stderr_is_tty", lambda: True)
+    monkeypatch.setattr(display.progress, "stderr_is_tty", lambda: True)
     monkeypatch.setattr(rich.progress, "Progress", RecordingProgress)
     with display.layer_progress("loading", 3) as on_layer:
         for layer in range(3):

@@ -1,0 +1,125 @@
+"""Rich tables on stdout: the model list, the plan, the benchmark report."""
+
+from __future__ import annotations
+
+import sys
+
+from llmrun.display.progress import note
+
+
+def format_count(count: int | None) -> str:
+    """A parameter count for people: 134_515_008 -> "135M", 3_821_079_552 -> "3.8B"."""
+    if count is None:
+        return "?"
+    for divisor, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= divisor:
+            value = count / divisor
+            return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
+    return str(count)
+
+
+def render_models(models) -> None:
+    """The `llmrun models` table on stdout (LocalModel rows); a hint on stderr when there are none."""
+    if not models:
+        note("no local models yet; fetch a small one with `llmrun pull smollm2`, "
+             "or convert a file with `llmrun import FILE.gguf`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.sizes import format_bytes
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column, justify in (("NAME", "left"), ("ARCHITECTURE", "left"), ("PARAMS", "right"),
+                            ("DTYPE", "left"), ("SIZE", "right"), ("SOURCE", "left")):
+        table.add_column(column, justify=justify, no_wrap=True,
+                         overflow="fold" if column == "NAME" else "ellipsis")
+    for model in models:
+        table.add_row(model.name, model.architecture or "?", format_count(model.num_parameters),
+                      model.dtype or "?", format_bytes(model.size_bytes), model.source)
+    # In a pipe nothing is cut to 80 columns: `llmrun models | grep` sees whole names.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
+
+
+def render_plan(plan_json: dict) -> None:
+    """The plan as Rich tables on stdout: tiers with layer ranges, reservations, totals, estimate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.sizes import format_bytes
+
+    console = Console()
+    model = plan_json["model"]
+    console.print(f"[bold]{model['name']}[/] ({model['architecture']}, {model['num_layers']} layers, "
+                  f"{format_bytes(model['weight_bytes'])} in {plan_json['dtype']}) on "
+                  f"[bold]{plan_json['compute'].upper()}[/]"
+                  + (f" ({plan_json['gpu_name']})" if plan_json.get("gpu_name") else ""), highlight=False)
+    table = Table(title="Placement", title_justify="left")
+    for column in ("tier", "layers", "also holds", "weights", "reserved", "total", "budget"):
+        table.add_column(column, justify="right" if column in ("weights", "reserved", "total", "budget") else "left")
+    for tier, info in plan_json["tiers"].items():
+        if not info["total_bytes"]:
+            continue
+        ranges = ", ".join(f"{s}-{e - 1}" if e - s > 1 else str(s) for s, e in info["layers"]) or "-"
+        budget = info["budget_bytes"]
+        table.add_row(tier.upper(), f"{ranges} ({info['num_layers']})", ", ".join(info["holds"]) or "-",
+                      format_bytes(info["weight_bytes"]), format_bytes(info["reserved_bytes"]),
+                      format_bytes(info["total_bytes"]), format_bytes(budget) if budget is not None else "-")
+    console.print(table)
+    reservations = Table(title="Reserved before weights", title_justify="left")
+    for column in ("what", "tier", "bytes", "detail"):
+        reservations.add_column(column)
+    for r in plan_json["reservations"]:
+        reservations.add_row(r["name"], r["tier"].upper(), format_bytes(r["bytes"]), r["detail"])
+    console.print(reservations)
+    kv, est = plan_json["kv_cache"], plan_json["estimate"]
+    streamed = plan_json["streamed_bytes_per_token"]
+    console.print(f"KV cache: {kv['num_blocks']} blocks of {kv['block_size']} tokens = {kv['tokens']} tokens "
+                  f"({plan_json['ctx']} ctx x {plan_json['batch']} seq), {format_bytes(kv['bytes'])} on "
+                  f"{kv['tier'].upper()}", highlight=False)
+    console.print(f"Streamed per token: {format_bytes(streamed['total'])} "
+                  f"(from CPU {format_bytes(streamed['cpu'])}, from disk {format_bytes(streamed['disk'])})",
+                  highlight=False)
+    bandwidths = ", ".join(f"{name} {v['bytes_per_s'] / 1e9:.1f} GB/s ({'measured' if v['measured'] else 'assumed'})"
+                           for name, v in est["bandwidths"].items())
+    console.print(f"Estimate: decode {est['decode_tok_s']['low']:.3g}-{est['decode_tok_s']['high']:.3g} tok/s "
+                  f"per sequence, prefill ~{est['prefill_tok_s']:.0f} tok/s; {bandwidths}", highlight=False)
+    for warning in plan_json["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def render_bench(data: dict) -> None:
+    """The benchmark report as a Rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.sizes import format_bytes
+
+    console = Console()
+    machine, placement = data["machine"], data["placement"]
+    console.print(f"[bold]{data['model']}[/] {data['dtype']} on {machine.get('gpu') or machine['cpu']} "
+                  f"({machine['threads']} threads), layers {placement['layer_tiers']}, "
+                  f"median of {data['repetitions']}", highlight=False)
+    compare = data["compare"]
+    table = Table()
+    for column in ("case", "TTFT s", "prefill tok/s", "decode tok/s"):
+        table.add_column(column, justify="right" if column != "case" else "left")
+    if compare != "none":
+        for column in (f"{compare} decode", "decode x", "TTFT x", "same tokens"):
+            table.add_column(column, justify="right")
+    for name, entry in data["cases"].items():
+        ours = entry["llmrun"]
+        row = [name, f"{ours['ttft_s']['median']:.3f}", f"{ours['prefill_tok_s']['median']:.0f}",
+               f"{ours['decode_tok_s']['median']:.1f} ({ours['decode_tok_s']['min']:.1f}-{ours['decode_tok_s']['max']:.1f})"]
+        if compare != "none" and compare in entry:
+            speed = entry["speedup"]
+            row += [f"{entry[compare]['decode_tok_s']['median']:.1f}", f"{speed['decode_tok_s']:.2f}",
+                    f"{speed['ttft_s']:.2f}" if "ttft_s" in speed else "-",
+                    {True: "yes", False: "no"}.get(entry.get("tokens_match"), "-")]
+        table.add_row(*row)
+    console.print(table)
+    kv = data["kv_cache"]
+    console.print(f"peak RSS {format_bytes(data['peak_rss_bytes'])}"
+                  + (f", peak GPU {format_bytes(data['peak_gpu_bytes'])}" if data["peak_gpu_bytes"] else "")
+                  + f"; KV waste at most {kv['max_wasted_slots_per_seq']} slots per sequence "
+                  f"(block {kv['block_size']})", highlight=False)
