@@ -53,9 +53,16 @@ class AttentionMetadata:
         return self.decode_slots is not None or self.decode_span is not None
 
 
-def token_slots(block_table: Sequence[int], block_size: int, start: int, stop: int) -> list[int]:
-    """Slot index of token positions [start, stop) of a sequence: block * block_size + offset."""
-    return [block_table[pos // block_size] * block_size + pos % block_size for pos in range(start, stop)]
+def token_slots(block_table: Sequence[int], block_size: int, start: int, stop: int):
+    """Slot index of token positions [start, stop) of a sequence, block * block_size + offset, as a
+    CPU LongTensor built from the blocks (not token by token)."""
+    import torch
+
+    first_block = start // block_size
+    blocks = torch.tensor(block_table[first_block : -(-stop // block_size)], dtype=torch.long)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)  # [blocks * block_size]
+    offset = start - first_block * block_size
+    return slots[offset : offset + stop - start]
 
 
 def contiguous_start(block_table: Sequence[int], num_tokens: int, block_size: int) -> Optional[int]:
@@ -96,20 +103,19 @@ def build_metadata(steps: Sequence[SeqStep], block_size: int, device) -> Attenti
                 context_slots=(), decode_slots=None, decode_mask=None, decode_span=(start, step.context_len),
             )
 
-    new_slots: list[int] = []
-    context_slots = []
+    new_slots, context_slots = [], []
     query_starts, start = [], 0
     for step in steps:
         slots = token_slots(step.block_table, block_size, 0, step.context_len)
-        new_slots.extend(slots[step.num_cached:])
-        context_slots.append(torch.tensor(slots, dtype=torch.long, device=device))
+        new_slots.append(slots[step.num_cached :])
+        context_slots.append(slots.to(device))
         query_starts.append(start)
         start += step.num_new
     decode_slots = decode_mask = None
     if all(step.num_new == 1 for step in steps):
         decode_slots, decode_mask = _padded_decode(context_slots, device)
     return AttentionMetadata(
-        slot_mapping=torch.tensor(new_slots, dtype=torch.long, device=device),
+        slot_mapping=torch.cat(new_slots).to(device),
         query_starts=tuple(query_starts),
         query_lens=tuple(s.num_new for s in steps),
         cached_lens=tuple(s.num_cached for s in steps),

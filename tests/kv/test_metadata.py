@@ -5,8 +5,8 @@ from llmrun.kv.metadata import SeqStep, build_metadata, token_slots, windowed
 
 def test_token_slots_follow_the_block_table():
     # block size 4, blocks 7 then 2: positions 0-3 in block 7, 4-5 in block 2
-    assert token_slots([7, 2], 4, 0, 6) == [28, 29, 30, 31, 8, 9]
-    assert token_slots([7, 2], 4, 5, 6) == [9]
+    assert token_slots([7, 2], 4, 0, 6).tolist() == [28, 29, 30, 31, 8, 9]
+    assert token_slots([7, 2], 4, 5, 6).tolist() == [9]
 
 
 def test_prefill_metadata_maps_new_tokens_after_cached_ones():
