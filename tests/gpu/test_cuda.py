@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmrun.engine.build import build_engine
-from llmrun.engine.sampler import SamplingParams
 from llmrun.plan.placement import Tier
 from tests.checkpoints import llama_config, phi3_config, save_checkpoint
+from tests.parity import batched_and_alone, greedy_with_logits
 from tests.placements import placement_options
 
 pytestmark = [
@@ -41,24 +41,14 @@ def test_cuda_placements_match_transformers(checkpoint, placement):
     assert engine.plan.placement.compute_tier is Tier.GPU
     expected = {"gpu": Tier.GPU, "gpu-cpu": Tier.CPU, "gpu-disk": Tier.DISK}[placement]
     assert expected in tiers
-    engine.eos_ids = frozenset()
-    ours = []
-    events = list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=16),
-                                  on_logits=lambda idx, logits: ours.append(logits[0].float().cpu())))
-    assert [e.token_id for e in events] == ref_tokens
-    torch.testing.assert_close(torch.stack(ours), ref_logits, atol=2e-4, rtol=2e-4)
+    tokens, logits = greedy_with_logits(engine, prompt, 16)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("placement", ("gpu", "gpu-cpu"))
 def test_cuda_batched_matches_alone(checkpoint, placement):
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 29, 11)]
-    params = SamplingParams(temperature=0, max_new_tokens=10)
     engine = build_engine(checkpoint, placement_options(placement, checkpoint, max_num_seqs=3))
-    engine.eos_ids = frozenset()
-    list(engine.generate(prompts, params))
-    together = [r.tokens for r in engine.results]
-    alone = []
-    for prompt in prompts:
-        list(engine.generate([prompt], params))
-        alone.append(engine.results[0].tokens)
+    together, alone = batched_and_alone(engine, prompts, 10)
     assert together == alone

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from llmrun.engine.build import EngineOptions, build_engine
-from llmrun.engine.sampler import SamplingParams
 from tests.checkpoints import save_checkpoint
 from tests.model.test_family_parity import DECODE_STEPS, VARIANTS
 from tests.model.test_llama_parity import prompt_ids
+from tests.parity import greedy_with_logits
 from tests.placements import placement_options
 
 pytestmark = [
@@ -24,12 +24,7 @@ pytestmark = [
 
 
 def greedy(folder, options, prompt):
-    engine = build_engine(folder, options)
-    engine.eos_ids = frozenset()
-    logits = []
-    list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=DECODE_STEPS),
-                         on_logits=lambda idx, rows: logits.append(rows[0].float().cpu())))
-    return engine.results[0].tokens, torch.stack(logits)
+    return greedy_with_logits(build_engine(folder, options), prompt, DECODE_STEPS)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -7,6 +7,7 @@ from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.engine.sampler import SamplingParams
 from llmrun.plan.placement import Tier
 from tests.checkpoints import llama_config, save_checkpoint
+from tests.parity import batched_and_alone, greedy_with_logits
 from tests.placements import placement_options
 
 VARIANTS = {
@@ -53,26 +54,16 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, placement):
     engine = build_engine(checkpoint, placement_options(placement, checkpoint))
     if placement != "resident":
         assert Tier.DISK in engine.plan.placement.layer_tiers
-    engine.eos_ids = frozenset()  # compare all 24 steps even if the random model emits EOS
-    ours = []
-    events = list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=DECODE_STEPS),
-                                  on_logits=lambda idx, logits: ours.append(logits[0].clone())))
-    assert [e.token_id for e in events] == ref_tokens
-    torch.testing.assert_close(torch.stack(ours), ref_logits, atol=1e-4, rtol=1e-4)
+    tokens, logits = greedy_with_logits(engine, prompt, DECODE_STEPS)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("placement", ("resident", "disk"))
 def test_batched_prompts_of_different_lengths_match_each_alone(checkpoint, placement):
     prompts = [prompt_ids(seed, length) for seed, length in ((1, 5), (2, 33), (3, 17), (4, 1))]
-    params = SamplingParams(temperature=0, max_new_tokens=12)
     engine = build_engine(checkpoint, placement_options(placement, checkpoint, max_num_seqs=4))
-    engine.eos_ids = frozenset()
-    list(engine.generate(prompts, params))
-    together = [r.tokens for r in engine.results]
-    alone = []
-    for prompt in prompts:
-        list(engine.generate([prompt], params))
-        alone.append(engine.results[0].tokens)
+    together, alone = batched_and_alone(engine, prompts, 12)
     assert together == alone
     assert all(len(t) == 12 for t in together)
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks  # all blocks returned

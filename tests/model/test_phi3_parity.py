@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmrun.engine.build import build_engine
-from llmrun.engine.sampler import SamplingParams
 from tests.checkpoints import phi3_config, save_checkpoint
 from tests.model.test_llama_parity import DECODE_STEPS, PROMPT_LEN, prompt_ids, reference
+from tests.parity import greedy_with_logits
 from tests.placements import placement_options
 
 VARIANTS = {
@@ -25,9 +25,6 @@ def test_phi3_logits_and_tokens_match_transformers(checkpoint, placement):
     prompt = prompt_ids(7, PROMPT_LEN)
     ref_tokens, ref_logits = reference(checkpoint, prompt, DECODE_STEPS)
     engine = build_engine(checkpoint, placement_options(placement, checkpoint))
-    engine.eos_ids = frozenset()
-    ours = []
-    events = list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=DECODE_STEPS),
-                                  on_logits=lambda idx, logits: ours.append(logits[0].clone())))
-    assert [e.token_id for e in events] == ref_tokens
-    torch.testing.assert_close(torch.stack(ours), ref_logits, atol=1e-4, rtol=1e-4)
+    tokens, logits = greedy_with_logits(engine, prompt, DECODE_STEPS)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
