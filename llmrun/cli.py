@@ -32,6 +32,25 @@ def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[
     )
 
 
+def _default_model(model: Optional[str]) -> str:
+    """MODEL when given, else $LLMRUN_MODEL, else smollm2."""
+    import os
+
+    return model or os.environ.get("LLMRUN_MODEL") or "smollm2"
+
+
+def _report(data: dict, as_json: bool, renderer: str) -> None:
+    """A report as indented JSON, or through the named display renderer."""
+    if as_json:
+        import json
+
+        print(json.dumps(data, indent=2))
+        return
+    from llmrun import display
+
+    getattr(display, renderer)(data)
+
+
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop):
     """SamplingParams from the options run and chat share (0 turns top-k and min-p off)."""
     from llmrun.engine.sampler import SamplingParams
@@ -122,14 +141,12 @@ def chat_command(
 
     Example: llmrun chat smollm2 --system "Answer briefly." -t 0.2
     """
-    import os
-
     from llmrun.chat.repl import run_chat
     from llmrun.runtime import open_model
 
     request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    opened = open_model(model or os.environ.get("LLMRUN_MODEL") or "smollm2", request.engine_options())
+    opened = open_model(_default_model(model), request.engine_options())
     try:
         run_chat(opened, params, system=system, quiet=quiet)
     except BrokenPipeError:
@@ -150,23 +167,15 @@ def plan_command(
 
     Example: llmrun plan phi-3-mini --gpu-mem 6GB --ctx 4096
     """
-    import json
-    import os
-
     from llmrun.plan.inputs import plan_inputs
     from llmrun.plan.make import make_plan
     from llmrun.plan.schema import plan_to_json
 
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
-    inputs = plan_inputs(model or os.environ.get("LLMRUN_MODEL") or "smollm2")
+    inputs = plan_inputs(_default_model(model))
     report = make_plan(inputs.config, inputs.index, request, inputs.folder)
     data = plan_to_json(report, inputs.name, str(inputs.folder or inputs.name), inputs.architecture)
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
-    from llmrun.display import render_plan
-
-    render_plan(data)
+    _report(data, as_json, "render_plan")
 
 
 @app.command("bench")
@@ -187,22 +196,14 @@ def bench_command(
 
     Example: llmrun bench smollm2 --compare transformers --json
     """
-    import json
-    import os
-
     from llmrun.bench.run import check_bench_args, run_bench
     from llmrun.bench.workload import default_cases, quick_cases
 
     compare = check_bench_args(compare, batch, new_tokens, reps)
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
     cases = quick_cases(batch) if quick else default_cases(batch, new_tokens)
-    data = run_bench(model or os.environ.get("LLMRUN_MODEL") or "smollm2", request, cases, reps, compare)
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
-    from llmrun.display import render_bench
-
-    render_bench(data)
+    data = run_bench(_default_model(model), request, cases, reps, compare)
+    _report(data, as_json, "render_bench")
 
 
 @app.command("pull")
