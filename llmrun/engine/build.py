@@ -115,10 +115,11 @@ def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callab
     from llmrun.weights.placed import PlacedWeights
 
     folder = Path(folder)
-    architecture = architecture_of(folder)
+    raw_config = read_config_json(folder)  # the same dict `llmrun plan` plans from
+    architecture = architecture_of(folder, raw_config)
     config = load_model_config(folder, architecture)
     index = build_index(folder)
-    report = make_plan(read_config_json(folder), index, options.plan_request(), folder)
+    report = make_plan(raw_config, index, options.plan_request(), folder)
     placement = report.placement
     if placement.compute_tier is Tier.GPU and report.measured.gpu_free_bytes is None:
         raise UsageError("--gpu-mem was given but no CUDA GPU is available; use --gpu-mem 0")

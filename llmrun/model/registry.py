@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from llmrun.errors import InvalidModelError, UnsupportedArchitectureError
 from llmrun.model.config import read_config_json
@@ -46,9 +47,10 @@ def supported_architectures() -> list[str]:
     return [family.architecture for family in FAMILIES]
 
 
-def architecture_of(folder: Path) -> str:
-    """The architecture named by a model folder's config.json, checked against the registry."""
-    raw = read_config_json(folder)
+def architecture_of(folder: Path, raw: Optional[dict] = None) -> str:
+    """The architecture named by a model folder's config.json (`raw`, when already read), checked
+    against the registry."""
+    raw = read_config_json(folder) if raw is None else raw
     architectures = raw.get("architectures") or []
     if not architectures:
         raise InvalidModelError(f"{Path(folder) / 'config.json'} names no architecture")
