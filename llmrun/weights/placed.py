@@ -54,6 +54,7 @@ class PlacedWeights:
                     placed = tiers[unit] is not Tier.DISK  # disk layers are read when they run
                     on_layer(unit, packed_elements(packs[unit]) * self.element_size if placed else 0)
             self._embed_table, self._embed_rows = self._load_embed(reader, index, decoder, placement)
+        self._row_reader: Optional[TensorFileReader] = None  # reads embedding rows left on disk
         self.on_step_layer: Optional[Callable[[int, int, int], None]] = None  # (layer, layers, bytes moved)
         self.streamer = None
         if streamed_sources:
@@ -93,11 +94,12 @@ class PlacedWeights:
         hidden = info.shape[1]
         out = torch.empty((input_ids.numel(), hidden), dtype=self.dtype)
         row_bytes = info.num_bytes // info.shape[0]
-        with TensorFileReader() as reader:
-            for row, token in enumerate(input_ids.tolist()):
-                start = info.start + token * row_bytes
-                one = type(info)(info.name, info.file, info.dtype, (hidden,), start, start + row_bytes)
-                reader.read_into(one, out[row])
+        if self._row_reader is None:  # kept open: this runs every step
+            self._row_reader = TensorFileReader()
+        for row, token in enumerate(input_ids.tolist()):
+            start = info.start + token * row_bytes
+            one = type(info)(info.name, info.file, info.dtype, (hidden,), start, start + row_bytes)
+            self._row_reader.read_into(one, out[row])
         return out.to(self.device)
 
     @contextmanager
@@ -121,3 +123,6 @@ class PlacedWeights:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
+        if self._row_reader is not None:
+            self._row_reader.close()
+            self._row_reader = None
