@@ -42,8 +42,9 @@ def repeat(case: Case, run_once: Callable[[], tuple[Timing, list[int]]], reps: i
                       Stat.of([t.decode_tok_s for t in timings]), tokens)
 
 
-def llmrun_case(engine, case: Case, reps: int) -> CaseResult:
-    """llmrun's engine: greedy, EOS ignored so every run makes exactly `new_tokens` per sequence."""
+def llmrun_case(engine, case: Case, reps: int, on_logits=None) -> CaseResult:
+    """llmrun's engine: greedy, EOS ignored so every run makes exactly `new_tokens` per sequence.
+    `on_logits` observes every step (the KV-waste probe)."""
     from llmrun.engine.sampler import SamplingParams
 
     prompts = [prompt_ids(engine.tokenizer, case.prompt_tokens, i) for i in range(case.batch)]
@@ -53,7 +54,7 @@ def llmrun_case(engine, case: Case, reps: int) -> CaseResult:
     def once():
         started = time.perf_counter()
         first = None
-        for event in engine.generate(prompts, params):
+        for event in engine.generate(prompts, params, on_logits=on_logits):
             if first is None:
                 first = time.perf_counter()
         _sync(engine.decoder.device)

@@ -28,16 +28,7 @@ def kv_waste_probe(engine):
 
 def run_llmrun(engine, cases: list[Case], reps: int) -> tuple[dict[str, CaseResult], int]:
     observe, worst = kv_waste_probe(engine)
-    original = engine.generate
-
-    def generate(prompts, params, on_logits=None, **kwargs):
-        return original(prompts, params, on_logits=observe, **kwargs)
-
-    engine.generate = generate
-    try:
-        results = {case.name: llmrun_case(engine, case, reps) for case in cases}
-    finally:
-        engine.generate = original
+    results = {case.name: llmrun_case(engine, case, reps, on_logits=observe) for case in cases}
     return results, worst["slots"]
 
 
