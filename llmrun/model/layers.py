@@ -15,6 +15,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_halves(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of x @ weight.T (+ bias) along the last dim: a fused gate/up projection.
+
+    A packed or CUDA weight runs one matmul and splits its result. A plain CPU weight runs one
+    matmul per row half (each half is a contiguous weight of its own, no copy): both outputs are
+    then contiguous, and MKL's fp32 GEMM over a 512-token prompt ran ~20 % faster that way for
+    SmolLM2's MLP than one matmul over the fused rows followed by SiLU on a strided half.
+    """
+    if weight.is_mkldnn or weight.device.type != "cpu":
+        return linear(x, weight, bias).chunk(2, dim=-1)
+    half = weight.shape[0] // 2
+    biases = (None, None) if bias is None else (bias[:half], bias[half:])
+    return linear(x, weight[:half], biases[0]), linear(x, weight[half:], biases[1])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, scaled by `weight` in the input dtype (as transformers does;
     torch.rms_norm on float32 input gives the same bits as its pow/mean/rsqrt sequence)."""

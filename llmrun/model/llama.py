@@ -8,7 +8,7 @@ from llmrun.kv.metadata import AttentionMetadata, windowed
 from llmrun.kv.paged_cache import PagedKVCache
 from llmrun.model.attention import paged_attention, write_kv
 from llmrun.model.config import ModelConfig, sliding_windows
-from llmrun.model.layers import activation, linear, rms_norm
+from llmrun.model.layers import activation, linear, linear_halves, rms_norm
 from llmrun.model.rope import RotaryTable, apply_rope, rotary_table
 
 
@@ -137,7 +137,7 @@ class LlamaDecoder:
         return paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
 
     def mlp(self, w, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
+        gate, up = linear_halves(x, w["gate_up"], w.get("gate_up_bias"))
         return linear(self.act(gate) * up, w["down"], w.get("down_bias"))
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
