@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -54,4 +55,9 @@ class Stat:
         return cls(statistics.median(values), min(values), max(values))
 
     def to_json(self) -> dict:
-        return {"median": round(self.median, 4), "min": round(self.low, 4), "max": round(self.high, 4)}
+        """Rounded figures; null where the figure was not measured (NaN is not JSON)."""
+        return {"median": _figure(self.median), "min": _figure(self.low), "max": _figure(self.high)}
+
+
+def _figure(value: float):
+    return None if math.isnan(value) else round(value, 4)

@@ -17,7 +17,7 @@ def test_quick_bench_with_transformers_comparison(tiny, tmp_path):
     proc = run_cli(["bench", tiny, "--quick", "--batch", "4", "--reps", "2", "--dtype", "float32", "--compare", "transformers",
                     "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+    data = json.loads(proc.stdout, parse_constant=_reject)  # strict JSON: no NaN or Infinity
     assert data["schema"] == "llmrun.bench/1" and data["dtype"] == "float32" and data["repetitions"] == 2
     assert set(data["cases"]) == {"prompt64_b1", "prompt64_b4"}
     single = data["cases"]["prompt64_b1"]
@@ -28,6 +28,12 @@ def test_quick_bench_with_transformers_comparison(tiny, tmp_path):
     assert single["tokens_match"] is True  # greedy fp32 on the same prompt: transformers' tokens
     assert data["kv_cache"]["under_one_block"] and data["kv_cache"]["max_wasted_slots_per_seq"] < 16
     assert data["machine"]["threads"] >= 1 and data["peak_rss_bytes"] > 0
+    batched = data["cases"]["prompt64_b4"]["transformers"]  # generate_batch: no time to first token
+    assert batched["ttft_s"]["median"] is None and batched["decode_tok_s"]["median"] > 0
+
+
+def _reject(constant):
+    raise AssertionError(f"{constant} in the JSON report")
 
 
 def test_bench_table_and_bad_arguments(tiny, tmp_path):
