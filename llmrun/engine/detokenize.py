@@ -10,17 +10,39 @@ class TextStream:
     string is held back until it is settled.
     """
 
+    WINDOW = 8  # tokens of context decoded again with each new token
+
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.text = ""            # everything emitted so far
         self._decoded = ""        # the full decode of `ids`
+        # The decode of `ids` is kept as _base + (decode(ids[_start:]) minus its first
+        # len(_start_text) chars), where _start_text = decode(ids[_start:_base_end]): each token
+        # decodes a short window, not the whole output, yet the window's first tokens give the
+        # tokenizer the context it needs (leading spaces, characters split across tokens).
+        self._base, self._start, self._start_text = "", 0, ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _update_decoded(self) -> None:
+        window = self._decode(self.ids[self._start:])
+        if window.startswith(self._start_text):
+            self._decoded = self._base + window[len(self._start_text):]
+        else:  # the tokenizer spelled the window's start differently: decode everything once
+            self._decoded = self._decode(self.ids)
+            self._base, self._start, self._start_text = self._decoded, len(self.ids), ""
+        if len(self.ids) - self._start >= 2 * self.WINDOW and not self._decoded.endswith("\ufffd"):
+            # Slide: everything so far becomes the base; the last WINDOW tokens stay as context.
+            self._start = len(self.ids) - self.WINDOW
+            self._base, self._start_text = self._decoded, self._decode(self.ids[self._start:])
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (new text to emit, whether a stop string was reached)."""
         self.ids.append(token_id)
-        self._decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._update_decoded()
         stop_at = self._find_stop(self._decoded)
         if stop_at is not None:
             return self._emit_until(stop_at), True
