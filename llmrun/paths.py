@@ -32,3 +32,16 @@ def history_file() -> Path:
 def calibration_file() -> Path:
     """Cached bandwidth measurements used by the planner."""
     return llmrun_home() / "calibration.json"
+
+
+def cache_dir() -> Path:
+    """Rebuildable files (the compiled CPU kernels): $LLMRUN_CACHE, else the platform's user
+    cache directory. Shared by every LLMRUN_HOME; safe to delete."""
+    override = os.environ.get("LLMRUN_CACHE")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "llmrun" / "cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "llmrun"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmrun"

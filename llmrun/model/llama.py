@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 
 from llmrun.kv.metadata import AttentionMetadata, windowed
@@ -9,6 +12,7 @@ from llmrun.kv.paged_cache import PagedKVCache
 from llmrun.model.attention import paged_attention, write_kv
 from llmrun.model.config import ModelConfig, sliding_windows
 from llmrun.model.layers import activation, linear, linear_halves, rms_norm
+from llmrun.model.native import NativeKernels
 from llmrun.model.rope import RotaryTable, apply_rope, rotary_table
 
 
@@ -35,6 +39,21 @@ class LlamaDecoder:
         self.attn_softcap = None
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
+        self.native = self.native_kernels()
+
+    def native_kernels(self) -> Optional[NativeKernels]:
+        """Fused CPU kernels for decode steps (model/native.py) where this decoder runs the plain
+        Llama layer: its own norm, attention and layer code, full-width RoPE, no q/k norms."""
+        base = LlamaDecoder
+        cls = type(self)
+        plain = (cls.layer_forward is base.layer_forward and cls.norm is base.norm and cls.attention is base.attention
+                 and cls.project_qkv is base.project_qkv and not self.qk_norm
+                 and all(table.cos.shape[-1] == self.config.head_dim for table in self.rotaries))
+        if not plain or os.environ.get("LLMRUN_NO_NATIVE") == "1":
+            return None
+        c = self.config
+        return NativeKernels.for_decoder(self.dtype, self.device, c.hidden_size, c.rms_norm_eps,
+                                         c.num_attention_heads, c.num_key_value_heads, c.head_dim)
 
     def rotary_dim(self, rope_parameters) -> int:
         factor = rope_parameters.get("partial_rotary_factor") or self.config.raw.get("partial_rotary_factor")
@@ -95,12 +114,32 @@ class LlamaDecoder:
         ropes = [table.lookup(positions, meta) for table in self.rotaries]
         metas = {window: windowed(meta, window) for window in set(self.windows) if window is not None}
         metas[None] = meta
+        if self.native is not None and self.native.usable(hidden.shape[0]):
+            return self.forward_native(weights, hidden, ropes, metas, cache)
         for layer_idx in range(self.config.num_hidden_layers):
             rope, layer_meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
             with weights.layer(layer_idx) as w:
                 k_slots, v_slots = cache.layer(layer_idx)
                 hidden = self.layer_forward(w, hidden, rope, layer_meta, k_slots, v_slots)
         return self.norm(hidden, weights.globals["norm"])
+
+    def forward_native(self, weights, hidden, ropes, metas, cache: PagedKVCache) -> torch.Tensor:
+        """`forward` for decode-sized steps with the fused kernels: each residual add runs with the
+        norm after it, RoPE with the K/V writes; the same values as the ATen ops, bit for bit."""
+        c, native = self.config, self.native
+        delta = None  # the previous layer's MLP output, not yet added to `hidden`
+        for layer_idx in range(c.num_hidden_layers):
+            rope, meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
+            with weights.layer(layer_idx) as w:
+                k_slots, v_slots = cache.layer(layer_idx)
+                hidden, x = native.add_rms_norm(hidden, delta, w["input_norm"])
+                qkv = linear(x, w["qkv"], w.get("qkv_bias"))
+                q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping,
+                                    c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+                attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
+                hidden, x = native.add_rms_norm(hidden, linear(attn, w["o"], w.get("o_bias")), w["post_norm"])
+                delta = self.mlp(w, x)
+        return native.add_rms_norm(hidden, delta, weights.globals["norm"])[1]
 
     def embed(self, weights, input_ids: torch.Tensor) -> torch.Tensor:
         return weights.embed(input_ids)

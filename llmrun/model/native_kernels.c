@@ -1,0 +1,145 @@
+/* Fused CPU kernels for the decode step's small ops, bit-identical to the ATen ops they replace.
+ *
+ * Built by llmrun/model/native.py with the system C compiler (-O2 -ffp-contract=off: no fused
+ * multiply-adds, so every product and sum is rounded where ATen rounds it), and used only after a
+ * self-check against ATen on the model's shapes. Tensors are contiguous; dtype 0 is float32,
+ * 1 is bfloat16 (values computed in float32 and rounded to nearest even, as ATen does).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load(const void *p, long i, int dtype) {
+    return dtype ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* The value as stored in `dtype` (a bf16 result is rounded), returned as float. */
+static inline float rounded(float v, int dtype) {
+    return dtype ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
+static inline void store(void *p, long i, float v, int dtype) {
+    if (dtype) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+#define MAX_LANES 16
+
+static int ceil_log2(long x) {
+    if (x <= 2) return 1;
+    int bits = 0;
+    for (unsigned long v = (unsigned long)(x - 1); v; v >>= 1) bits++;
+    return bits;
+}
+
+/* Sum of sq[0..n) in ATen's order for a contiguous inner reduction (cascade_sum): vectors of
+ * `lanes` floats, four interleaved partial sums over them with a 4-level cascade, the scalar tail,
+ * then the lanes added one by one. */
+static float aten_sum(const float *sq, long n, int lanes) {
+    enum { ILP = 4, LEVELS = 4 };
+    float acc[LEVELS][ILP][MAX_LANES];
+    memset(acc, 0, sizeof(acc));
+    long nvec = n / lanes, size = nvec / ILP;
+    int power = ceil_log2(size) / LEVELS;
+    if (power < 4) power = 4;
+    long step = 1L << power, mask = step - 1;
+    long i = 0;
+    while (i + step <= size) {
+        for (long j = 0; j < step; ++j, ++i)
+            for (int k = 0; k < ILP; ++k)
+                for (int l = 0; l < lanes; ++l) acc[0][k][l] += sq[(i * ILP + k) * lanes + l];
+        for (int j = 1; j < LEVELS; ++j) {
+            for (int k = 0; k < ILP; ++k)
+                for (int l = 0; l < lanes; ++l) {
+                    acc[j][k][l] += acc[j - 1][k][l];
+                    acc[j - 1][k][l] = 0.0f;
+                }
+            if ((i & (mask << (j * power))) != 0) break;
+        }
+    }
+    for (; i < size; ++i)
+        for (int k = 0; k < ILP; ++k)
+            for (int l = 0; l < lanes; ++l) acc[0][k][l] += sq[(i * ILP + k) * lanes + l];
+    for (int j = 1; j < LEVELS; ++j)
+        for (int k = 0; k < ILP; ++k)
+            for (int l = 0; l < lanes; ++l) acc[0][k][l] += acc[j][k][l];
+    for (long v = size * ILP; v < nvec; ++v)
+        for (int l = 0; l < lanes; ++l) acc[0][0][l] += sq[v * lanes + l];
+    for (int k = 1; k < ILP; ++k)
+        for (int l = 0; l < lanes; ++l) acc[0][0][l] += acc[0][k][l];
+    float total = 0.0f;
+    for (long e = nvec * lanes; e < n; ++e) total += sq[e];
+    for (int l = 0; l < lanes; ++l) total += acc[0][0][l];
+    return total;
+}
+
+/* For each of `rows` rows of n: h = hidden (+ delta when delta is not NULL), written to new_hidden
+ * (when not NULL); out = weight * round(h * rsqrt(mean(h^2) + eps)), as transformers' RMSNorm.
+ * `scratch` holds n floats. Returns 0, or -1 when n or lanes are out of range. */
+int add_rms_norm(const void *hidden, const void *delta, void *new_hidden, const void *weight, void *out,
+                 long rows, long n, float eps, int dtype, int lanes, float *scratch, float *sq) {
+    if (lanes < 1 || lanes > MAX_LANES) return -1;
+    for (long r = 0; r < rows; ++r) {
+        long base = r * n;
+        for (long e = 0; e < n; ++e) {
+            float h = load(hidden, base + e, dtype);
+            if (delta) h = rounded(h + load(delta, base + e, dtype), dtype);
+            if (new_hidden) store(new_hidden, base + e, h, dtype);
+            scratch[e] = h;
+            sq[e] = h * h;
+        }
+        float mean = aten_sum(sq, n, lanes) / (float)n;
+        float scale = 1.0f / sqrtf(mean + eps);
+        for (long e = 0; e < n; ++e) {
+            float normed = rounded(scratch[e] * scale, dtype);
+            store(out, base + e, load(weight, e, dtype) * normed, dtype);
+        }
+    }
+    return 0;
+}
+
+/* RoPE on q and k, straight from the fused qkv projection, and the K/V cache writes.
+ * qkv: [tokens, qkv_stride] with q heads, then kv heads of k, then of v, each `dim` wide;
+ * cos, sin_folded: [tokens, dim] (sin_folded = (-sin, sin) halves); q_out: [tokens, q_heads, dim];
+ * k_pool, v_pool: [slots, kv_heads, dim], row t written at slots[t].
+ * x' = x * cos + roll(x, dim / 2) * sin_folded, each product and the sum rounded as ATen does. */
+void rope_qkv(const void *qkv, long qkv_stride, const void *cos, const void *sin_folded, void *q_out,
+              void *k_pool, void *v_pool, const int64_t *slots, long tokens, long q_heads, long kv_heads,
+              long dim, int dtype) {
+    long half = dim / 2;
+    for (long t = 0; t < tokens; ++t) {
+        const char *row = (const char *)qkv;
+        long row_base = t * qkv_stride;
+        for (long h = 0; h < q_heads + kv_heads; ++h) {
+            long in = row_base + h * dim;
+            void *dst = h < q_heads ? q_out : k_pool;
+            long at = h < q_heads ? (t * q_heads + h) * dim : (slots[t] * kv_heads + (h - q_heads)) * dim;
+            for (long e = 0; e < dim; ++e) {
+                float x = load(row, in + e, dtype);
+                float rolled = load(row, in + (e < half ? e + half : e - half), dtype);
+                float a = rounded(x * load(cos, t * dim + e, dtype), dtype);
+                float b = rounded(rolled * load(sin_folded, t * dim + e, dtype), dtype);
+                store(dst, at + e, a + b, dtype);
+            }
+        }
+        long v_in = row_base + (q_heads + kv_heads) * dim;
+        long v_at = slots[t] * kv_heads * dim;
+        size_t width = dtype ? 2 : 4;
+        memcpy((char *)v_pool + v_at * width, row + v_in * width, (size_t)(kv_heads * dim) * width);
+    }
+}

@@ -1,0 +1,102 @@
+"""The fused CPU decode kernels (model/native.py): bit-identical to ATen, or not used at all."""
+
+import pytest
+import torch
+
+from llmrun.engine.build import EngineOptions, build_engine
+from llmrun.model.layers import rms_norm
+from llmrun.model.native import NativeKernels, load_library
+from llmrun.model.rope import apply_rope
+from tests.checkpoints import llama_config, save_checkpoint
+from tests.parity import greedy_with_logits
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    library = load_library()
+    if library is None:
+        pytest.skip("no C compiler here: the ATen path runs (covered by every other test)")
+    return library
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("native") / "llama", llama_config(), seed=11)
+
+
+def kernels_for(dtype, hidden, q_heads=4, kv_heads=2, head_dim=16):
+    kernels = NativeKernels.for_decoder(dtype, torch.device("cpu"), hidden, 1e-5, q_heads, kv_heads, head_dim)
+    assert kernels is not None, "the self-check rejected the kernels on this machine"
+    return kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 3072])
+def test_add_rms_norm_matches_aten_bit_for_bit(lib, dtype, hidden):
+    kernels = kernels_for(dtype, hidden)
+    generator = torch.Generator().manual_seed(hidden)
+    for trial in range(60):
+        rows = 1 + trial % 4
+        scale = 10.0 ** (trial % 7 - 3)
+        hidden_in = (torch.randn(rows, hidden, generator=generator) * scale).to(dtype)
+        delta = (torch.randn(rows, hidden, generator=generator) * scale).to(dtype)
+        weight = (torch.randn(hidden, generator=generator) * 0.3 + 1).to(dtype)
+        summed, normed = kernels.add_rms_norm(hidden_in, delta, weight)
+        assert torch.equal(summed, hidden_in + delta)
+        assert torch.equal(normed, rms_norm(hidden_in + delta, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 16), (32, 8, 128)])
+def test_rope_and_cache_writes_match_aten(lib, dtype, heads):
+    q_heads, kv_heads, head_dim = heads
+    kernels = kernels_for(dtype, 64, q_heads, kv_heads, head_dim)
+    generator = torch.Generator().manual_seed(head_dim)
+    rows = 3
+    qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    angles = torch.rand(rows, head_dim // 2, generator=generator) * 100
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype).unsqueeze(1)
+    sin_folded = torch.cat((-angles.sin(), angles.sin()), -1).to(dtype).unsqueeze(1)
+    k_pool, v_pool = torch.zeros(10, kv_heads, head_dim, dtype=dtype), torch.zeros(10, kv_heads, head_dim, dtype=dtype)
+    slots = torch.tensor([7, 2, 5])
+    q = kernels.rope_qkv(qkv, cos, sin_folded, k_pool, v_pool, slots, q_heads, kv_heads, head_dim)
+    qk = apply_rope(qkv[:, : (q_heads + kv_heads) * head_dim].view(rows, -1, head_dim), cos, sin_folded)
+    assert torch.equal(q, qk[:, :q_heads])
+    assert torch.equal(k_pool[slots], qk[:, q_heads:])
+    assert torch.equal(v_pool[slots], qkv[:, (q_heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim))
+    untouched = [i for i in range(10) if i not in (7, 2, 5)]
+    assert not k_pool[untouched].any() and not v_pool[untouched].any()
+
+
+def test_the_self_check_rejects_kernels_that_round_differently(lib):
+    # Summing in 3-float vectors instead of ATen's order changes the norm's rounding somewhere.
+    assert not NativeKernels(lib, torch.float32, 576, 1e-5, lanes=3).check(9, 3, 64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_with_kernels_gives_the_aten_paths_logits_and_tokens(lib, checkpoint, dtype):
+    engine = build_engine(checkpoint, EngineOptions(dtype=dtype, gpu_mem_bytes=0))
+    assert engine.decoder.native is not None
+    prompt = list(range(5, 40))
+    fused_tokens, fused_logits = greedy_with_logits(engine, prompt, 24)
+    engine.decoder.native = None
+    aten_tokens, aten_logits = greedy_with_logits(engine, prompt, 24)
+    assert fused_tokens == aten_tokens
+    assert torch.equal(fused_logits, aten_logits)
+
+
+def test_without_a_compiler_the_aten_path_runs(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LLMRUN_CACHE", str(tmp_path / "cache"))
+    load_library.cache_clear()
+    try:
+        assert load_library() is None
+        engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0))
+        assert engine.decoder.native is None
+        tokens, _ = greedy_with_logits(engine, list(range(5, 20)), 4)
+        assert len(tokens) == 4
+    finally:
+        load_library.cache_clear()  # the next test builds (or finds) the real library again
+    assert not any((tmp_path / "cache").rglob("*.so"))
