@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -49,7 +48,7 @@ class LlamaDecoder:
         plain = (cls.layer_forward is base.layer_forward and cls.norm is base.norm and cls.attention is base.attention
                  and cls.project_qkv is base.project_qkv and not self.qk_norm
                  and all(table.cos.shape[-1] == self.config.head_dim for table in self.rotaries))
-        if not plain or os.environ.get("LLMRUN_NO_NATIVE") == "1":
+        if not plain:
             return None
         c = self.config
         return NativeKernels.for_decoder(self.dtype, self.device, c.hidden_size, c.rms_norm_eps,

@@ -34,8 +34,6 @@ MAX_ROWS = 16  # decode steps; prefill chunks keep ATen's multi-threaded ops
 @lru_cache(maxsize=1)
 def load_library() -> Optional[ctypes.CDLL]:
     """The compiled kernels (built once per source version), or None where they cannot be built."""
-    if os.environ.get("LLMRUN_NO_NATIVE") == "1":
-        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
@@ -79,7 +77,7 @@ class NativeKernels:
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, hidden: int, eps: float,
                     q_heads: int, kv_heads: int, head_dim: int) -> Optional["NativeKernels"]:
         """Kernels that passed the self-check on these shapes, or None (use ATen)."""
-        if device.type != "cpu" or dtype not in DTYPES:
+        if device.type != "cpu" or dtype not in DTYPES or os.environ.get("LLMRUN_NO_NATIVE") == "1":
             return None
         lib = load_library()
         if lib is None:

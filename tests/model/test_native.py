@@ -100,3 +100,8 @@ def test_without_a_compiler_the_aten_path_runs(checkpoint, tmp_path, monkeypatch
     finally:
         load_library.cache_clear()  # the next test builds (or finds) the real library again
     assert not any((tmp_path / "cache").rglob("*.so"))
+
+
+def test_llmrun_no_native_turns_the_kernels_off(lib, checkpoint, monkeypatch):
+    monkeypatch.setenv("LLMRUN_NO_NATIVE", "1")
+    assert build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0)).decoder.native is None
