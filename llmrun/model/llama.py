@@ -11,7 +11,7 @@ from llmrun.kv.paged_cache import PagedKVCache
 from llmrun.model.attention import paged_attention, write_kv
 from llmrun.model.config import ModelConfig, sliding_windows
 from llmrun.model.layers import activation, linear, linear_halves, rms_norm
-from llmrun.model.native import NativeKernels
+from llmrun.model.native import LayerShape, NativeKernels
 from llmrun.model.rope import RotaryTable, apply_rope, rotary_table
 
 
@@ -51,8 +51,8 @@ class LlamaDecoder:
         if not plain:
             return None
         c = self.config
-        return NativeKernels.for_decoder(self.dtype, self.device, c.hidden_size, c.rms_norm_eps,
-                                         c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        shape = LayerShape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+        return NativeKernels.for_decoder(self.dtype, self.device, shape)
 
     def rotary_dim(self, rope_parameters) -> int:
         factor = rope_parameters.get("partial_rotary_factor") or self.config.raw.get("partial_rotary_factor")
@@ -133,8 +133,7 @@ class LlamaDecoder:
                 k_slots, v_slots = cache.layer(layer_idx)
                 hidden, x = native.add_rms_norm(hidden, delta, w["input_norm"])
                 qkv = linear(x, w["qkv"], w.get("qkv_bias"))
-                q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping,
-                                    c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+                q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
                 attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
                 hidden, x = native.add_rms_norm(hidden, linear(attn, w["o"], w.get("o_bias")), w["post_norm"])
                 delta = self.mlp(w, x)

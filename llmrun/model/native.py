@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -56,7 +57,7 @@ def load_library() -> Optional[ctypes.CDLL]:
         return None
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     lib.add_rms_norm.argtypes = [p, p, p, p, p, i64, i64, f32, i32, i32, p, p]
-    lib.add_rms_norm.restype = i32
+    lib.add_rms_norm.restype = None
     lib.rope_qkv.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i32]
     lib.rope_qkv.restype = None
     return lib
@@ -66,82 +67,98 @@ def _ptr(tensor: Optional[torch.Tensor]) -> Optional[int]:
     return None if tensor is None else tensor.data_ptr()
 
 
-class NativeKernels:
-    """The kernels bound to one decoder's shapes: hidden size, heads, head dim, dtype, eps."""
+@dataclass(frozen=True)
+class LayerShape:
+    """What the kernels need to know of a decoder layer."""
 
-    def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, hidden: int, eps: float, lanes: int):
-        self.lib, self.dtype, self.code, self.hidden, self.eps, self.lanes = lib, dtype, DTYPES[dtype], hidden, eps, lanes
-        self._scratch = torch.empty(2 * hidden, dtype=torch.float32)
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+
+
+class NativeKernels:
+    """The kernels bound to one decoder's layer shape and dtype."""
+
+    def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, shape: LayerShape, lanes: int):
+        if not 1 <= lanes <= 16:
+            raise ValueError(f"lanes must be 1..16, not {lanes}")
+        self.lib, self.dtype, self.dtype_code, self.shape, self.lanes = lib, dtype, DTYPES[dtype], shape, lanes
+        self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
 
     @classmethod
-    def for_decoder(cls, dtype: torch.dtype, device: torch.device, hidden: int, eps: float,
-                    q_heads: int, kv_heads: int, head_dim: int) -> Optional["NativeKernels"]:
-        """Kernels that passed the self-check on these shapes, or None (use ATen)."""
+    def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
+        """Kernels that passed the self-check on this shape and dtype, or None (use ATen)."""
         if device.type != "cpu" or dtype not in DTYPES or os.environ.get("LLMRUN_NO_NATIVE") == "1":
             return None
         lib = load_library()
         if lib is None:
             return None
         for lanes in (8, 16):  # the vector width of ATen's sum kernel on this CPU
-            kernels = cls(lib, dtype, hidden, eps, lanes)
-            if kernels.check(q_heads, kv_heads, head_dim):
+            kernels = cls(lib, dtype, shape, lanes)
+            if kernels.check():
                 return kernels
         return None
 
+    def usable(self, num_rows: int) -> bool:
+        return num_rows <= MAX_ROWS
+
     def add_rms_norm(self, hidden: torch.Tensor, delta: Optional[torch.Tensor],
                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden + delta, rms_norm(hidden + delta) * weight); without delta, hidden is returned."""
-        rows = hidden.shape[0]
-        new_hidden = torch.empty_like(hidden) if delta is not None else hidden
+        """(hidden + delta, rms_norm(hidden + delta) * weight) for hidden [rows, hidden_size];
+        without delta, hidden itself and its norm."""
+        new_hidden = torch.empty_like(hidden) if delta is not None else None
         out = torch.empty_like(hidden)
-        scratch = self._scratch
-        self.lib.add_rms_norm(hidden.data_ptr(), _ptr(delta), _ptr(new_hidden) if delta is not None else None,
-                              weight.data_ptr(), out.data_ptr(), rows, self.hidden, self.eps, self.code,
-                              self.lanes, scratch.data_ptr(), scratch.data_ptr() + 4 * self.hidden)
-        return new_hidden, out
+        size, scratch = self.shape.hidden_size, self._scratch.data_ptr()
+        self.lib.add_rms_norm(hidden.data_ptr(), _ptr(delta), _ptr(new_hidden), weight.data_ptr(), out.data_ptr(),
+                              hidden.shape[0], size, self.shape.eps, self.dtype_code, self.lanes,
+                              scratch, scratch + 4 * size)
+        return (hidden if new_hidden is None else new_hidden), out
 
     def rope_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor, k_pool: torch.Tensor,
-                 v_pool: torch.Tensor, slots: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-        """q after RoPE [tokens, q_heads, head_dim]; k (after RoPE) and v written at their slots."""
-        tokens = qkv.shape[0]
-        q = torch.empty((tokens, q_heads, head_dim), dtype=qkv.dtype)
+                 v_pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """q after RoPE [tokens, num_heads, head_dim] from qkv [tokens, q + k + v]; k after RoPE and
+        v are written into the pools [slots, num_kv_heads, head_dim] at `slots` (int64)."""
+        shape, num_tokens = self.shape, qkv.shape[0]
+        q = torch.empty((num_tokens, shape.num_heads, shape.head_dim), dtype=qkv.dtype)
         self.lib.rope_qkv(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin_folded.data_ptr(), q.data_ptr(),
-                          k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), tokens, q_heads, kv_heads,
-                          head_dim, self.code)
+                          k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), num_tokens, shape.num_heads,
+                          shape.num_kv_heads, shape.head_dim, self.dtype_code)
         return q
 
-    def usable(self, rows: int) -> bool:
-        return rows <= MAX_ROWS
-
-    def check(self, q_heads: int, kv_heads: int, head_dim: int) -> bool:
-        """Both kernels against the ATen ops they replace, on random data of these shapes."""
-        from llmrun.model.layers import rms_norm
-        from llmrun.model.rope import apply_rope
-
+    def check(self) -> bool:
+        """Both kernels against the ATen ops they replace, on random data of this shape."""
         generator = torch.Generator().manual_seed(0)
 
-        def randn(*shape, scale=1.0):
-            return (torch.randn(*shape, generator=generator) * scale).to(self.dtype)
+        def randn(*size, scale=1.0):
+            return (torch.randn(*size, generator=generator) * scale).to(self.dtype)
 
-        for rows, scale in ((1, 0.05), (3, 1.0), (MAX_ROWS, 40.0)):
-            hidden, delta = randn(rows, self.hidden, scale=scale), randn(rows, self.hidden, scale=scale)
-            weight = randn(self.hidden, scale=0.5)
-            summed, normed = self.add_rms_norm(hidden, delta, weight)
-            if not (torch.equal(summed, hidden + delta) and torch.equal(normed, rms_norm(hidden + delta, weight, self.eps))):
-                return False
-            if not torch.equal(self.add_rms_norm(hidden, None, weight)[1], rms_norm(hidden, weight, self.eps)):
-                return False
-            qkv = randn(rows, (q_heads + 2 * kv_heads) * head_dim)
-            angles = torch.rand(rows, head_dim // 2, generator=generator) * 6.3
-            cos = torch.cat((angles.cos(), angles.cos()), -1).to(self.dtype)
-            sin = torch.cat((-angles.sin(), angles.sin()), -1).to(self.dtype)
-            k_pool, v_pool = randn(rows + 5, kv_heads, head_dim), randn(rows + 5, kv_heads, head_dim)
-            slots = torch.randperm(rows + 5, generator=generator)[:rows]
-            q = self.rope_qkv(qkv, cos, sin, k_pool, v_pool, slots, q_heads, kv_heads, head_dim)
-            qk = apply_rope(qkv[:, : (q_heads + kv_heads) * head_dim].view(rows, -1, head_dim),
-                            cos.unsqueeze(1), sin.unsqueeze(1))
-            v = qkv[:, (q_heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
-            if not (torch.equal(q, qk[:, :q_heads]) and torch.equal(k_pool[slots], qk[:, q_heads:])
-                    and torch.equal(v_pool[slots], v)):
-                return False
-        return True
+        return all(self._norm_matches(randn, rows, scale) and self._rope_matches(randn, generator, rows)
+                   for rows, scale in ((1, 0.05), (3, 1.0), (MAX_ROWS, 40.0)))
+
+    def _norm_matches(self, randn, rows: int, scale: float) -> bool:
+        from llmrun.model.layers import rms_norm
+
+        size, eps = self.shape.hidden_size, self.shape.eps
+        hidden, delta, weight = randn(rows, size, scale=scale), randn(rows, size, scale=scale), randn(size, scale=0.5)
+        summed, normed = self.add_rms_norm(hidden, delta, weight)
+        alone = self.add_rms_norm(hidden, None, weight)[1]
+        return (torch.equal(summed, hidden + delta) and torch.equal(normed, rms_norm(hidden + delta, weight, eps))
+                and torch.equal(alone, rms_norm(hidden, weight, eps)))
+
+    def _rope_matches(self, randn, generator, rows: int) -> bool:
+        from llmrun.model.rope import apply_rope
+
+        heads, kv_heads, dim = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+        qkv = randn(rows, (heads + 2 * kv_heads) * dim)
+        angles = torch.rand(rows, 1, dim // 2, generator=generator) * 6.3
+        cos = torch.cat((angles.cos(), angles.cos()), -1).to(self.dtype)  # [rows, 1, dim]
+        sin_folded = torch.cat((-angles.sin(), angles.sin()), -1).to(self.dtype)
+        k_pool, v_pool = randn(rows + 5, kv_heads, dim), randn(rows + 5, kv_heads, dim)
+        slots = torch.randperm(rows + 5, generator=generator)[:rows]
+        q = self.rope_qkv(qkv, cos, sin_folded, k_pool, v_pool, slots)
+        qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(rows, -1, dim), cos, sin_folded)
+        v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+        return (torch.equal(q, qk[:, :heads]) and torch.equal(k_pool[slots], qk[:, heads:])
+                and torch.equal(v_pool[slots], v))

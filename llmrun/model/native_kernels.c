@@ -90,10 +90,9 @@ static float aten_sum(const float *sq, long n, int lanes) {
 
 /* For each of `rows` rows of n: h = hidden (+ delta when delta is not NULL), written to new_hidden
  * (when not NULL); out = weight * round(h * rsqrt(mean(h^2) + eps)), as transformers' RMSNorm.
- * `scratch` holds n floats. Returns 0, or -1 when n or lanes are out of range. */
-int add_rms_norm(const void *hidden, const void *delta, void *new_hidden, const void *weight, void *out,
-                 long rows, long n, float eps, int dtype, int lanes, float *scratch, float *sq) {
-    if (lanes < 1 || lanes > MAX_LANES) return -1;
+ * `scratch` and `sq` hold n floats each; lanes is 1..MAX_LANES (checked by the caller). */
+void add_rms_norm(const void *hidden, const void *delta, void *new_hidden, const void *weight, void *out,
+                  long rows, long n, float eps, int dtype, int lanes, float *scratch, float *sq) {
     for (long r = 0; r < rows; ++r) {
         long base = r * n;
         for (long e = 0; e < n; ++e) {
@@ -110,7 +109,6 @@ int add_rms_norm(const void *hidden, const void *delta, void *new_hidden, const 
             store(out, base + e, load(weight, e, dtype) * normed, dtype);
         }
     }
-    return 0;
 }
 
 /* RoPE on q and k, straight from the fused qkv projection, and the K/V cache writes.

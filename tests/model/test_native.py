@@ -5,7 +5,7 @@ import torch
 
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.model.layers import rms_norm
-from llmrun.model.native import NativeKernels, load_library
+from llmrun.model.native import LayerShape, NativeKernels, load_library
 from llmrun.model.rope import apply_rope
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.parity import greedy_with_logits
@@ -26,8 +26,9 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("native") / "llama", llama_config(), seed=11)
 
 
-def kernels_for(dtype, hidden, q_heads=4, kv_heads=2, head_dim=16):
-    kernels = NativeKernels.for_decoder(dtype, torch.device("cpu"), hidden, 1e-5, q_heads, kv_heads, head_dim)
+def kernels_for(dtype, hidden_size, num_heads=4, num_kv_heads=2, head_dim=16):
+    shape = LayerShape(hidden_size, num_heads, num_kv_heads, head_dim, 1e-5)
+    kernels = NativeKernels.for_decoder(dtype, torch.device("cpu"), shape)
     assert kernels is not None, "the self-check rejected the kernels on this machine"
     return kernels
 
@@ -61,7 +62,7 @@ def test_rope_and_cache_writes_match_aten(lib, dtype, heads):
     sin_folded = torch.cat((-angles.sin(), angles.sin()), -1).to(dtype).unsqueeze(1)
     k_pool, v_pool = torch.zeros(10, kv_heads, head_dim, dtype=dtype), torch.zeros(10, kv_heads, head_dim, dtype=dtype)
     slots = torch.tensor([7, 2, 5])
-    q = kernels.rope_qkv(qkv, cos, sin_folded, k_pool, v_pool, slots, q_heads, kv_heads, head_dim)
+    q = kernels.rope_qkv(qkv, cos, sin_folded, k_pool, v_pool, slots)
     qk = apply_rope(qkv[:, : (q_heads + kv_heads) * head_dim].view(rows, -1, head_dim), cos, sin_folded)
     assert torch.equal(q, qk[:, :q_heads])
     assert torch.equal(k_pool[slots], qk[:, q_heads:])
@@ -72,7 +73,7 @@ def test_rope_and_cache_writes_match_aten(lib, dtype, heads):
 
 def test_the_self_check_rejects_kernels_that_round_differently(lib):
     # Summing in 3-float vectors instead of ATen's order changes the norm's rounding somewhere.
-    assert not NativeKernels(lib, torch.float32, 576, 1e-5, lanes=3).check(9, 3, 64)
+    assert not NativeKernels(lib, torch.float32, LayerShape(576, 9, 3, 64, 1e-5), lanes=3).check()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
