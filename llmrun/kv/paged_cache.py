@@ -33,15 +33,13 @@ class PagedKVCache:
         pool_shape = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
         self.k_pools = [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.v_pools = [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        slots = (shape.num_blocks * shape.block_size, shape.num_kv_heads, shape.head_dim)
+        self._slot_views = [(k.view(slots), v.view(slots)) for k, v in zip(self.k_pools, self.v_pools)]
 
     def layer(self, layer_idx: int):
-        """The (k, v) pools of one layer, flattened to slots: [num_slots, num_kv_heads, head_dim]."""
-        s = self.shape
-        num_slots = s.num_blocks * s.block_size
-        return (
-            self.k_pools[layer_idx].view(num_slots, s.num_kv_heads, s.head_dim),
-            self.v_pools[layer_idx].view(num_slots, s.num_kv_heads, s.head_dim),
-        )
+        """The (k, v) pools of one layer, flattened to slots: [num_slots, num_kv_heads, head_dim]
+        (views made once: every layer of every step asks for them)."""
+        return self._slot_views[layer_idx]
 
     @property
     def total_bytes(self) -> int:
