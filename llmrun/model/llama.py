@@ -51,7 +51,8 @@ class LlamaDecoder:
         if not plain:
             return None
         c = self.config
-        shape = LayerShape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+        shape = LayerShape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
+                           intermediate_size=c.intermediate_size, silu=c.hidden_act == "silu")
         return NativeKernels.for_decoder(self.dtype, self.device, shape)
 
     def rotary_dim(self, rope_parameters) -> int:
@@ -175,6 +176,8 @@ class LlamaDecoder:
 
     def mlp(self, w, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear_halves(x, w["gate_up"], w.get("gate_up_bias"))
+        if self.native is not None and self.native.can_silu_mul(x.shape[0]):
+            return linear(self.native.silu_mul(gate, up), w["down"], w.get("down_bias"))
         return linear(self.act(gate) * up, w["down"], w.get("down_bias"))
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:

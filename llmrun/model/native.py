@@ -1,8 +1,9 @@
 """Fused C kernels for the CPU decode step (native_kernels.c), used only where they match ATen.
 
 Batch-1 decode on a CPU spends as much time in ~30 small ATen ops per layer as in the matmuls:
-each op pays its dispatch, and the caches it needs were just flushed by the layer's weights. Two
-kernels replace 20 of them: residual add + RMSNorm, and RoPE on q/k + the K/V cache writes.
+each op pays its dispatch, and the caches it needs were just flushed by the layer's weights. Three
+kernels replace 22 of them: residual add + RMSNorm, RoPE on q/k + the K/V cache writes, and
+SiLU(gate)·up (with ATen's own exp, taken from libtorch, so SiLU rounds exactly as ATen's does).
 
 The kernels are compiled on first use (~0.2 s) with the system C compiler into the user cache
 directory (paths.cache_dir()/native, keyed by the source's hash) and loaded with ctypes. A
@@ -16,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
+import sys
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -60,7 +63,30 @@ def load_library() -> Optional[ctypes.CDLL]:
     lib.add_rms_norm.restype = None
     lib.rope_qkv.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i32]
     lib.rope_qkv.restype = None
+    if hasattr(lib, "silu_mul"):  # x86-64 builds only
+        lib.silu_mul.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, i32]
+        lib.silu_mul.restype = None
     return lib
+
+
+@lru_cache(maxsize=1)
+def aten_exp_functions() -> dict[int, int]:
+    """ATen's vectorised float exp (Sleef's, exported by libtorch_cpu) by vector width: the exp
+    inside `F.silu`, so a fused SiLU gives its bits. Only widths this CPU runs (AVX2, AVX-512)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    widths = (16, 8) if capability.startswith("AVX512") else (8,) if capability == "AVX2" else ()
+    if not widths or sys.platform != "linux" or platform.machine() != "x86_64":
+        return {}
+    try:
+        libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    except OSError:
+        return {}
+    found = {}
+    for width in widths:
+        symbol = getattr(libtorch, f"Sleef_expf{width}_u10", None)
+        if symbol is not None:
+            found[width] = ctypes.cast(symbol, ctypes.c_void_p).value
+    return found
 
 
 def _ptr(tensor: Optional[torch.Tensor]) -> Optional[int]:
@@ -76,6 +102,8 @@ class LayerShape:
     num_kv_heads: int
     head_dim: int
     eps: float
+    intermediate_size: int = 0     # the MLP's width, for the fused SiLU·mul
+    silu: bool = False             # whether the MLP's activation is SiLU
 
 
 class NativeKernels:
@@ -86,6 +114,8 @@ class NativeKernels:
             raise ValueError(f"lanes must be 1..16, not {lanes}")
         self.lib, self.dtype, self.dtype_code, self.shape, self.lanes = lib, dtype, DTYPES[dtype], shape, lanes
         self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
+        self.exp_fn: Optional[int] = None  # set by for_decoder when the fused SiLU·mul checks out
+        self.exp_width = 0
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
@@ -98,8 +128,31 @@ class NativeKernels:
         for lanes in (8, 16):  # the vector width of ATen's sum kernel on this CPU
             kernels = cls(lib, dtype, shape, lanes)
             if kernels.check():
+                kernels.pick_silu_mul()
                 return kernels
         return None
+
+    def pick_silu_mul(self) -> None:
+        """Use the fused SiLU·mul with the exp width whose results equal ATen's, if any does."""
+        if not (self.shape.silu and self.shape.intermediate_size and hasattr(self.lib, "silu_mul")):
+            return
+        for width, exp_fn in aten_exp_functions().items():
+            self.exp_fn, self.exp_width = exp_fn, width
+            if self._silu_mul_matches():
+                return
+        self.exp_fn, self.exp_width = None, 0
+
+    def can_silu_mul(self, num_rows: int) -> bool:
+        return self.exp_fn is not None and num_rows <= MAX_ROWS
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """F.silu(gate) * up for gate, up [rows, n] with unit stride along n (rows may be views
+        into one fused gate/up output)."""
+        rows, n = gate.shape
+        out = torch.empty((rows, n), dtype=gate.dtype)
+        self.lib.silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, n,
+                          self.dtype_code, self.exp_fn, self.exp_width)
+        return out
 
     def usable(self, num_rows: int) -> bool:
         return num_rows <= MAX_ROWS
@@ -136,6 +189,21 @@ class NativeKernels:
 
         return all(self._norm_matches(randn, rows, scale) and self._rope_matches(randn, generator, rows)
                    for rows, scale in ((1, 0.05), (3, 1.0), (MAX_ROWS, 40.0)))
+
+    def _silu_mul_matches(self) -> bool:
+        import torch.nn.functional as F
+
+        generator = torch.Generator().manual_seed(1)
+        n = self.shape.intermediate_size
+        for rows in (1, 3, MAX_ROWS):
+            fused = (torch.randn(rows, 2 * n, generator=generator) * 6).to(self.dtype)
+            gate, up = fused.chunk(2, dim=-1)  # views into one matmul output, as packed weights give
+            if not torch.equal(self.silu_mul(gate, up), F.silu(gate) * up):
+                return False
+            gate, up = gate.contiguous(), up.contiguous()
+            if not torch.equal(self.silu_mul(gate, up), F.silu(gate) * up):
+                return False
+        return True
 
     def _norm_matches(self, randn, rows: int, scale: float) -> bool:
         from llmrun.model.layers import rms_norm

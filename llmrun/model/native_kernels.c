@@ -141,3 +141,46 @@ void rope_qkv(const void *qkv, long qkv_stride, const void *cos, const void *sin
         memcpy((char *)v_pool + v_at * width, row + v_in * width, (size_t)(kv_heads * dim) * width);
     }
 }
+
+/* SiLU(gate) * up for rows of n, as ATen computes `F.silu(gate) * up`: silu = g / (1 + exp(-g))
+ * with ATen's own vectorised exp (`exp_fn`, Sleef's, taken from libtorch: `width` floats at a time;
+ * the n % width tail uses expf like ATen's scalar path), rounded to the dtype, then the product,
+ * rounded again. gate and up rows are `gate_stride` / `up_stride` elements apart; out is [rows, n].
+ * `scratch` holds `width` floats. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+typedef __m512 (*exp16_fn)(__m512);
+typedef __m256 (*exp8_fn)(__m256);
+
+__attribute__((target("avx512f"))) static void exp_block16(const float *in, float *out, void *fn) {
+    _mm512_storeu_ps(out, ((exp16_fn)fn)(_mm512_loadu_ps(in)));
+}
+
+__attribute__((target("avx2"))) static void exp_block8(const float *in, float *out, void *fn) {
+    _mm256_storeu_ps(out, ((exp8_fn)fn)(_mm256_loadu_ps(in)));
+}
+
+void silu_mul(const void *gate, long gate_stride, const void *up, long up_stride, void *out, long rows, long n,
+              int dtype, void *exp_fn, int width) {
+    float neg[16], ex[16];
+    for (long r = 0; r < rows; ++r) {
+        long g0 = r * gate_stride, u0 = r * up_stride, o0 = r * n, e = 0;
+        for (; e + width <= n; e += width) {
+            for (int l = 0; l < width; ++l) neg[l] = -load(gate, g0 + e + l, dtype);
+            if (width == 16) exp_block16(neg, ex, exp_fn);
+            else exp_block8(neg, ex, exp_fn);
+            for (int l = 0; l < width; ++l) {
+                float g = -neg[l];
+                float silu = rounded(g / (1.0f + ex[l]), dtype);
+                store(out, o0 + e + l, silu * load(up, u0 + e + l, dtype), dtype);
+            }
+        }
+        for (; e < n; ++e) {
+            float g = load(gate, g0 + e, dtype);
+            float silu = rounded(g / (1.0f + expf(-g)), dtype);
+            store(out, o0 + e, silu * load(up, u0 + e, dtype), dtype);
+        }
+    }
+}
+#endif

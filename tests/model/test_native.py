@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.model.layers import rms_norm
@@ -26,8 +27,8 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("native") / "llama", llama_config(), seed=11)
 
 
-def kernels_for(dtype, hidden_size, num_heads=4, num_kv_heads=2, head_dim=16):
-    shape = LayerShape(hidden_size, num_heads, num_kv_heads, head_dim, 1e-5)
+def kernels_for(dtype, hidden_size, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=0):
+    shape = LayerShape(hidden_size, num_heads, num_kv_heads, head_dim, 1e-5, intermediate_size, silu=True)
     kernels = NativeKernels.for_decoder(dtype, torch.device("cpu"), shape)
     assert kernels is not None, "the self-check rejected the kernels on this machine"
     return kernels
@@ -71,9 +72,37 @@ def test_rope_and_cache_writes_match_aten(lib, dtype, heads):
     assert not k_pool[untouched].any() and not v_pool[untouched].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1536, 100])
+def test_silu_mul_matches_aten_bit_for_bit(lib, dtype, n):
+    kernels = kernels_for(dtype, 64, intermediate_size=n)
+    if kernels.exp_fn is None and n % 16 == 0:
+        pytest.skip("ATen's vectorised exp is not reachable here (not x86-64 Linux, or no AVX2)")
+    if kernels.exp_fn is None:
+        # 100 = 6 vectors + a tail per row, where ATen's loop over the whole tensor puts its tails
+        # elsewhere: in float32 the check finds the difference and leaves SiLU to ATen.
+        assert not kernels.can_silu_mul(1)
+        return
+    generator = torch.Generator().manual_seed(n)
+    for rows in (1, 2, 9):
+        fused = (torch.randn(rows, 2 * n, generator=generator) * 8).to(dtype)
+        gate, up = fused.chunk(2, dim=-1)
+        assert torch.equal(kernels.silu_mul(gate, up), F.silu(gate) * up)
+
+
 def test_the_self_check_rejects_kernels_that_round_differently(lib):
     # Summing in 3-float vectors instead of ATen's order changes the norm's rounding somewhere.
     assert not NativeKernels(lib, torch.float32, LayerShape(576, 9, 3, 64, 1e-5), lanes=3).check()
+
+
+def test_the_silu_check_compares_with_atens_silu(lib, monkeypatch):
+    kernels = kernels_for(torch.float32, 64, intermediate_size=256)
+    if kernels.exp_fn is None:
+        pytest.skip("ATen's vectorised exp is not reachable here")
+    assert kernels._silu_mul_matches()
+    real = F.silu
+    monkeypatch.setattr(F, "silu", lambda x: real(x) * (1 + 2**-20))  # a SiLU that rounds differently
+    assert not kernels._silu_mul_matches()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
