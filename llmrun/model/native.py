@@ -5,8 +5,8 @@ each op pays its dispatch, and the caches it needs were just flushed by the laye
 kernels replace 22 of them: residual add + RMSNorm, RoPE on q/k + the K/V cache writes, and
 SiLU(gate)·up (with ATen's own exp, taken from libtorch, so SiLU rounds exactly as ATen's does).
 
-The kernels are compiled on first use (~0.2 s) with the system C compiler into the user cache
-directory (paths.cache_dir()/native, keyed by the source's hash) and loaded with ctypes. A
+The kernels are compiled on first use (under a second) with the system C compiler into the user
+cache directory (paths.cache_dir()/native, keyed by the source's hash) and loaded with ctypes. A
 decoder uses them only after `NativeKernels.check` ran them against the ATen ops on its own shapes
 and dtype with identical results, so greedy tokens never change. No compiler, a failed build, a
 mismatch, or LLMRUN_NO_NATIVE=1: the ATen path runs.
@@ -19,8 +19,8 @@ import hashlib
 import os
 import platform
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
