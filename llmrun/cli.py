@@ -20,12 +20,11 @@ app = typer.Typer(
 )
 
 def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[int], batch: int, dtype: str):
-    from llmrun.engine.build import dtype_name
-    from llmrun.plan.make import PlanRequest
+    from llmrun.engine.build import EngineOptions, dtype_name
     from llmrun.sizes import parse_size
 
     dtype_name(dtype, "cpu") if dtype != "auto" else None  # unknown names fail before any work
-    return PlanRequest(
+    return EngineOptions(
         gpu_mem_bytes=parse_size(gpu_mem) if gpu_mem is not None else None,
         cpu_mem_bytes=parse_size(cpu_mem) if cpu_mem is not None else None,
         ctx=ctx, batch=batch, dtype=dtype,
@@ -101,7 +100,7 @@ def run_command(
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
     prompts = read_lines() if each_line else [read_prompt(prompt)]
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    opened = open_model(model, request.engine_options(), show_progress=not (as_json or each_line))
+    opened = open_model(model, request, show_progress=not (as_json or each_line))
     if each_line:
         ids = [prompt_ids(opened.tokenizer, line, system=system, raw=raw) for line in prompts]
         try:
@@ -146,7 +145,7 @@ def chat_command(
 
     request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    opened = open_model(_default_model(model), request.engine_options())
+    opened = open_model(_default_model(model), request)
     try:
         run_chat(opened, params, system=system, quiet=quiet)
     except BrokenPipeError:

@@ -72,7 +72,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
     torch.cuda.reset_peak_memory_stats()
     free_before, _ = torch.cuda.mem_get_info()
     started = time.perf_counter()
-    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, max_num_seqs=batch, ctx=ctx))
+    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, batch=batch, ctx=ctx))
     load_s = time.perf_counter() - started
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=steps)

@@ -53,11 +53,7 @@ def placement_options(name: str, folder, dtype="float32", **kwargs) -> EngineOpt
     CPU compute: resident | disk | disk-head. GPU compute: gpu | gpu-cpu (layers streamed from pinned
     memory) | gpu-disk (from disk through pinned buffers).
     """
-    plan_kwargs = {"dtype": dtype}
-    if "ctx" in kwargs:
-        plan_kwargs["ctx"] = kwargs["ctx"]
-    if "max_num_seqs" in kwargs:
-        plan_kwargs["batch"] = kwargs["max_num_seqs"]
+    plan_kwargs = {"dtype": dtype, **{k: kwargs[k] for k in ("ctx", "batch") if k in kwargs}}
     if name == "resident":
         return EngineOptions(dtype=dtype, gpu_mem_bytes=0, **kwargs)
     if name in ("disk", "disk-head"):

@@ -92,7 +92,7 @@ def run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
     from llmrun.plan.placement import Tier
     from llmrun.runtime import open_model
 
-    opened = open_model(name, request.engine_options())
+    opened = open_model(name, request)
     engine = opened.engine
     cases = [c for c in cases if c.prompt_tokens + c.new_tokens <= engine.max_context]
     ours, waste = run_llmrun(engine, cases, reps)

@@ -9,27 +9,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llmrun.errors import InvalidModelError, UsageError
+from llmrun.plan.make import PlanRequest
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
-class EngineOptions:
-    dtype: str = "auto"
-    ctx: Optional[int] = None             # context tokens per sequence; None: model max capped
-    max_num_seqs: int = 1                 # sequences decoded together (the plan's --batch)
-    gpu_mem_bytes: Optional[int] = None   # planner budgets; None: measured
-    cpu_mem_bytes: Optional[int] = None
-    block_size: int = 16
+class EngineOptions(PlanRequest):
+    """What `llmrun plan` plans (budgets, ctx, batch = sequences decoded together, dtype), plus
+    how the loaded engine streams: the plan and the engine never disagree on a field."""
+
     prefetch_depth: int = 1
-
-    def plan_request(self):
-        from llmrun.plan.make import PlanRequest
-
-        return PlanRequest(gpu_mem_bytes=self.gpu_mem_bytes, cpu_mem_bytes=self.cpu_mem_bytes,
-                           ctx=self.ctx, batch=self.max_num_seqs, dtype=self.dtype,
-                           block_size=self.block_size)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -119,7 +110,7 @@ def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callab
     architecture = architecture_of(folder, raw_config)
     config = load_model_config(folder, architecture)
     index = build_index(folder)
-    report = make_plan(raw_config, index, options.plan_request(), folder)
+    report = make_plan(raw_config, index, options, folder)
     placement = report.placement
     if placement.compute_tier is Tier.GPU and report.measured.gpu_free_bytes is None:
         raise UsageError("--gpu-mem was given but no CUDA GPU is available; use --gpu-mem 0")

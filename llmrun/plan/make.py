@@ -29,14 +29,6 @@ class PlanRequest:
     block_size: int = 16
 
 
-    def engine_options(self):
-        """The EngineOptions that load a model exactly as this request plans it."""
-        from llmrun.engine.build import EngineOptions
-
-        return EngineOptions(dtype=self.dtype, ctx=self.ctx, max_num_seqs=self.batch, gpu_mem_bytes=self.gpu_mem_bytes,
-                             cpu_mem_bytes=self.cpu_mem_bytes, block_size=self.block_size)
-
-
 @dataclass(frozen=True)
 class PlanReport:
     placement: Placement

@@ -49,6 +49,6 @@ def test_cuda_placements_match_transformers(checkpoint, placement):
 @pytest.mark.parametrize("placement", ("gpu", "gpu-cpu"))
 def test_cuda_batched_matches_alone(checkpoint, placement):
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 29, 11)]
-    engine = build_engine(checkpoint, placement_options(placement, checkpoint, max_num_seqs=3))
+    engine = build_engine(checkpoint, placement_options(placement, checkpoint, batch=3))
     together, alone = batched_and_alone(engine, prompts, 10)
     assert together == alone

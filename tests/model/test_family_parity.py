@@ -79,7 +79,7 @@ def test_batched_prompts_match_each_alone(variant):
     30 crosses the 32 original positions while decoding and 40 starts long."""
     _, folder, *_ = variant
     prompts = [prompt_ids(seed, length) for seed, length in ((1, 5), (2, 30), (3, 17), (4, 40))]
-    engine = build_engine(folder, EngineOptions(dtype="float32", gpu_mem_bytes=0, max_num_seqs=4))
+    engine = build_engine(folder, EngineOptions(dtype="float32", gpu_mem_bytes=0, batch=4))
     together = run_engine(engine, prompts, 12)
     assert together == [run_engine(engine, [prompt], 12)[0] for prompt in prompts]
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks

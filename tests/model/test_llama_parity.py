@@ -62,7 +62,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, placement):
 @pytest.mark.parametrize("placement", ("resident", "disk"))
 def test_batched_prompts_of_different_lengths_match_each_alone(checkpoint, placement):
     prompts = [prompt_ids(seed, length) for seed, length in ((1, 5), (2, 33), (3, 17), (4, 1))]
-    engine = build_engine(checkpoint, placement_options(placement, checkpoint, max_num_seqs=4))
+    engine = build_engine(checkpoint, placement_options(placement, checkpoint, batch=4))
     together, alone = batched_and_alone(engine, prompts, 12)
     assert together == alone
     assert all(len(t) == 12 for t in together)
