@@ -3,11 +3,14 @@
 Builds a Phi-3-mini-shaped fp16 random checkpoint (Phi3Config defaults, ~7.6 GB) unless it exists,
 then measures, in this order and in the same process:
   - HBM read bandwidth and pinned host->GPU bandwidth;
-  - llmrun all-resident decode (batch 1 and 8) and its greedy tokens;
+  - llmrun all-resident decode (batch 1 and 8) with its decode steps replayed from CUDA graphs,
+    and batch 1 eager (LLMRUN_NO_CUDA_GRAPHS=1), its greedy tokens, the GPU time of one replay, and
+    the GPU kernels of one static-shape decode step by total time (torch profiler);
   - llmrun with --gpu-mem 6GB (layers streamed from pinned memory): tokens, peak GPU memory, tok/s
     against the link bound (pinned bandwidth / bytes streamed per token), batch 8;
-  - transformers generate (dynamic cache, static cache) all-resident, and accelerate dispatch_model
-    with a 6 GiB GPU budget.
+  - transformers generate all-resident: dynamic cache, static cache without compiling, and static
+    cache compiled (its automatic torch.compile, mode reduce-overhead; the compile is timed apart);
+    accelerate dispatch_model with a 6 GiB GPU budget.
 Prints one JSON object (and writes it to --out).
 
 Usage: PYTHONPATH=$PWD python scripts/gpu_bench.py --folder /tmp/phi3-mini --out $OUT/gpu_bench.json
@@ -63,28 +66,35 @@ def pinned_bandwidth() -> float:
     return measure_host_to_gpu(GIB, repeats=5)
 
 
-def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None, ctx=4096) -> dict:
+def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None, ctx=4096,
+                  graphs: bool = True, profile: bool = False) -> dict:
+    import os
+
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.engine.sampler import SamplingParams
     from llmrun.plan.placement import Tier
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    free_before, _ = torch.cuda.mem_get_info()
+    os.environ["LLMRUN_NO_CUDA_GRAPHS"] = "0" if graphs else "1"
     started = time.perf_counter()
     engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, batch=batch, ctx=ctx))
     load_s = time.perf_counter() - started
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=steps)
-    list(engine.generate([prompt] * batch, SamplingParams(temperature=0, max_new_tokens=4)))  # warm-up
+    started = time.perf_counter()
+    list(engine.generate([prompt] * batch, params))  # warm-up: every graph this run needs is captured
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - started
+    first_token_after_load_s = engine.results[0].ttft_s
     started = time.perf_counter()
     list(engine.generate([prompt] * batch, params))
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     placement = engine.plan.placement
     result = {
-        "batch": batch, "ctx": ctx, "load_s": round(load_s, 2),
+        "batch": batch, "ctx": ctx, "load_s": round(load_s, 2), "graphs": engine.runner.static is not None,
+        "first_call_s": round(warmup_s, 3), "first_call_ttft_s": round(first_token_after_load_s, 4),
         "decode_tok_s_per_seq": round(min(r.decode_tok_s for r in engine.results), 2),
         "total_tok_s": round(batch * steps / wall, 2),
         "ttft_s": round(engine.results[0].ttft_s, 4),
@@ -95,22 +105,68 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
         "peak_with_context_bytes": CONTEXT_BYTES + torch.cuda.max_memory_reserved(),
     }
+    static = engine.runner.static
+    if static is not None and static.graphs:
+        result["graph_keys"] = [list(key) for key in static.graphs]
+        result["replay_ms"] = round(replay_ms(static), 4)
+        if profile:
+            result["step_kernels"] = profile_step(static)
     engine.runner.weights.close()
     del engine
     torch.cuda.empty_cache()
     return result
 
 
+def replay_ms(static) -> float:
+    """GPU time of one replay of the largest captured graph (CUDA events over 50 replays)."""
+    graph, _ = static.graphs[max(static.graphs)]
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / 50
+
+
+def profile_step(static, top: int = 14) -> list:
+    """The GPU kernels of one static-shape decode step run eagerly, grouped by name, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    key = max(static.graphs)
+    seq_lens = (1,) * key[0]
+    with torch.inference_mode():
+        static._forward(key, seq_lens)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            static._forward(key, seq_lens)
+            torch.cuda.synchronize()
+    rows = []
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        rows.append([e.key[:70], e.count, round(e.device_time_total / 1000, 3), round(e.device_time_total / total, 3)])
+    print(f"one eager static step: {sum(e.count for e in events)} kernels, {total / 1000:.2f} ms of GPU time")
+    for row in rows:
+        print("   ", row)
+    return rows
+
+
 def transformers_decode(folder: Path, prompt: list[int], steps: int, cache: str) -> dict:
+    """cache: dynamic | static (compile disabled) | static_compiled (generate's automatic compile)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).cuda()
     ids = torch.tensor([prompt], device="cuda")
     kwargs = dict(do_sample=False, pad_token_id=0, min_new_tokens=steps)
-    if cache == "static":
+    if cache.startswith("static"):
         kwargs["cache_implementation"] = "static"
-    model.generate(ids, max_new_tokens=4, **{**kwargs, "min_new_tokens": 4})
+        kwargs["disable_compile"] = cache == "static"
+    started = time.perf_counter()
+    model.generate(ids, max_new_tokens=steps, **kwargs)  # warm-up with the same shapes (compiles, if it does)
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - started
     started = time.perf_counter()
     out = model.generate(ids, max_new_tokens=steps, **kwargs)
     torch.cuda.synchronize()
@@ -118,7 +174,7 @@ def transformers_decode(folder: Path, prompt: list[int], steps: int, cache: str)
     tokens = out[0, len(prompt):].tolist()
     del model
     torch.cuda.empty_cache()
-    return {"cache": cache, "tok_s": round(steps / wall, 2), "tokens": tokens}
+    return {"cache": cache, "tok_s": round(steps / wall, 2), "first_call_s": round(warmup_s, 2), "tokens": tokens}
 
 
 def accelerate_decode(folder: Path, prompt: list[int], steps: int) -> dict:
@@ -157,8 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folder", type=Path, default=Path("/tmp/phi3-mini"))
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--skip", default="", help="comma list: transformers,accelerate,batch8")
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--skip", default="", help="comma list: transformers,static,compiled,accelerate,batch8,streamed")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if not (args.folder / "config.json").exists():
@@ -176,16 +232,22 @@ def main() -> None:
     print(f"HBM read {results['hbm_read_bytes_s'] / 1e9:.0f} GB/s, pinned H2D {results['pinned_h2d_bytes_s'] / 1e9:.1f} GB/s", flush=True)
     weight_bytes = sum(f.stat().st_size for f in args.folder.glob("*.safetensors"))
     results["weight_bytes"] = weight_bytes
-    step(results, "llmrun_resident_b1", llmrun_decode, args.folder, prompt, args.steps, 1)
-    step(results, "llmrun_gpu6gb_ctx4096_b1", llmrun_decode, args.folder, prompt, 32, 1, 6 * 10**9, 4096)
-    step(results, "llmrun_gpu6gb_b1", llmrun_decode, args.folder, prompt, 48, 1, 6 * 10**9, 512)
+    step(results, "llmrun_resident_b1", llmrun_decode, args.folder, prompt, args.steps, 1, None, 4096, True, True)
+    step(results, "llmrun_resident_b1_eager", llmrun_decode, args.folder, prompt, 32, 1, None, 4096, False)
+    if "streamed" not in skip:
+        step(results, "llmrun_gpu6gb_ctx4096_b1", llmrun_decode, args.folder, prompt, 32, 1, 6 * 10**9, 4096)
+        step(results, "llmrun_gpu6gb_b1", llmrun_decode, args.folder, prompt, 48, 1, 6 * 10**9, 512)
     if "batch8" not in skip:
-        step(results, "llmrun_gpu6gb_b8", llmrun_decode, args.folder, prompt, 16, 8, 6 * 10**9, 512)
+        if "streamed" not in skip:
+            step(results, "llmrun_gpu6gb_b8", llmrun_decode, args.folder, prompt, 16, 8, 6 * 10**9, 512)
         step(results, "llmrun_resident_b8", llmrun_decode, args.folder, prompt, args.steps, 8)
     if "transformers" not in skip:
         step(results, "transformers_dynamic", transformers_decode, args.folder, prompt, args.steps, "dynamic")
     if "static" not in skip:
         step(results, "transformers_static", transformers_decode, args.folder, prompt, args.steps, "static")
+    if "compiled" not in skip:
+        step(results, "transformers_static_compiled", transformers_decode, args.folder, prompt, args.steps,
+             "static_compiled")
     if "accelerate" not in skip:
         step(results, "accelerate_6gb", accelerate_decode, args.folder, prompt, 16)
     summarize(results)
@@ -212,9 +274,10 @@ def summarize(r: dict) -> None:
         acc = r.get("accelerate_6gb", {})
         if "tok_s" in acc:
             summary["streamed_vs_accelerate"] = round(streamed["decode_tok_s_per_seq"] / acc["tok_s"], 2)
-    for name in ("transformers_dynamic", "transformers_static"):
+    for name in ("transformers_dynamic", "transformers_static", "transformers_static_compiled"):
         if "tok_s" in r.get(name, {}) and "decode_tok_s_per_seq" in resident:
-            summary[f"resident_vs_{name}"] = round(resident["decode_tok_s_per_seq"] / r[name]["tok_s"], 2)
+            # like for like: both are new tokens over the whole generate call, prefill included
+            summary[f"resident_vs_{name}"] = round(resident["total_tok_s"] / r[name]["tok_s"], 2)
             n = min(len(r[name]["tokens"]), len(resident.get("tokens", [])))
             ours, theirs = resident["tokens"][:n], r[name]["tokens"][:n]
             summary[f"tokens_equal_{name}"] = ours == theirs

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from llmrun.engine.graphs import StaticDecode
 from llmrun.engine.scheduler import ScheduledSeq
 from llmrun.kv.block_allocator import BlockAllocator
 from llmrun.kv.metadata import SeqStep, build_metadata
@@ -11,12 +14,14 @@ from llmrun.kv.paged_cache import PagedKVCache
 
 
 class ModelRunner:
-    def __init__(self, decoder, weights, cache: PagedKVCache, allocator: BlockAllocator):
+    def __init__(self, decoder, weights, cache: PagedKVCache, allocator: BlockAllocator,
+                 static: Optional[StaticDecode] = None):
         self.decoder = decoder
         self.weights = weights
         self.cache = cache
         self.allocator = allocator
         self.device = decoder.device
+        self.static = static  # decode steps of static shape (CUDA graphs), where enabled
 
     @torch.inference_mode()
     def run(self, steps: list[ScheduledSeq]) -> torch.Tensor:
@@ -24,6 +29,8 @@ class ModelRunner:
 
         Every scheduled sequence's `num_cached` advances by its `num_new`.
         """
+        if self.static is not None and self.static.handles(steps) and getattr(self.weights, "on_step_layer", None) is None:
+            return self.static.run(steps, [self.allocator.block_table(step.seq.seq_id) for step in steps])
         input_ids, positions, seq_steps, last_rows = [], [], [], []
         for step in steps:
             seq, start = step.seq, step.seq.num_cached

@@ -43,6 +43,10 @@ class AttentionMetadata:
     # Per sequence BoolTensor [num_new, num_keys] where the causal rule over all of context_slots
     # does not apply (a sliding window trimmed them); empty, or None for a sequence: causal.
     context_masks: tuple[Optional[object], ...] = ()
+    # Set only by static-shape decode steps (engine/graphs.py): LongTensor [num_seqs], each
+    # sequence's tokens now. decode_slots then cover a whole bucket of blocks, decode_mask marks
+    # the real keys, and no Python number in this metadata may depend on the step's lengths.
+    decode_lens: Optional[object] = None
 
     @property
     def num_seqs(self) -> int:
@@ -136,9 +140,20 @@ def _window_mask(num_cached: int, num_new: int, first_key: int, window: int, dev
     return (keys <= queries) & (keys > queries - window)
 
 
+def _key_positions(decode_slots):
+    """Key positions [1, 1, 1, max_keys] for padded decode slots [num_seqs, max_keys]."""
+    import torch
+
+    return torch.arange(decode_slots.shape[1], device=decode_slots.device)[None, None, None, :]
+
+
 def windowed(meta: AttentionMetadata, window: int) -> AttentionMetadata:
     """The metadata of a sliding-window layer: slots before any query's window are dropped, and
     prefill queries get band masks. Built once per step and shared by the layers with that window."""
+    if meta.decode_lens is not None:  # static decode: mask by tensor, the slots stay as they are
+        first_key = (meta.decode_lens - window)[:, None, None, None]  # the query is at decode_lens - 1
+        keys = _key_positions(meta.decode_slots)
+        return replace(meta, decode_mask=meta.decode_mask & (keys >= first_key))
     context_lens = [c + n for c, n in zip(meta.cached_lens, meta.query_lens)]
     if max(context_lens) <= window:
         return meta
@@ -156,3 +171,23 @@ def windowed(meta: AttentionMetadata, window: int) -> AttentionMetadata:
         for cached, new, first in zip(meta.cached_lens, meta.query_lens, firsts)
     )
     return replace(meta, context_slots=trimmed, context_masks=masks)
+
+
+def static_decode_metadata(block_tables, context_lens, slot_mapping, block_size: int,
+                           seq_lens: Sequence[int]) -> AttentionMetadata:
+    """Decode metadata computed on the device from tensors alone, so a CUDA graph can capture it
+    (engine/graphs.py): block_tables [num_seqs, num_blocks] (a bucket of blocks, each row padded
+    with any valid block), context_lens [num_seqs] (tokens each sequence has), slot_mapping
+    [num_seqs]. `seq_lens` are Python lengths that pick the RoPE variant only (the caller keys
+    its graphs by that variant); attention reads nothing but the tensors."""
+    import torch
+
+    num_seqs, num_blocks = block_tables.shape
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables[:, :, None] * block_size + offsets).reshape(num_seqs, num_blocks * block_size)
+    mask = _key_positions(slots) < context_lens[:, None, None, None]  # [num_seqs, 1, 1, max_keys]
+    return AttentionMetadata(
+        slot_mapping=slot_mapping, query_starts=tuple(range(num_seqs)), query_lens=(1,) * num_seqs,
+        cached_lens=tuple(n - 1 for n in seq_lens), seq_lens=tuple(seq_lens), context_slots=(),
+        decode_slots=slots, decode_mask=mask, decode_lens=context_lens,
+    )

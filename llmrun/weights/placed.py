@@ -83,6 +83,11 @@ class PlacedWeights:
             return reader.load_packed(packed, self.dtype, "cpu"), None
         return None, packed.parts[0]
 
+    def fully_resident(self) -> bool:
+        """Whether every weight, embeddings included, lives on the compute device (nothing streams)."""
+        table = self._embed_table
+        return self.streamer is None and table is not None and table.device.type == self.device.type
+
     # -- the provider interface ------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [num_tokens, hidden] on the compute device."""

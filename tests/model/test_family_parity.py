@@ -61,27 +61,51 @@ def run_engine(engine, prompts, steps, on_logits=None):
     return [r.tokens for r in engine.results]
 
 
-@pytest.mark.parametrize("placement", ("resident", "disk"))
+def static_decode(engine):
+    """Decode steps through the static-shape path that CUDA graphs capture (engine/graphs.py),
+    run eagerly: the same tensors and masks a graph replays, checkable on the CPU."""
+    from llmrun.engine.graphs import StaticDecode
+
+    runner = engine.runner
+    runner.static = StaticDecode(engine.decoder, runner.weights, engine.cache, engine.max_num_seqs,
+                                 engine.max_context, capture=False)
+    return engine
+
+
+@pytest.mark.parametrize("placement", ("resident", "disk", "static-decode"))
 def test_logits_and_greedy_tokens_match_transformers(variant, placement):
     _, folder, prompt, ref_tokens, ref_logits = variant
-    engine = build_engine(folder, placement_options(placement, folder))
+    if placement == "static-decode":
+        engine = static_decode(build_engine(folder, placement_options("resident", folder)))
+    else:
+        engine = build_engine(folder, placement_options(placement, folder))
     if placement == "disk":
         assert Tier.DISK in engine.plan.placement.layer_tiers
     ours = []
     tokens = run_engine(engine, [prompt], DECODE_STEPS, lambda idx, logits: ours.append(logits[0].clone()))
     assert tokens == [ref_tokens]
     torch.testing.assert_close(torch.stack(ours), ref_logits, atol=1e-4, rtol=1e-4)
+    if placement == "static-decode":  # the decode steps ran static (the 20-token prompt: in 2 buckets)
+        shapes = engine.runner.static.graphs
+        assert {rows for rows, _, _ in shapes} == {1} and len(shapes) >= 1 + (len(prompt) == 20), shapes
 
 
-@pytest.mark.parametrize("variant", ("gemma2", "phi3.5-longrope-crossing"), indirect=True)
-def test_batched_prompts_match_each_alone(variant):
+@pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static-decode"))
+@pytest.mark.parametrize("variant", ("gemma2", "phi3.5-longrope-crossing", "qwen2-sliding-layers"), indirect=True)
+def test_batched_prompts_match_each_alone(variant, static):
     """Per-sequence windows (with soft-capped decode masks) and LongRoPE tables: of these prompts,
-    30 crosses the 32 original positions while decoding and 40 starts long."""
-    _, folder, *_ = variant
+    30 crosses the 32 original positions while decoding and 40 starts long. Static decode steps
+    pad rows of different lengths to one bucket of blocks; a row on the other RoPE table runs eagerly."""
+    name, folder, *_ = variant
     prompts = [prompt_ids(seed, length) for seed, length in ((1, 5), (2, 30), (3, 17), (4, 40))]
     engine = build_engine(folder, EngineOptions(dtype="float32", gpu_mem_bytes=0, batch=4))
+    if static:
+        static_decode(engine)
     together = run_engine(engine, prompts, 12)
     assert together == [run_engine(engine, [prompt], 12)[0] for prompt in prompts]
+    if static:  # together and alone ran static, but for rows on two RoPE tables at once
+        rows = {rows for rows, _, _ in engine.runner.static.graphs}
+        assert rows == ({1} if name.startswith("phi3.5") else {1, 4}), rows
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
 
 
