@@ -8,6 +8,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 echo "== pytest -m gpu"
 timeout 200 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -x 2>&1 | tail -25
+echo "== Triton kernels, compiled (tests/model/test_gpu_kernels.py)"
+timeout 120 python3 -m pytest -q tests/model/test_gpu_kernels.py -p no:cacheprovider 2>&1 | tail -25
 echo "== benchmark"
 timeout 330 python3 scripts/gpu_bench.py --folder /tmp/phi3-mini --out "$OUT/gpu_bench.json" ${BENCH_ARGS:-} 2>&1 \
   | grep -v '^\s*"\?[0-9]\+,\?$' | tee "$OUT/gpu_bench.log" | tail -80

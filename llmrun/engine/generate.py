@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional, Sequence as Seq
 import torch
 
 from llmrun.engine.detokenize import TextStream
-from llmrun.engine.graphs import StaticDecode, graphs_enabled
+from llmrun.engine.graphs import static_decode_for
 from llmrun.engine.runner import ModelRunner
 from llmrun.engine.sampler import SamplingParams, make_generator, sample_next
 from llmrun.engine.scheduler import Scheduler
@@ -81,9 +81,7 @@ class Engine:
         shape = KVCacheShape(cfg.num_hidden_layers, num_blocks, block_size,
                              cfg.num_key_value_heads, cfg.head_dim)
         self.cache = PagedKVCache(shape, decoder.dtype, decoder.device)
-        static = None
-        if graphs_enabled(decoder.device, weights):
-            static = StaticDecode(decoder, weights, self.cache, max_num_seqs, max_context, capture=True)
+        static = static_decode_for(decoder, weights, self.cache, max_num_seqs, max_context)
         self.runner = ModelRunner(decoder, weights, self.cache, self.allocator, static)
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens

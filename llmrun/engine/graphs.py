@@ -13,10 +13,12 @@ meets at most log2(blocks) + 1 graphs; attention reads the bucket's slots under 
 real ones. Graphs are captured on first need (a warm-up forward, then the capture, ~0.1 s each)
 and share one memory pool, as only one replays at a time.
 
-Used for decode steps on CUDA with every weight resident on the GPU (streamed layers run Python
-between layers and stay eager), unless LLMRUN_NO_CUDA_GRAPHS=1. `StaticDecode(capture=False)`
-runs the same static-shape forward eagerly: on the CPU that is how tests check it against the
-dynamic path.
+Every decode step on CUDA runs this static-shape forward, so that all GPU placements compute
+attention alike (model/gpu_kernels.py reads the pools through these slots and masks) and give the
+same tokens; it is captured and replayed where every weight is resident on the GPU, unless
+LLMRUN_NO_CUDA_GRAPHS=1 (streamed layers run Python between layers: their steps stay eager).
+On the CPU, `StaticDecode(capture=False)` is how tests check the static forward against the
+dynamic one, which CPU decoding keeps (its SDPA gives transformers' bits).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ import torch
 from llmrun.kv.metadata import static_decode_metadata
 
 SCALARS = 4  # staging columns before the block table: token id, position, new slot, context length
+
+
+def static_decode_for(decoder, weights, cache, max_rows: int, max_context: int) -> Optional["StaticDecode"]:
+    """The static decode path of an engine on CUDA (captured where `graphs_enabled`); None on a CPU."""
+    if decoder.device.type != "cuda":
+        return None
+    return StaticDecode(decoder, weights, cache, max_rows, max_context, capture=graphs_enabled(decoder.device, weights))
 
 
 def graphs_enabled(device: torch.device, weights) -> bool:
@@ -68,8 +77,9 @@ class StaticDecode:
             return False
         return len({self.decoder.rope_variant(step.seq.num_tokens) for step in steps}) == 1
 
-    def run(self, steps, block_tables) -> torch.Tensor:
-        """Logits [rows, vocab] of a decode step (a copy: the graph's buffer is reused)."""
+    def run(self, steps, block_tables, replay: bool = True) -> torch.Tensor:
+        """Logits [rows, vocab] of a decode step (a copy: the graph's buffer is reused); `replay`
+        False runs the forward eagerly even where a graph could be captured."""
         rows = len(steps)
         needed = 0
         staging = self.staging_rows
@@ -88,10 +98,10 @@ class StaticDecode:
         key = (rows, bucket(needed, self.max_blocks), self.decoder.rope_variant(seq_lens[0]))
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._prepare(key, seq_lens)
+            entry = self._prepare(key, seq_lens) if self.capture and replay else (None, None)
             self.graphs[key] = entry
         graph, logits = entry
-        if graph is None:
+        if graph is None or not replay:
             logits = self._forward(key, seq_lens)
         else:
             graph.replay()
@@ -110,10 +120,8 @@ class StaticDecode:
         return self.decoder.logits(self.weights, hidden)
 
     def _prepare(self, key: tuple, seq_lens: tuple[int, ...]) -> tuple[Optional[object], Optional[torch.Tensor]]:
-        """Capture the graph for `key` (eager: nothing to prepare). The warm-up forward writes this
-        step's K/V to its slots, which the replay after capture writes again, identically."""
-        if not self.capture:
-            return None, None
+        """Capture the graph for `key`. The warm-up forward writes this step's K/V to its slots,
+        which the replay after capture writes again, identically."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -29,8 +29,10 @@ class ModelRunner:
 
         Every scheduled sequence's `num_cached` advances by its `num_new`.
         """
-        if self.static is not None and self.static.handles(steps) and getattr(self.weights, "on_step_layer", None) is None:
-            return self.static.run(steps, [self.allocator.block_table(step.seq.seq_id) for step in steps])
+        if self.static is not None and self.static.handles(steps):
+            tables = [self.allocator.block_table(step.seq.seq_id) for step in steps]
+            # a per-layer progress hook is Python a graph would skip: such steps run the same forward eagerly
+            return self.static.run(steps, tables, replay=getattr(self.weights, "on_step_layer", None) is None)
         input_ids, positions, seq_steps, last_rows = [], [], [], []
         for step in steps:
             seq, start = step.seq, step.seq.num_cached

@@ -135,7 +135,10 @@ class LlamaDecoder:
                 hidden, x = native.add_rms_norm(hidden, delta, w["input_norm"])
                 qkv = linear(x, w["qkv"], w.get("qkv_bias"))
                 q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
-                attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
+                if native.can_attend(meta, self.attn_softcap):
+                    attn = native.attend(q, k_slots, v_slots, meta, self.scale)
+                else:
+                    attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
                 hidden, x = native.add_rms_norm(hidden, linear(attn, w["o"], w.get("o_bias")), w["post_norm"])
                 delta = self.mlp(w, x)
         return native.add_rms_norm(hidden, delta, weights.globals["norm"])[1]

@@ -119,7 +119,12 @@ class NativeKernels:
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
-        """Kernels that passed the self-check on this shape and dtype, or None (use ATen)."""
+        """Kernels that passed the self-check on this shape and dtype, or None (use ATen). On a CUDA
+        device: the Triton kernels of model/gpu_kernels.py."""
+        if device.type == "cuda":
+            from llmrun.model.gpu_kernels import TritonKernels
+
+            return TritonKernels.for_decoder(dtype, device, shape)
         if device.type != "cpu" or dtype not in DTYPES or os.environ.get("LLMRUN_NO_NATIVE") == "1":
             return None
         lib = load_library()
@@ -156,6 +161,10 @@ class NativeKernels:
 
     def usable(self, num_rows: int) -> bool:
         return num_rows <= MAX_ROWS
+
+    def can_attend(self, meta, softcap) -> bool:
+        """Attention stays ATen's SDPA on the CPU (its flash kernel's order cannot be reproduced)."""
+        return False
 
     def add_rms_norm(self, hidden: torch.Tensor, delta: Optional[torch.Tensor],
                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
