@@ -93,7 +93,8 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
     wall = time.perf_counter() - started
     placement = engine.plan.placement
     result = {
-        "batch": batch, "ctx": ctx, "load_s": round(load_s, 2), "graphs": engine.runner.static is not None,
+        "batch": batch, "ctx": ctx, "load_s": round(load_s, 2),
+        "graphs": engine.runner.static is not None and engine.runner.static.capture,
         "first_call_s": round(warmup_s, 3), "first_call_ttft_s": round(first_token_after_load_s, 4),
         "decode_tok_s_per_seq": round(min(r.decode_tok_s for r in engine.results), 2),
         "total_tok_s": round(batch * steps / wall, 2),
@@ -106,7 +107,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
         "peak_with_context_bytes": CONTEXT_BYTES + torch.cuda.max_memory_reserved(),
     }
     static = engine.runner.static
-    if static is not None and static.graphs:
+    if static is not None and static.capture and static.graphs:  # replayed graphs (streamed steps run eagerly)
         result["graph_keys"] = [list(key) for key in static.graphs]
         result["replay_ms"] = round(replay_ms(static), 4)
         if profile:
@@ -274,6 +275,9 @@ def summarize(r: dict) -> None:
         acc = r.get("accelerate_6gb", {})
         if "tok_s" in acc:
             summary["streamed_vs_accelerate"] = round(streamed["decode_tok_s_per_seq"] / acc["tok_s"], 2)
+    eager = r.get("llmrun_resident_b1_eager", {})
+    if "tokens" in eager and "tokens" in resident:
+        summary["eager_tokens_equal_graphs"] = eager["tokens"] == resident["tokens"][: len(eager["tokens"])]
     for name in ("transformers_dynamic", "transformers_static", "transformers_static_compiled"):
         if "tok_s" in r.get(name, {}) and "decode_tok_s_per_seq" in resident:
             # like for like: both are new tokens over the whole generate call, prefill included
