@@ -41,8 +41,9 @@ class LlamaDecoder:
         self.native = self.native_kernels()
 
     def native_kernels(self) -> Optional[NativeKernels]:
-        """Fused CPU kernels for decode steps (model/native.py) where this decoder runs the plain
-        Llama layer: its own norm, attention and layer code, full-width RoPE, no q/k norms."""
+        """Fused kernels (C on the CPU for decode steps, model/native.py; Triton on CUDA for every
+        step, model/gpu_kernels.py) where this decoder runs the plain Llama layer: its own norm,
+        attention and layer code, full-width RoPE, no q/k norms."""
         base = LlamaDecoder
         cls = type(self)
         plain = (cls.layer_forward is base.layer_forward and cls.norm is base.norm and cls.attention is base.attention
@@ -124,8 +125,9 @@ class LlamaDecoder:
         return self.norm(hidden, weights.globals["norm"])
 
     def forward_native(self, weights, hidden, ropes, metas, cache: PagedKVCache) -> torch.Tensor:
-        """`forward` for decode-sized steps with the fused kernels: each residual add runs with the
-        norm after it, RoPE with the K/V writes; the same values as the ATen ops, bit for bit."""
+        """`forward` with the fused kernels: each residual add runs with the norm after it, RoPE with
+        the K/V writes. On the CPU the same values as the ATen ops, bit for bit; on CUDA the norms
+        and static decode steps' attention sum in their own order (model/gpu_kernels.py)."""
         c, native = self.config, self.native
         delta = None  # the previous layer's MLP output, not yet added to `hidden`
         for layer_idx in range(c.num_hidden_layers):
