@@ -2,26 +2,25 @@
 
 Once CUDA graphs removed the launch cost (engine/graphs.py), a Phi-3-mini decode step on an H200
 still ran ~1,000 kernels, ~27 small ones a layer around the four matmuls, each a few
-microseconds. Three kernels replace most of them: residual add + RMSNorm, RoPE on q/k with the
-K/V cache writes, and SiLU(gate)·up.
+microseconds. Four kernels replace most of them: residual add + RMSNorm, RoPE on q/k with the
+K/V cache writes, SiLU(gate)·up, and decode attention straight from the paged pools.
 
 Triton ships with every CUDA build of PyTorch, so this adds no package; where it cannot be
 imported, a kernel fails its check, or LLMRUN_NO_NATIVE=1, the ATen path runs. Rounding: the add,
 RoPE and SiLU·mul round each step to the run dtype exactly as the ATen ops do (the self-check asks
 for identical bits; FMA contraction is off). RMSNorm sums squares in Triton's order, not ATen's,
 so a normed value may differ by a unit or two in the last place, as under torch.compile; the
-check bounds that (NORM_ULPS).
+check (model/fused.py) bounds that (NORM_ULPS). Decode attention sums in its own order too.
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from llmrun.model.native import LayerShape
+from llmrun.model.fused import FusedKernels, LayerShape, within_ulps
 
 try:  # CUDA builds of torch depend on triton; CPU builds usually lack it
     import triton
@@ -30,10 +29,10 @@ try:  # CUDA builds of torch depend on triton; CPU builds usually lack it
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-LAUNCH = dict(enable_fp_fusion=False)
+LAUNCH = dict(enable_fp_fusion=False)  # a * b + c stays two roundings, as ATen computes it
 PART_KEYS = 64  # keys per program of decode attention: longer contexts run parts in parallel, then join
 NORM_ULPS = 4  # how far a normed value may be from ATen's, in units in the last place of the dtype
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)  # a * b + c stays two roundings, as ATen computes it
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
 
 if triton is not None:
 
@@ -159,13 +158,10 @@ if triton is not None:
         tl.store(out + (row * NUM_HEADS + head) * HEAD_DIM + d, result.to(out.dtype.element_ty), mask=d_in)
 
 
-def available() -> bool:
-    return triton is not None and os.environ.get("LLMRUN_NO_NATIVE") != "1"
-
-
-class TritonKernels:
+class TritonKernels(FusedKernels):
     """The kernels bound to one decoder's layer shape and dtype, on one CUDA device (or, with
-    TRITON_INTERPRET=1, on CPU tensors: how tests check them without a GPU)."""
+    TRITON_INTERPRET=1, on CPU tensors: how tests check them without a GPU). The self-check is
+    fused.py's, with RMSNorm allowed NORM_ULPS units in the last place."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device, shape: LayerShape):
         self.dtype, self.device, self.shape = dtype, device, shape
@@ -173,7 +169,7 @@ class TritonKernels:
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["TritonKernels"]:
-        if not available():
+        if triton is None:
             return None
         kernels = cls(dtype, device, shape)
         try:
@@ -183,9 +179,6 @@ class TritonKernels:
         except Exception:  # a Triton that cannot build for this GPU: keep ATen
             return None
         return kernels
-
-    def usable(self, num_rows: int) -> bool:
-        return True
 
     def can_silu_mul(self, num_rows: int) -> bool:
         return self.fused_silu
@@ -256,75 +249,9 @@ class TritonKernels:
                                                   LIBDEVICE=not INTERPRETED, num_warps=4, **LAUNCH)
         return out
 
-    # -- the self-check ----------------------------------------------------------------------------
-    def check(self) -> bool:
-        """Add and RoPE + K/V writes give the ATen ops' bits, RMSNorm within NORM_ULPS units in the
-        last place, on random data of this shape and dtype."""
-        generator = torch.Generator().manual_seed(0)
-        return all(self._norm_matches(generator, rows, scale) and self._rope_matches(generator, rows)
-                   for rows, scale in ((1, 0.05), (3, 1.0), (16, 40.0)))
-
-    def _randn(self, generator, *size, scale=1.0) -> torch.Tensor:
-        return (torch.randn(*size, generator=generator) * scale).to(self.dtype).to(self.device)
-
-    def _norm_matches(self, generator, rows: int, scale: float) -> bool:
-        from llmrun.model.layers import rms_norm
-
-        size, eps = self.shape.hidden_size, self.shape.eps
-        hidden, delta = self._randn(generator, rows, size, scale=scale), self._randn(generator, rows, size, scale=scale)
-        weight = self._randn(generator, size, scale=0.5)
-        summed, normed = self.add_rms_norm(hidden, delta, weight)
-        alone = self.add_rms_norm(hidden, None, weight)[1]
-        return (torch.equal(summed, hidden + delta)
-                and within_ulps(normed, rms_norm(hidden + delta, weight, eps), NORM_ULPS)
-                and within_ulps(alone, rms_norm(hidden, weight, eps), NORM_ULPS))
-
-    def _rope_matches(self, generator, rows: int) -> bool:
-        from llmrun.model.rope import apply_rope
-
-        heads, kv_heads, dim = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
-        qkv = self._randn(generator, rows, (heads + 2 * kv_heads) * dim)
-        angles = torch.rand(rows, 1, dim // 2, generator=generator) * 6.3
-        cos = torch.cat((angles.cos(), angles.cos()), -1).to(self.dtype).to(self.device)  # [rows, 1, dim]
-        sin_folded = torch.cat((-angles.sin(), angles.sin()), -1).to(self.dtype).to(self.device)
-        k_pool, v_pool = self._randn(generator, rows + 5, kv_heads, dim), self._randn(generator, rows + 5, kv_heads, dim)
-        slots = torch.randperm(rows + 5, generator=generator)[:rows].to(self.device)
-        q = self.rope_qkv(qkv, cos, sin_folded, k_pool, v_pool, slots)
-        qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(rows, -1, dim), cos, sin_folded)
-        v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
-        return (torch.equal(q, qk[:, :heads]) and torch.equal(k_pool[slots], qk[:, heads:])
-                and torch.equal(v_pool[slots], v))
-
-    def _silu_mul_matches(self) -> bool:
-        import torch.nn.functional as F
-
-        generator = torch.Generator().manual_seed(1)
-        n = self.shape.intermediate_size
-        for rows in (1, 3, 16):
-            gate, up = self._randn(generator, rows, 2 * n, scale=6.0).chunk(2, dim=-1)  # one matmul's halves
-            if not torch.equal(self.silu_mul(gate, up), F.silu(gate) * up):
-                return False
-        return True
+    def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
+        return within_ulps(actual, expected, NORM_ULPS)
 
 
 def _warps(size: int) -> int:
     return 4 if size <= 2048 else 8 if size <= 8192 else 16
-
-
-def within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int) -> bool:
-    """Whether every value is within `ulps` units in the last place (of the dtype) of the expected one."""
-    gap = (actual.double() - expected.double()).abs()
-    return bool((gap <= ulps * _ulp(expected)).all())
-
-
-@lru_cache(maxsize=None)
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def _ulp(values: torch.Tensor) -> torch.Tensor:
-    """One unit in the last place of each value (of its magnitude's binade; the smallest normal's
-    for zero and subnormals)."""
-    tiny = torch.finfo(values.dtype).tiny
-    magnitude = values.double().abs().clamp_min(tiny)
-    return torch.exp2(torch.floor(torch.log2(magnitude))) * _eps(values.dtype)

@@ -11,7 +11,7 @@ from llmrun.kv.paged_cache import PagedKVCache
 from llmrun.model.attention import paged_attention, write_kv
 from llmrun.model.config import ModelConfig, sliding_windows
 from llmrun.model.layers import activation, linear, linear_halves, rms_norm
-from llmrun.model.native import LayerShape, NativeKernels
+from llmrun.model.fused import FusedKernels, LayerShape, fused_kernels
 from llmrun.model.rope import RotaryTable, apply_rope, rotary_table
 
 
@@ -40,7 +40,7 @@ class LlamaDecoder:
         self.kv_size = config.num_key_value_heads * config.head_dim
         self.native = self.native_kernels()
 
-    def native_kernels(self) -> Optional[NativeKernels]:
+    def native_kernels(self) -> Optional[FusedKernels]:
         """Fused kernels (C on the CPU for decode steps, model/native.py; Triton on CUDA for every
         step, model/gpu_kernels.py) where this decoder runs the plain Llama layer: its own norm,
         attention and layer code, full-width RoPE, no q/k norms."""
@@ -54,7 +54,7 @@ class LlamaDecoder:
         c = self.config
         shape = LayerShape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
                            intermediate_size=c.intermediate_size, silu=c.hidden_act == "silu")
-        return NativeKernels.for_decoder(self.dtype, self.device, shape)
+        return fused_kernels(self.dtype, self.device, shape)
 
     def rotary_dim(self, rope_parameters) -> int:
         factor = rope_parameters.get("partial_rotary_factor") or self.config.raw.get("partial_rotary_factor")

@@ -22,17 +22,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from llmrun.model.fused import CHECK_ROWS, FusedKernels, LayerShape
+
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-MAX_ROWS = 16  # decode steps; prefill chunks keep ATen's multi-threaded ops
+MAX_ROWS = CHECK_ROWS[-1]  # decode steps; prefill chunks keep ATen's multi-threaded ops
 
 
 @lru_cache(maxsize=1)
@@ -93,39 +94,22 @@ def _ptr(tensor: Optional[torch.Tensor]) -> Optional[int]:
     return None if tensor is None else tensor.data_ptr()
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """What the kernels need to know of a decoder layer."""
-
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    eps: float
-    intermediate_size: int = 0     # the MLP's width, for the fused SiLU·mul
-    silu: bool = False             # whether the MLP's activation is SiLU
-
-
-class NativeKernels:
-    """The kernels bound to one decoder's layer shape and dtype."""
+class NativeKernels(FusedKernels):
+    """The C kernels bound to one decoder's layer shape and dtype (the self-check: fused.py)."""
 
     def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, shape: LayerShape, lanes: int):
         if not 1 <= lanes <= 16:
             raise ValueError(f"lanes must be 1..16, not {lanes}")
         self.lib, self.dtype, self.dtype_code, self.shape, self.lanes = lib, dtype, DTYPES[dtype], shape, lanes
+        self.device = torch.device("cpu")
         self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
         self.exp_fn: Optional[int] = None  # set by for_decoder when the fused SiLU·mul checks out
         self.exp_width = 0
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
-        """Kernels that passed the self-check on this shape and dtype, or None (use ATen). On a CUDA
-        device: the Triton kernels of model/gpu_kernels.py."""
-        if device.type == "cuda":
-            from llmrun.model.gpu_kernels import TritonKernels
-
-            return TritonKernels.for_decoder(dtype, device, shape)
-        if device.type != "cpu" or dtype not in DTYPES or os.environ.get("LLMRUN_NO_NATIVE") == "1":
+        """Kernels that passed the self-check on this shape and dtype, or None (use ATen)."""
+        if device.type != "cpu" or dtype not in DTYPES:
             return None
         lib = load_library()
         if lib is None:
@@ -162,10 +146,6 @@ class NativeKernels:
     def usable(self, num_rows: int) -> bool:
         return num_rows <= MAX_ROWS
 
-    def can_attend(self, meta, softcap) -> bool:
-        """Attention stays ATen's SDPA on the CPU (its flash kernel's order cannot be reproduced)."""
-        return False
-
     def add_rms_norm(self, hidden: torch.Tensor, delta: Optional[torch.Tensor],
                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden + delta, rms_norm(hidden + delta) * weight) for hidden [rows, hidden_size];
@@ -188,54 +168,3 @@ class NativeKernels:
                           k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), num_tokens, shape.num_heads,
                           shape.num_kv_heads, shape.head_dim, self.dtype_code)
         return q
-
-    def check(self) -> bool:
-        """Both kernels against the ATen ops they replace, on random data of this shape."""
-        generator = torch.Generator().manual_seed(0)
-
-        def randn(*size, scale=1.0):
-            return (torch.randn(*size, generator=generator) * scale).to(self.dtype)
-
-        return all(self._norm_matches(randn, rows, scale) and self._rope_matches(randn, generator, rows)
-                   for rows, scale in ((1, 0.05), (3, 1.0), (MAX_ROWS, 40.0)))
-
-    def _silu_mul_matches(self) -> bool:
-        import torch.nn.functional as F
-
-        generator = torch.Generator().manual_seed(1)
-        n = self.shape.intermediate_size
-        for rows in (1, 3, MAX_ROWS):
-            fused = (torch.randn(rows, 2 * n, generator=generator) * 6).to(self.dtype)
-            gate, up = fused.chunk(2, dim=-1)  # views into one matmul output, as packed weights give
-            if not torch.equal(self.silu_mul(gate, up), F.silu(gate) * up):
-                return False
-            gate, up = gate.contiguous(), up.contiguous()
-            if not torch.equal(self.silu_mul(gate, up), F.silu(gate) * up):
-                return False
-        return True
-
-    def _norm_matches(self, randn, rows: int, scale: float) -> bool:
-        from llmrun.model.layers import rms_norm
-
-        size, eps = self.shape.hidden_size, self.shape.eps
-        hidden, delta, weight = randn(rows, size, scale=scale), randn(rows, size, scale=scale), randn(size, scale=0.5)
-        summed, normed = self.add_rms_norm(hidden, delta, weight)
-        alone = self.add_rms_norm(hidden, None, weight)[1]
-        return (torch.equal(summed, hidden + delta) and torch.equal(normed, rms_norm(hidden + delta, weight, eps))
-                and torch.equal(alone, rms_norm(hidden, weight, eps)))
-
-    def _rope_matches(self, randn, generator, rows: int) -> bool:
-        from llmrun.model.rope import apply_rope
-
-        heads, kv_heads, dim = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
-        qkv = randn(rows, (heads + 2 * kv_heads) * dim)
-        angles = torch.rand(rows, 1, dim // 2, generator=generator) * 6.3
-        cos = torch.cat((angles.cos(), angles.cos()), -1).to(self.dtype)  # [rows, 1, dim]
-        sin_folded = torch.cat((-angles.sin(), angles.sin()), -1).to(self.dtype)
-        k_pool, v_pool = randn(rows + 5, kv_heads, dim), randn(rows + 5, kv_heads, dim)
-        slots = torch.randperm(rows + 5, generator=generator)[:rows]
-        q = self.rope_qkv(qkv, cos, sin_folded, k_pool, v_pool, slots)
-        qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(rows, -1, dim), cos, sin_folded)
-        v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
-        return (torch.equal(q, qk[:, :heads]) and torch.equal(k_pool[slots], qk[:, heads:])
-                and torch.equal(v_pool[slots], v))

@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from llmrun.engine.build import EngineOptions, build_engine  # noqa: E402
-from llmrun.model.gpu_kernels import TritonKernels, within_ulps  # noqa: E402
-from llmrun.model.native import LayerShape  # noqa: E402
+from llmrun.model.fused import LayerShape, within_ulps  # noqa: E402
+from llmrun.model.gpu_kernels import TritonKernels  # noqa: E402
 from tests.checkpoints import llama_config, phi3_config, save_checkpoint  # noqa: E402
 from tests.model.test_llama_parity import prompt_ids  # noqa: E402
 
