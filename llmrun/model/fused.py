@@ -45,7 +45,7 @@ def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -
 
 
 class FusedKernels:
-    """What decoders call (add_rms_norm, rope_qkv, silu_mul, attend, and when each may run), and
+    """What decoders call (add_rms_norm, rope_qkv, silu_mul, attend, linear, and when each may run), and
     the self-check against ATen every kernel set passes before use. Subclasses set `dtype`,
     `device` and `shape`, and say how close a fused norm must be (`norms_agree`)."""
 
@@ -61,6 +61,12 @@ class FusedKernels:
 
     def can_attend(self, meta, softcap) -> bool:
         return False
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x @ weight.T (+ bias): layers.linear, unless a kernel set has a faster matmul for it."""
+        from llmrun.model.layers import linear
+
+        return linear(x, weight, bias)
 
     def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         return torch.equal(actual, expected)

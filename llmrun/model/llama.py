@@ -135,13 +135,13 @@ class LlamaDecoder:
             with weights.layer(layer_idx) as w:
                 k_slots, v_slots = cache.layer(layer_idx)
                 hidden, x = native.add_rms_norm(hidden, delta, w["input_norm"])
-                qkv = linear(x, w["qkv"], w.get("qkv_bias"))
+                qkv = native.linear(x, w["qkv"], w.get("qkv_bias"))
                 q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
                 if native.can_attend(meta, self.attn_softcap):
                     attn = native.attend(q, k_slots, v_slots, meta, self.scale)
                 else:
                     attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
-                hidden, x = native.add_rms_norm(hidden, linear(attn, w["o"], w.get("o_bias")), w["post_norm"])
+                hidden, x = native.add_rms_norm(hidden, native.linear(attn, w["o"], w.get("o_bias")), w["post_norm"])
                 delta = self.mlp(w, x)
         return native.add_rms_norm(hidden, delta, weights.globals["norm"])[1]
 
@@ -179,13 +179,17 @@ class LlamaDecoder:
         write_kv(k_slots, v_slots, k, v, meta)
         return paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """layers.linear, or the kernel set's where it has a faster matmul (the CPU's bf16 GEMV)."""
+        return linear(x, weight, bias) if self.native is None else self.native.linear(x, weight, bias)
+
     def mlp(self, w, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear_halves(x, w["gate_up"], w.get("gate_up_bias"))
+        gate, up = linear_halves(x, w["gate_up"], w.get("gate_up_bias"), matmul=self.linear)
         if self.native is not None and self.native.can_silu_mul(x.shape[0]):
-            return linear(self.native.silu_mul(gate, up), w["down"], w.get("down_bias"))
-        return linear(self.act(gate) * up, w["down"], w.get("down_bias"))
+            return self.linear(self.native.silu_mul(gate, up), w["down"], w.get("down_bias"))
+        return self.linear(self.act(gate) * up, w["down"], w.get("down_bias"))
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] for the given final hidden rows."""
         with weights.head() as head:
-            return linear(hidden, head)
+            return self.linear(hidden, head)

@@ -29,23 +29,36 @@ from typing import Optional
 import torch
 
 from llmrun.model.fused import CHECK_ROWS, FusedKernels, LayerShape
+from llmrun.model.layers import linear
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
+GEMV_SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+GEMV_FLAGS = ("-fopenmp",)  # joins the libgomp PyTorch loaded: ATen's threads, no second pool
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_ROWS = CHECK_ROWS[-1]  # decode steps; prefill chunks keep ATen's multi-threaded ops
+GEMV_BLOCK = 32  # outputs per VNNI block of a oneDNN-packed weight (native_gemv.c)
 
 
 @lru_cache(maxsize=1)
 def load_library() -> Optional[ctypes.CDLL]:
-    """The compiled kernels (built once per source version), or None where they cannot be built."""
+    """The compiled kernels (built once per source version), or None where they cannot be built.
+    With the bf16 GEMV (native_gemv.c) where the compiler has OpenMP, else without it."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
+    for sources, flags in (((SOURCE, GEMV_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE,), FLAGS)):
+        lib = _build(compiler, sources, flags)
+        if lib is not None:
+            return _declare(lib)
+    return None
+
+
+def _build(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Optional[ctypes.CDLL]:
     from llmrun.paths import cache_dir
 
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    text = b"".join(source.read_bytes() for source in sources)
+    key = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
     library = folder / f"kernels-{key}.so"
     try:
@@ -53,12 +66,15 @@ def load_library() -> Optional[ctypes.CDLL]:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as scratch:
                 built = Path(scratch) / library.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True,
+                subprocess.run([compiler, *flags, "-o", str(built), *map(str, sources), "-lm"], check=True,
                                capture_output=True, timeout=120)
                 os.replace(built, library)  # atomic: a half-written library is never loaded
-        lib = ctypes.CDLL(str(library))
+        return ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     lib.add_rms_norm.argtypes = [p, p, p, p, p, i64, i64, f32, i32, i32, p, p]
     lib.add_rms_norm.restype = None
@@ -67,6 +83,9 @@ def load_library() -> Optional[ctypes.CDLL]:
     if hasattr(lib, "silu_mul"):  # x86-64 builds only
         lib.silu_mul.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, i32]
         lib.silu_mul.restype = None
+    if hasattr(lib, "gemv_bf16_packed"):
+        lib.gemv_bf16_packed.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, i32]
+        lib.gemv_bf16_packed.restype = None
     return lib
 
 
@@ -105,6 +124,9 @@ class NativeKernels(FusedKernels):
         self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
         self.exp_fn: Optional[int] = None  # set by for_decoder when the fused SiLU·mul checks out
         self.exp_width = 0
+        self.gemv = dtype == torch.bfloat16 and hasattr(lib, "gemv_bf16_packed") and bool(lib.gemv_supported())
+        self._gemv_shapes: dict[tuple[int, int], bool] = {}  # (out, in) -> passed its self-check
+        self._gemv_scratch = torch.empty(0, dtype=torch.float32)
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
@@ -145,6 +167,59 @@ class NativeKernels(FusedKernels):
 
     def usable(self, num_rows: int) -> bool:
         return num_rows <= MAX_ROWS
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x @ weight.T (+ bias). A decode step's bf16 matmul over a oneDNN-packed weight runs the
+        C GEMV (native_gemv.c: oneDNN's sums in oneDNN's order, read at the memory's pace) where
+        that weight's shape passed the GEMV self-check; anything else runs layers.linear."""
+        rows = x.shape[0]
+        if not (self.gemv and bias is None and weight.is_mkldnn and rows <= MAX_ROWS and x.dim() == 2
+                and x.dtype == torch.bfloat16 and x.stride(1) == 1 and self._gemv_checked(weight)):
+            return linear(x, weight, bias)
+        return self._gemv(x, weight)
+
+    def _gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rows, (n, k) = x.shape[0], weight.shape
+        if self._gemv_scratch.numel() < rows * k:
+            self._gemv_scratch = torch.empty(MAX_ROWS * k, dtype=torch.float32)
+        out = torch.empty((rows, n), dtype=torch.bfloat16)
+        self.lib.gemv_bf16_packed(x.data_ptr(), x.stride(0), torch.ops.mkldnn.data_ptr(weight), out.data_ptr(), n,
+                                  rows, n, k, self._gemv_scratch.data_ptr(), torch.get_num_threads())
+        return out
+
+    def _gemv_checked(self, weight: torch.Tensor) -> bool:
+        """Whether the GEMV may run on packed weights of this shape: its layout is the one the
+        GEMV reads, and on data built to expose any other order of summation (large terms that
+        cancel exactly, small ones left over) it gives oneDNN's bits for every row count."""
+        shape = tuple(weight.shape)
+        if shape not in self._gemv_shapes:
+            self._gemv_shapes[shape] = self._gemv_matches(weight)
+        return self._gemv_shapes[shape]
+
+    def _gemv_matches(self, weight: torch.Tensor) -> bool:
+        from llmrun.weights.packing import pack_weight
+
+        n, k = weight.shape
+        if n % GEMV_BLOCK or k % GEMV_BLOCK or torch.ops.mkldnn._nbytes(weight) != 2 * n * k:
+            return False
+        generator = torch.Generator().manual_seed(2)
+        probe_n = min(n, 4096)  # the layout repeats per block of 32 outputs; the sums are per output
+        big = (torch.randn(probe_n, k // 4, generator=generator) * 3e4).to(torch.bfloat16).float()
+        small = torch.randn(probe_n, k - 2 * (k // 4), generator=generator) * 0.01
+        columns = torch.randperm(k, generator=generator)
+        probe = torch.cat((big, -big, small), 1)[:, columns].to(torch.bfloat16)
+        packed = pack_weight(probe)
+        if not packed.is_mkldnn or torch.ops.mkldnn._nbytes(packed) != 2 * probe_n * k:
+            return False
+        for rows in CHECK_ROWS:
+            x = (1 + torch.rand(rows, k, generator=generator)).to(torch.bfloat16)
+            x[0] = 1  # exact cancellation in row 0
+            if not torch.equal(self._gemv(x, packed), linear(x, packed)):
+                return False
+            x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+            if not torch.equal(self._gemv(x, packed), linear(x, packed)):
+                return False
+        return True
 
     def add_rms_norm(self, hidden: torch.Tensor, delta: Optional[torch.Tensor],
                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,7 @@
 """The fused CPU decode kernels (model/native.py): bit-identical to ATen, or not used at all."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +137,83 @@ def test_without_a_compiler_the_aten_path_runs(checkpoint, tmp_path, monkeypatch
 def test_llmrun_no_native_turns_the_kernels_off(lib, checkpoint, monkeypatch):
     monkeypatch.setenv("LLMRUN_NO_NATIVE", "1")
     assert build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0)).decoder.native is None
+
+
+# -- the bf16 GEMV over oneDNN-packed weights (native_gemv.c) ------------------------------------
+def amx_cpu() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def gemv_kernels(lib):
+    kernels = kernels_for(torch.bfloat16, 64)
+    if not kernels.gemv:
+        pytest.skip("no AVX-512 BF16 here (or no OpenMP in the compiler): oneDNN runs every matmul")
+    return kernels
+
+
+def packed(weight):
+    from llmrun.weights.packing import pack_weight
+
+    result = pack_weight(weight)
+    assert result.is_mkldnn
+    return result
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (128, 64), (49152, 576)])
+def test_gemv_gives_onednns_bits(gemv_kernels, shape):
+    n, k = shape
+    generator = torch.Generator().manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=generator) * 0.05).to(torch.bfloat16)
+    w = packed(weight)
+    if not gemv_kernels._gemv_checked(w):
+        assert not amx_cpu(), "oneDNN's AMX matmul should match the GEMV"
+        pytest.skip("oneDNN sums in another order on this CPU (no AMX): the GEMV stays off")
+    for rows in (1, 2, 3, 16):
+        x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+        out = gemv_kernels.linear(x, w)
+        assert torch.equal(out, torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+        assert torch.equal(out, F.linear(x, weight))  # what transformers computes
+    wide = torch.randn(2, 3 * k, generator=generator).to(torch.bfloat16)[:, k : 2 * k]  # a row stride of 3k
+    assert torch.equal(gemv_kernels.linear(wide, w), F.linear(wide, weight))
+
+
+def test_gemv_leaves_other_shapes_and_row_counts_to_onednn(gemv_kernels):
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(100, 64, generator=generator).to(torch.bfloat16)
+    x = torch.randn(2, 64, generator=generator).to(torch.bfloat16)
+    assert torch.equal(gemv_kernels.linear(x, packed(weight)), F.linear(x, weight))
+    assert gemv_kernels._gemv_shapes[(100, 64)] is False  # not whole blocks of 32 outputs
+    prefill = torch.randn(40, 64, generator=generator).to(torch.bfloat16)
+    calls = []
+    real = gemv_kernels._gemv
+    gemv_kernels._gemv = lambda *a: calls.append(a) or real(*a)
+    try:
+        gemv_kernels.linear(prefill, packed(torch.randn(128, 64, generator=generator).to(torch.bfloat16)))
+    finally:
+        gemv_kernels._gemv = real
+    assert not calls  # more rows than a decode step: oneDNN's GEMM
+
+
+def test_the_gemv_check_catches_another_order_of_summation(gemv_kernels, monkeypatch):
+    # A GEMV that sums in float32 in MKL's order and rounds once: right to ~1 ulp, wrong bits.
+    other_order = lambda x, w: F.linear(x.float(), w.to_dense().float()).to(torch.bfloat16)
+    weight = packed(torch.randn(256, 576).to(torch.bfloat16))
+    if not gemv_kernels._gemv_matches(weight):
+        pytest.skip("oneDNN sums in another order on this CPU: the GEMV stays off")
+    monkeypatch.setattr(gemv_kernels, "_gemv", other_order)
+    assert not gemv_kernels._gemv_matches(weight)
+
+
+def test_a_bf16_engine_runs_its_matmuls_in_the_gemv(lib, checkpoint):
+    engine = build_engine(checkpoint, EngineOptions(dtype="bfloat16", gpu_mem_bytes=0))
+    native = engine.decoder.native
+    if not native.gemv:
+        pytest.skip("no AVX-512 BF16 here")
+    greedy_with_logits(engine, list(range(5, 40)), 3)
+    # qkv, o, gate/up, down and the head (the tiny model's shapes are whole blocks of 32)
+    assert set(native._gemv_shapes) == {(128, 64), (64, 64), (256, 64), (64, 128), (320, 64)}
+    assert all(native._gemv_shapes.values()) or not amx_cpu()
