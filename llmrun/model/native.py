@@ -126,6 +126,7 @@ class NativeKernels(FusedKernels):
         self.exp_width = 0
         self.gemv = dtype == torch.bfloat16 and hasattr(lib, "gemv_bf16_packed") and bool(lib.gemv_supported())
         self._gemv_shapes: dict[tuple[int, int], bool] = {}  # (out, in) -> passed its self-check
+        self._gemv_weights: dict[int, tuple[torch.Tensor, Optional[int]]] = {}  # id -> (weight, its data or None)
         self._gemv_scratch = torch.empty(0, dtype=torch.float32)
 
     @classmethod
@@ -172,19 +173,24 @@ class NativeKernels(FusedKernels):
         """x @ weight.T (+ bias). A decode step's bf16 matmul over a oneDNN-packed weight runs the
         C GEMV (native_gemv.c: oneDNN's sums in oneDNN's order, read at the memory's pace) where
         that weight's shape passed the GEMV self-check; anything else runs layers.linear."""
-        rows = x.shape[0]
-        if not (self.gemv and bias is None and weight.is_mkldnn and rows <= MAX_ROWS and x.dim() == 2
-                and x.dtype == torch.bfloat16 and x.stride(1) == 1 and self._gemv_checked(weight)):
+        if not (weight.is_mkldnn and bias is None and self.gemv and x.shape[0] <= MAX_ROWS and x.dim() == 2
+                and x.dtype == torch.bfloat16 and x.stride(1) == 1):
             return linear(x, weight, bias)
-        return self._gemv(x, weight)
+        entry = self._gemv_weights.get(id(weight))
+        if entry is None:  # first use of this (resident, packed) weight: kept, so its id stays its own
+            usable = weight.dtype == torch.bfloat16 and self._gemv_checked(weight)
+            entry = self._gemv_weights[id(weight)] = (weight, torch.ops.mkldnn.data_ptr(weight) if usable else None)
+        if entry[1] is None:
+            return linear(x, weight, bias)
+        return self._gemv(x, entry[1], *weight.shape)
 
-    def _gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        rows, (n, k) = x.shape[0], weight.shape
+    def _gemv(self, x: torch.Tensor, weight_ptr: int, n: int, k: int) -> torch.Tensor:
+        rows = x.shape[0]
         if self._gemv_scratch.numel() < rows * k:
             self._gemv_scratch = torch.empty(MAX_ROWS * k, dtype=torch.float32)
         out = torch.empty((rows, n), dtype=torch.bfloat16)
-        self.lib.gemv_bf16_packed(x.data_ptr(), x.stride(0), torch.ops.mkldnn.data_ptr(weight), out.data_ptr(), n,
-                                  rows, n, k, self._gemv_scratch.data_ptr(), torch.get_num_threads())
+        self.lib.gemv_bf16_packed(x.data_ptr(), x.stride(0), weight_ptr, out.data_ptr(), n, rows, n, k,
+                                  self._gemv_scratch.data_ptr(), torch.get_num_threads())
         return out
 
     def _gemv_checked(self, weight: torch.Tensor) -> bool:
@@ -211,14 +217,13 @@ class NativeKernels(FusedKernels):
         packed = pack_weight(probe)
         if not packed.is_mkldnn or torch.ops.mkldnn._nbytes(packed) != 2 * probe_n * k:
             return False
+        pointer = torch.ops.mkldnn.data_ptr(packed)
         for rows in CHECK_ROWS:
-            x = (1 + torch.rand(rows, k, generator=generator)).to(torch.bfloat16)
-            x[0] = 1  # exact cancellation in row 0
-            if not torch.equal(self._gemv(x, packed), linear(x, packed)):
-                return False
-            x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
-            if not torch.equal(self._gemv(x, packed), linear(x, packed)):
-                return False
+            cancelling = (1 + torch.rand(rows, k, generator=generator)).to(torch.bfloat16)
+            cancelling[0] = 1  # the large terms cancel exactly in row 0
+            for x in (cancelling, torch.randn(rows, k, generator=generator).to(torch.bfloat16)):
+                if not torch.equal(self._gemv(x, pointer, probe_n, k), linear(x, packed)):
+                    return False
         return True
 
     def add_rms_norm(self, hidden: torch.Tensor, delta: Optional[torch.Tensor],

@@ -199,12 +199,15 @@ def test_gemv_leaves_other_shapes_and_row_counts_to_onednn(gemv_kernels):
 
 
 def test_the_gemv_check_catches_another_order_of_summation(gemv_kernels, monkeypatch):
-    # A GEMV that sums in float32 in MKL's order and rounds once: right to ~1 ulp, wrong bits.
-    other_order = lambda x, w: F.linear(x.float(), w.to_dense().float()).to(torch.bfloat16)
+    import llmrun.model.native as native
+
     weight = packed(torch.randn(256, 576).to(torch.bfloat16))
     if not gemv_kernels._gemv_matches(weight):
         pytest.skip("oneDNN sums in another order on this CPU: the GEMV stays off")
-    monkeypatch.setattr(gemv_kernels, "_gemv", other_order)
+    # Were the reference to sum in float32 in MKL's order and round once (right to ~1 ulp, other
+    # bits), the check must see it.
+    other_order = lambda x, w, bias=None: F.linear(x.float(), w.to_dense().float()).to(torch.bfloat16)
+    monkeypatch.setattr(native, "linear", other_order)
     assert not gemv_kernels._gemv_matches(weight)
 
 
