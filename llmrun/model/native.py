@@ -170,10 +170,11 @@ class NativeKernels(FusedKernels):
         return num_rows <= MAX_ROWS
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x @ weight.T (+ bias). A decode step's bf16 matmul over a oneDNN-packed weight runs the
-        C GEMV (native_gemv.c: oneDNN's sums in oneDNN's order, read at the memory's pace) where
-        that weight's shape passed the GEMV self-check; anything else runs layers.linear."""
-        if not (weight.is_mkldnn and bias is None and self.gemv and x.shape[0] <= MAX_ROWS and x.dim() == 2
+        """x @ weight.T (+ bias). One sequence's decode step in bf16 over a oneDNN-packed weight runs
+        the C GEMV (native_gemv.c: oneDNN's sums in oneDNN's order, read at the memory's pace) where
+        that weight's shape passed the GEMV self-check; anything else runs layers.linear. From two
+        rows on, oneDNN's AMX kernel is faster (the GEMV's FMAs grow with the rows, AMX's do not)."""
+        if not (weight.is_mkldnn and bias is None and self.gemv and x.shape[0] == 1 and x.dim() == 2
                 and x.dtype == torch.bfloat16 and x.stride(1) == 1):
             return linear(x, weight, bias)
         entry = self._gemv_weights.get(id(weight))
