@@ -20,7 +20,7 @@ GPU sleep, so the events time the kernels and not Python's launch cost (llmrun r
 from CUDA graphs, where launches cost nothing). Each call reads a different copy of W, enough copies
 to pass 200 MB, so that W comes from HBM and not from the 50 MB L2.
 
-Usage: python scripts/gpu_gemv_probe.py [--json PATH]      (on a CUDA GPU; ~3-4 minutes on an H100)
+Usage: python scripts/gpu_gemv_probe.py [--json PATH]      (on a CUDA GPU; a minute or two on an H100)
        python scripts/gpu_gemv_probe.py --selftest         (CPU, Triton's interpreter, tiny shapes)
 """
 
@@ -392,9 +392,6 @@ def measure_bandwidth(device: torch.device, timer: Timer, nbytes: float) -> dict
     half = data.numel() // 2
     dst = torch.empty(half, dtype=torch.float16, device=device)
     copy_us = timer.median_us(lambda i: dst.copy_(data[:half]), runs=10, warmup=2)
-    del data, dst
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"bytes": int(nbytes), "read_us": sum_us, "read_gbps": nbytes / sum_us / 1e3,
             "copy_us": copy_us, "copy_gbps": 2 * half * 2 / copy_us / 1e3}
 
