@@ -15,6 +15,7 @@ from llmrun.model.fused import LayerShape, within_ulps  # noqa: E402
 from llmrun.model.gpu_kernels import TritonKernels  # noqa: E402
 from tests.checkpoints import llama_config, phi3_config, save_checkpoint  # noqa: E402
 from tests.model.test_llama_parity import prompt_ids  # noqa: E402
+from tests.parity import greedy_with_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PHI3_MINI_ISH = LayerShape(hidden_size=192, num_heads=2, num_kv_heads=2, head_dim=96, eps=1e-5,
@@ -113,3 +114,79 @@ def test_decoder_with_the_kernels_keeps_its_tokens(tmp_path, make_config, static
     assert results[0][0] == results[1][0]
     tolerance = 1e-5 if DEVICE.type == "cpu" else 1e-4  # CUDA: SDPA and the decode kernel sum in other orders
     torch.testing.assert_close(results[1][1], results[0][1], atol=tolerance, rtol=tolerance)
+
+
+GEMV_DTYPES = (torch.float16,) + ((torch.bfloat16,) if DEVICE.type == "cuda" else ())
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+@pytest.mark.parametrize("shape", ((96, 192), (100, 96), (40, 2112), (7, 1024)),
+                         ids=("small", "uneven", "K-past-a-block", "one-block"))
+def test_gemv_matches_a_float32_matmul(dtype, shape):
+    """One row times a weight, K in one block, K past one (2112 = 1024 + 1024 + 64: masked tail)."""
+    n, k = shape
+    generator = torch.Generator().manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(dtype).to(DEVICE)
+    x = torch.randn(1, k, generator=generator).to(dtype).to(DEVICE)
+    kernels = TritonKernels(dtype, DEVICE, TINY_GQA)
+    ours = kernels.linear(x, weight)
+    expected = torch.nn.functional.linear(x.float(), weight.float())
+    assert ours.dtype == dtype and ours.shape == (1, n)
+    torch.testing.assert_close(ours.float(), expected, atol=2e-3, rtol=1e-2)  # a rounding to 16 bits
+
+
+@pytest.fixture
+def gemv_launches(monkeypatch):
+    """The grids the GEMV is launched with, as they happen."""
+    import llmrun.model.gpu_kernels as gpu_kernels
+
+    launches = []
+    real = gpu_kernels._gemv
+
+    class Recording:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(gpu_kernels, "_gemv", Recording())
+    return launches
+
+
+def test_gemv_runs_one_row_of_16_bits_and_leaves_the_rest_to_cublas(gemv_launches):
+    launches = gemv_launches
+    kernels = TritonKernels(torch.float16, DEVICE, TINY_GQA)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, generator=generator).half().to(DEVICE)
+    for x, w, bias in ((torch.randn(2, 32, generator=generator).half().to(DEVICE), weight, None),  # two rows
+                       (torch.randn(1, 32, generator=generator).to(DEVICE), weight.float(), None),  # float32
+                       (torch.randn(1, 32, generator=generator).half().to(DEVICE), weight, weight[:, 0]),  # a bias
+                       (torch.randn(1, 64, generator=generator).half().to(DEVICE)[:, :32], weight, None)):
+        assert torch.equal(kernels.linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    assert launches == [(64,)]  # the last: one row (a view), 16 bits, no bias
+    kernels.linear(torch.randn(1, 64, generator=generator).half().to(DEVICE), weight.t())  # a transposed weight
+    assert launches == [(64,)]
+
+
+def test_fp16_decoder_with_the_gemv_keeps_its_tokens(tmp_path, gemv_launches, monkeypatch):
+    """In float16 the decode steps' matmuls run the GEMV (its own order of summation): greedy
+    tokens of the ATen path, logits within a 16-bit rounding or two."""
+    monkeypatch.setenv("LLMRUN_NO_PACK", "1")  # on the CPU: plain weights, as on a GPU
+    folder = save_checkpoint(tmp_path, llama_config(), seed=3)
+    prompt = prompt_ids(5, 21)
+    results = []
+    for fused in (False, True):
+        engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=0 if DEVICE.type == "cpu" else None))
+        decoder = engine.decoder
+        shape = LayerShape(decoder.config.hidden_size, decoder.config.num_attention_heads,
+                           decoder.config.num_key_value_heads, decoder.config.head_dim, decoder.config.rms_norm_eps,
+                           decoder.config.intermediate_size, silu=True)
+        decoder.native = TritonKernels.for_decoder(torch.float16, DEVICE, shape) if fused else None
+        assert (decoder.native is not None) == fused
+        results.append(greedy_with_logits(engine, prompt, 8))
+        assert bool(gemv_launches) == fused
+    # the prompt's head (its last row), then 7 decode steps: qkv, o, gate/up and down in 3 layers,
+    # and the head (on the CPU gate and up are two matmuls over halves of a plain weight: layers.py)
+    per_layer = 4 if DEVICE.type == "cuda" else 3
+    assert len(gemv_launches) == 1 + 7 * (3 * per_layer + 1)
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[1][1], results[0][1], atol=2e-2, rtol=2e-2)
