@@ -45,7 +45,7 @@ def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -
 
 
 class FusedKernels:
-    """What decoders call (add_rms_norm, rope_qkv, silu_mul, attend, linear, and when each may run), and
+    """What decoders call (add_rms_norm, rope_qkv, silu_mul, attend, the matmuls, and when each may run), and
     the self-check against ATen every kernel set passes before use. Subclasses set `dtype`,
     `device` and `shape`, and say how close a fused norm must be (`norms_agree`)."""
 
@@ -67,6 +67,20 @@ class FusedKernels:
         from llmrun.model.layers import linear
 
         return linear(x, weight, bias)
+
+    def norm_linear(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                    weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta, rms_norm(hidden + delta) * norm_weight @ weight.T (+ bias)): the norm
+        before a layer's input projection; a kernel set may run both in one kernel."""
+        hidden, x = self.add_rms_norm(hidden, delta, norm_weight)
+        return hidden, self.linear(x, weight, bias)
+
+    def linear_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """An output projection and the residual stream: (hidden, x @ weight.T) with the add left
+        to the next norm_linear or add_rms_norm, or (hidden + x @ weight.T, None) where a kernel
+        set adds it in the matmul's kernel."""
+        return hidden, self.linear(x, weight, bias)
 
     def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         return torch.equal(actual, expected)

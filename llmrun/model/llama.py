@@ -125,24 +125,28 @@ class LlamaDecoder:
         return self.norm(hidden, weights.globals["norm"])
 
     def forward_native(self, weights, hidden, ropes, metas, cache: PagedKVCache) -> torch.Tensor:
-        """`forward` with the fused kernels: each residual add runs with the norm after it, RoPE with
-        the K/V writes. On the CPU the same values as the ATen ops, bit for bit; on CUDA the norms
-        and static decode steps' attention sum in their own order (model/gpu_kernels.py)."""
+        """`forward` with the fused kernels: each residual add runs with the norm after it (or, on
+        CUDA, in the matmul before it: each norm then runs in the matmul after it), RoPE with the
+        K/V writes. On the CPU the same values as the ATen ops, bit for bit; on CUDA the norms,
+        the GEMVs and static decode steps' attention sum in their own order (model/gpu_kernels.py)."""
         c, native = self.config, self.native
-        delta = None  # the previous layer's MLP output, not yet added to `hidden`
+        delta = None  # the last projection's output, not yet added to `hidden`
         for layer_idx in range(c.num_hidden_layers):
             rope, meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
             with weights.layer(layer_idx) as w:
                 k_slots, v_slots = cache.layer(layer_idx)
-                hidden, x = native.add_rms_norm(hidden, delta, w["input_norm"])
-                qkv = native.linear(x, w["qkv"], w.get("qkv_bias"))
+                hidden, qkv = native.norm_linear(hidden, delta, w["input_norm"], w["qkv"], w.get("qkv_bias"))
                 q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
                 if native.can_attend(meta, self.attn_softcap):
                     attn = native.attend(q, k_slots, v_slots, meta, self.scale)
                 else:
                     attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
-                hidden, x = native.add_rms_norm(hidden, native.linear(attn, w["o"], w.get("o_bias")), w["post_norm"])
-                delta = self.mlp(w, x)
+                hidden, delta = native.linear_residual(attn, w["o"], w.get("o_bias"), hidden)
+                hidden, gate_up = native.norm_linear(hidden, delta, w["post_norm"], w["gate_up"],
+                                                     w.get("gate_up_bias"))
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = native.silu_mul(gate, up) if native.can_silu_mul(gate.shape[0]) else self.act(gate) * up
+                hidden, delta = native.linear_residual(act, w["down"], w.get("down_bias"), hidden)
         return native.add_rms_norm(hidden, delta, weights.globals["norm"])[1]
 
     def embed(self, weights, input_ids: torch.Tensor) -> torch.Tensor:

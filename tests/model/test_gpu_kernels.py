@@ -137,7 +137,7 @@ def test_gemv_matches_a_float32_matmul(dtype, shape):
 
 @pytest.fixture
 def gemv_launches(monkeypatch):
-    """The grids the GEMV is launched with, as they happen."""
+    """The GEMV's launches as they happen: (grid, fused norm, fused residual add)."""
     import llmrun.model.gpu_kernels as gpu_kernels
 
     launches = []
@@ -145,8 +145,11 @@ def gemv_launches(monkeypatch):
 
     class Recording:
         def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs["NORM"], kwargs["RESIDUAL"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
 
     monkeypatch.setattr(gpu_kernels, "_gemv", Recording())
     return launches
@@ -162,9 +165,9 @@ def test_gemv_runs_one_row_of_16_bits_and_leaves_the_rest_to_cublas(gemv_launche
                        (torch.randn(1, 32, generator=generator).half().to(DEVICE), weight, weight[:, 0]),  # a bias
                        (torch.randn(1, 64, generator=generator).half().to(DEVICE)[:, :32], weight, None)):
         assert torch.equal(kernels.linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
-    assert launches == [(64,)]  # the last: one row (a view), 16 bits, no bias
+    assert launches == [((64,), False, False)]  # the last: one row (a view), 16 bits, no bias
     kernels.linear(torch.randn(1, 64, generator=generator).half().to(DEVICE), weight.t())  # a transposed weight
-    assert launches == [(64,)]
+    assert len(launches) == 1
 
 
 def test_fp16_decoder_with_the_gemv_keeps_its_tokens(tmp_path, gemv_launches, monkeypatch):
@@ -184,9 +187,35 @@ def test_fp16_decoder_with_the_gemv_keeps_its_tokens(tmp_path, gemv_launches, mo
         assert (decoder.native is not None) == fused
         results.append(greedy_with_logits(engine, prompt, 8))
         assert bool(gemv_launches) == fused
-    # the prompt's head (its last row), then 7 decode steps: qkv, o, gate/up and down in 3 layers,
-    # and the head (on the CPU gate and up are two matmuls over halves of a plain weight: layers.py)
-    per_layer = 4 if DEVICE.type == "cuda" else 3
-    assert len(gemv_launches) == 1 + 7 * (3 * per_layer + 1)
+    # the prompt's head (its last row), then 7 decode steps: in each of 3 layers qkv and gate/up
+    # with their norms, o and down with their residual adds; then the head
+    assert len(gemv_launches) == 1 + 7 * (3 * 4 + 1)
+    assert sum(norm for _, norm, _ in gemv_launches) == sum(add for _, _, add in gemv_launches) == 7 * 3 * 2
     assert results[0][0] == results[1][0]
     torch.testing.assert_close(results[1][1], results[0][1], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+def test_gemv_with_its_norm_and_its_residual_add(dtype, gemv_launches):
+    """The fused prologue and epilogue against the kernels they replace: the norm within a 16-bit
+    rounding of _add_rms_norm's (each GEMV program sums the squares in its own order), the add exact."""
+    generator = torch.Generator().manual_seed(9)
+    k, n = 2112, 96  # K past one block: the squares summed over chunks
+    shape = LayerShape(k, 4, 2, 16, 1e-5)
+    kernels = TritonKernels(dtype, DEVICE, shape)
+    hidden = torch.randn(1, k, generator=generator).to(dtype).to(DEVICE)
+    norm_weight = (1 + torch.randn(k, generator=generator) * 0.2).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(dtype).to(DEVICE)
+    same, fused = kernels.norm_linear(hidden, None, norm_weight, weight)
+    assert same is hidden and gemv_launches[-1][1:] == (True, False)
+    separate = kernels.linear(kernels.add_rms_norm(hidden, None, norm_weight)[1], weight)
+    torch.testing.assert_close(fused.float(), separate.float(), atol=2e-3, rtol=1e-2)
+
+    x = torch.randn(1, k, generator=generator).to(dtype).to(DEVICE)
+    residual = torch.randn(1, n, generator=generator).to(dtype).to(DEVICE)
+    summed, pending = kernels.linear_residual(x, weight, None, residual)
+    assert pending is None and gemv_launches[-1][1:] == (False, True)
+    assert torch.equal(summed, residual + kernels.linear(x, weight))  # the product rounded, then added
+    two_rows = torch.randn(2, k, generator=generator).to(dtype).to(DEVICE)
+    kept, product = kernels.linear_residual(two_rows, weight, None, residual.expand(2, n))
+    assert product is not None and torch.equal(product, torch.nn.functional.linear(two_rows, weight))
