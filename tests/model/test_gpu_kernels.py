@@ -174,6 +174,7 @@ def test_fp16_decoder_with_the_gemv_keeps_its_tokens(tmp_path, gemv_launches, mo
     """In float16 the decode steps' matmuls run the GEMV (its own order of summation): greedy
     tokens of the ATen path, logits within a 16-bit rounding or two."""
     monkeypatch.setenv("LLMRUN_NO_PACK", "1")  # on the CPU: plain weights, as on a GPU
+    monkeypatch.setenv("LLMRUN_NO_CUDA_GRAPHS", "1")  # on a GPU: every step through Python, to count launches
     folder = save_checkpoint(tmp_path, llama_config(), seed=3)
     prompt = prompt_ids(5, 21)
     results = []
