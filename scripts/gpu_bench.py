@@ -173,9 +173,16 @@ def transformers_decode(folder: Path, prompt: list[int], steps: int, cache: str)
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     tokens = out[0, len(prompt):].tolist()
+    result = {"cache": cache, "tok_s": round(steps / wall, 2), "first_call_s": round(warmup_s, 2), "tokens": tokens}
+    if cache == "dynamic":  # untimed: each step's two best logits, to tell near-ties from errors
+        scored = model.generate(ids, max_new_tokens=steps, output_scores=True, return_dict_in_generate=True,
+                                **kwargs)
+        best = torch.stack(scored.scores)[:, 0].float().topk(2, dim=-1)
+        result["top2"] = [[i.tolist(), v.tolist()] for v, i in zip(best.values.cpu(), best.indices.cpu())]
+        result["median_top2_gap"] = round((best.values[:, 0] - best.values[:, 1]).median().item(), 4)
     del model
     torch.cuda.empty_cache()
-    return {"cache": cache, "tok_s": round(steps / wall, 2), "first_call_s": round(warmup_s, 2), "tokens": tokens}
+    return result
 
 
 def accelerate_decode(folder: Path, prompt: list[int], steps: int) -> dict:
@@ -285,7 +292,12 @@ def summarize(r: dict) -> None:
             n = min(len(r[name]["tokens"]), len(resident.get("tokens", [])))
             ours, theirs = resident["tokens"][:n], r[name]["tokens"][:n]
             summary[f"tokens_equal_{name}"] = ours == theirs
-            summary[f"first_divergence_{name}"] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+            summary[f"first_divergence_{name}"] = first
+            if first is not None and "top2" in r[name]:  # was it a near-tie, and ours their runner-up?
+                (ids, values) = r[name]["top2"][first]
+                summary[f"divergence_{name}"] = {"their_top2_gap": round(values[0] - values[1], 4),
+                                                 "ours_is_their_second": ours[first] == ids[1]}
     r["summary"] = summary
 
 
