@@ -7,7 +7,7 @@ Measures, in one process, on the same weights (all resident on the CPU):
   memory-bandwidth bound on tokens/s;
 - matmul floor: only the matmuls one decode step runs (every layer's projections and the output
   head, M = 1), through the exact kernels and packed weights llmrun's decoder calls. Any engine
-  whose tokens stay bit-identical to transformers must run these kernels (a different
+  whose tokens stay bit-identical to transformers must sum in these kernels' order (a different
   accumulation order flips greedy tokens after ~40 steps on SmolLM2 in bf16), so this is the
   ceiling for such an engine, with norms, RoPE, attention and sampling taking no time at all;
 - everything but the matmuls, warm: llmrun's decode with every M = 1 matmul of the Llama
@@ -41,18 +41,16 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def matmul_step(weights, dtype):
-    """One decode step's matmuls (M = 1) over the resident weights, as the decoder runs them."""
+def matmul_step(decoder, weights, dtype):
+    """One decode step's matmuls (M = 1) over the resident weights, as the decoder runs them (its
+    kernel set's matmul: the C GEMV for bf16 where the CPU has it, else oneDNN or MKL)."""
     import torch
-
-    from llmrun.model.layers import linear, linear_halves
 
     calls = []
     for unit in sorted(weights.resident):
-        for key, tensor in weights.resident[unit].items():
+        for tensor in weights.resident[unit].values():
             if tensor.dim() == 2:
-                calls.append((linear_halves if key == "gate_up" else linear, tensor,
-                              torch.randn(1, tensor.size(1)).to(dtype)))
+                calls.append((decoder.linear, tensor, torch.randn(1, tensor.size(1)).to(dtype)))
 
     def step():
         for call, weight, x in calls:
@@ -61,11 +59,14 @@ def matmul_step(weights, dtype):
 
 
 @contextmanager
-def matmuls_from_cache():
-    """The Llama decoder's M = 1 matmuls return their first result again (warm-cache measurement)."""
+def matmuls_from_cache(decoder):
+    """The Llama decoder's M = 1 matmuls return their first result again (warm-cache measurement):
+    its kernel set's matmul (every matmul of a decode step with the fused kernels) and the module's
+    (without them)."""
     import llmrun.model.llama as llama
 
     real_linear, real_halves, seen = llama.linear, llama.linear_halves, {}
+    native = decoder.native
 
     def cached(real):
         def call(x, weight, bias=None):
@@ -77,10 +78,14 @@ def matmuls_from_cache():
         return call
 
     llama.linear, llama.linear_halves = cached(real_linear), cached(real_halves)
+    if native is not None:
+        native.linear = cached(native.linear)
     try:
         yield
     finally:
         llama.linear, llama.linear_halves = real_linear, real_halves
+        if native is not None:
+            del native.linear  # the class's method again
 
 
 def main() -> None:
@@ -106,7 +111,7 @@ def main() -> None:
     if len(weights.resident) != engine.decoder.config.num_hidden_layers + 1:
         sys.exit("decode_floor: the model must be fully resident in memory (no streamed layers)")
     dtype = weights.dtype
-    step = matmul_step(weights, dtype)
+    step = matmul_step(engine.decoder, weights, dtype)
     matmul_bytes = sum(t.numel() * t.element_size() if not t.is_mkldnn else t.size(0) * t.size(1) * weights.element_size
                        for unit in weights.resident.values() for t in unit.values() if t.dim() == 2)
     stream = torch.ones(matmul_bytes // 4, dtype=torch.float32)
@@ -114,7 +119,7 @@ def main() -> None:
     floor_s = median_time(step, args.reps * 4)
     case = Case("decode", args.prompt_tokens, args.new_tokens, 1)
     ours = llmrun_case(engine, case, args.reps).decode_tok_s.median
-    with matmuls_from_cache():
+    with matmuls_from_cache(engine.decoder):
         without_matmuls = llmrun_case(engine, case, args.reps).decode_tok_s.median
     weights.close()
     theirs = run_reference("transformers", opened.path, args.dtype, "cpu", [case], args.reps,

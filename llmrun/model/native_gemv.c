@@ -64,9 +64,9 @@ TARGET static inline __attribute__((always_inline)) void blocks_row(const uint32
 }
 
 /* out[rows][n] (bf16, row stride out_stride) = x[rows][k] (bf16, row stride x_stride) @ W.T for a
- * packed W [n][k]; n and k multiples of 32, rows <= MAX_ROWS. `scratch` holds rows * k floats.
- * Each thread takes an even share of the blocks, two at a time, every row before the next two (so
- * later rows read them from L2). */
+ * packed W [n][k]; n and k multiples of 32. `scratch` holds rows * k floats (x as float32). Each
+ * thread takes an even share of the blocks, two at a time, every row before the next two (so later
+ * rows read them from L2; decoding calls it with one row, the self-check with more). */
 TARGET void gemv_bf16_packed(const uint16_t *x, long x_stride, const uint32_t *w, uint16_t *out, long out_stride,
                              long rows, long n, long k, float *scratch, int threads) {
     for (long r = 0; r < rows; r++)
