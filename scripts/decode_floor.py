@@ -69,11 +69,11 @@ def matmuls_from_cache(decoder):
     native = decoder.native
 
     def cached(real):
-        def call(x, weight, bias=None):
+        def call(x, weight, bias=None, **options):
             if x.shape[0] != 1:
-                return real(x, weight, bias)
+                return real(x, weight, bias, **options)
             if id(weight) not in seen:
-                seen[id(weight)] = real(x, weight, bias)
+                seen[id(weight)] = real(x, weight, bias, **options)
             return seen[id(weight)]
         return call
 
