@@ -196,12 +196,17 @@ class NativeKernels(FusedKernels):
 
     def _gemv_checked(self, weight: torch.Tensor) -> bool:
         """Whether the GEMV may run on packed weights of this shape: its layout is the one the
-        GEMV reads, and on data built to expose any other order of summation (large terms that
-        cancel exactly, small ones left over) it gives oneDNN's bits for every row count."""
+        GEMV reads (the weight itself gives oneDNN's result), and on data built to expose any
+        other order of summation (large terms that cancel exactly, small ones left over) it gives
+        oneDNN's bits for every row count."""
         shape = tuple(weight.shape)
         if shape not in self._gemv_shapes:
-            self._gemv_shapes[shape] = self._gemv_matches(weight)
+            self._gemv_shapes[shape] = self._gemv_matches(weight) and self._gemv_reads(weight)
         return self._gemv_shapes[shape]
+
+    def _gemv_reads(self, weight: torch.Tensor) -> bool:
+        x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        return torch.equal(self._gemv(x, torch.ops.mkldnn.data_ptr(weight), *weight.shape), linear(x, weight))
 
     def _gemv_matches(self, weight: torch.Tensor) -> bool:
         from llmrun.weights.packing import pack_weight
