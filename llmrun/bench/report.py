@@ -16,6 +16,14 @@ def speedups(ours: CaseResult, ref: CaseResult) -> dict:
     return out
 
 
+def kernels_json(engine) -> dict:
+    """Which decode kernels ran: the fused set (C on the CPU, Triton on CUDA; none: ATen's ops),
+    its GEMV, and whether CUDA graphs replayed the decode steps."""
+    native, static = engine.decoder.native, engine.runner.static
+    return {**(native.describe() if native is not None else {"set": None}),
+            "cuda_graphs": bool(static is not None and static.capture)}
+
+
 def bench_json(name: str, engine, facts: dict, ours: dict, refs: dict, compare: str, reps: int,
                waste_slots: int, peak_rss: int, peak_gpu: int) -> dict:
     from llmrun.plan.placement import Tier
@@ -39,6 +47,7 @@ def bench_json(name: str, engine, facts: dict, ours: dict, refs: dict, compare: 
                       "ctx": placement.ctx, "batch": placement.batch},
         "kv_cache": {"block_size": placement.block_size, "max_wasted_slots_per_seq": waste_slots,
                      "under_one_block": waste_slots < placement.block_size},
+        "kernels": kernels_json(engine),
         "peak_rss_bytes": peak_rss, "peak_gpu_bytes": peak_gpu, "repetitions": reps,
         "compare": compare, "cases": cases,
     }

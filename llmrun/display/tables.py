@@ -88,6 +88,19 @@ def render_plan(plan_json: dict) -> None:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
+def _kernels_text(kernels: dict) -> str:
+    if kernels.get("set") is None:
+        return "PyTorch's ops (no fused kernels)"
+    parts = [f"fused {kernels['set']} kernels"]
+    if kernels.get("gemv_shapes"):
+        parts.append(f"bf16 GEMV on {len(kernels['gemv_shapes'])} weight shapes")
+    if kernels.get("gemv"):
+        parts.append("Triton GEMV")
+    if kernels.get("cuda_graphs"):
+        parts.append("CUDA graphs")
+    return ", ".join(parts)
+
+
 def render_bench(data: dict) -> None:
     """The benchmark report as a Rich table on stdout."""
     from rich.console import Console
@@ -119,6 +132,7 @@ def render_bench(data: dict) -> None:
         table.add_row(*row)
     console.print(table)
     kv = data["kv_cache"]
+    console.print(f"kernels: {_kernels_text(data['kernels'])}", highlight=False)
     console.print(f"peak RSS {format_bytes(data['peak_rss_bytes'])}"
                   + (f", peak GPU {format_bytes(data['peak_gpu_bytes'])}" if data["peak_gpu_bytes"] else "")
                   + f"; KV waste at most {kv['max_wasted_slots_per_seq']} slots per sequence "

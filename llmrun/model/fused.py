@@ -49,6 +49,7 @@ class FusedKernels:
     the self-check against ATen every kernel set passes before use. Subclasses set `dtype`,
     `device` and `shape`, and say how close a fused norm must be (`norms_agree`)."""
 
+    name = ""  # the kind of kernels, for reports: "C", "Triton"
     dtype: torch.dtype
     device: torch.device
     shape: LayerShape
@@ -84,6 +85,10 @@ class FusedKernels:
 
     def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         return torch.equal(actual, expected)
+
+    def describe(self) -> dict:
+        """What this kernel set runs, for reports (`llmrun bench`)."""
+        return {"set": self.name, "silu_mul": self.can_silu_mul(1)}
 
     # -- the self-check ----------------------------------------------------------------------------
     def check(self) -> bool:

@@ -206,6 +206,8 @@ class TritonKernels(FusedKernels):
     TRITON_INTERPRET=1, on CPU tensors: how tests check them without a GPU). The self-check is
     fused.py's, with RMSNorm allowed NORM_ULPS units in the last place."""
 
+    name = "Triton"
+
     def __init__(self, dtype: torch.dtype, device: torch.device, shape: LayerShape):
         self.dtype, self.device, self.shape = dtype, device, shape
         self.fused_silu = False  # set by for_decoder once SiLU·mul gives ATen's bits
@@ -317,6 +319,9 @@ class TritonKernels(FusedKernels):
         if not self._gemv_fits(x, weight, bias) or hidden.shape != (1, weight.shape[0]) or not hidden.is_contiguous():
             return super().linear_residual(x, weight, bias, hidden)
         return self._gemv(x, weight, residual=hidden), None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "gemv": self.dtype in GEMV_DTYPES}
 
     @staticmethod
     def _gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

@@ -116,6 +116,8 @@ def _ptr(tensor: Optional[torch.Tensor]) -> Optional[int]:
 class NativeKernels(FusedKernels):
     """The C kernels bound to one decoder's layer shape and dtype (the self-check: fused.py)."""
 
+    name = "C"
+
     def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, shape: LayerShape, lanes: int):
         if not 1 <= lanes <= 16:
             raise ValueError(f"lanes must be 1..16, not {lanes}")
@@ -184,6 +186,11 @@ class NativeKernels(FusedKernels):
         if entry[1] is None:
             return linear(x, weight, bias)
         return self._gemv(x, entry[1], *weight.shape)
+
+    def describe(self) -> dict:
+        """The kernel set, and the weight shapes (out x in) one sequence's steps ran in the GEMV."""
+        shapes = [f"{n}x{k}" for (n, k), usable in self._gemv_shapes.items() if usable]
+        return {**super().describe(), "gemv_shapes": shapes if self.gemv else None}
 
     def _gemv(self, x: torch.Tensor, weight_ptr: int, n: int, k: int) -> torch.Tensor:
         rows = x.shape[0]

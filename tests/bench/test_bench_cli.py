@@ -28,6 +28,7 @@ def test_quick_bench_with_transformers_comparison(tiny, tmp_path):
     assert single["tokens_match"] is True  # greedy fp32 on the same prompt: transformers' tokens
     assert data["kv_cache"]["under_one_block"] and data["kv_cache"]["max_wasted_slots_per_seq"] < 16
     assert data["machine"]["threads"] >= 1 and data["peak_rss_bytes"] > 0
+    assert data["kernels"]["cuda_graphs"] is False and data["kernels"]["set"] in ("C", None)
     batched = data["cases"]["prompt64_b4"]["transformers"]  # generate_batch: no time to first token
     assert batched["ttft_s"]["median"] is None and batched["decode_tok_s"]["median"] > 0
 
@@ -39,5 +40,21 @@ def _reject(constant):
 def test_bench_table_and_bad_arguments(tiny, tmp_path):
     proc = run_cli(["bench", tiny, "--quick", "--reps", "1"], tmp_path, COLUMNS="160")
     assert proc.returncode == 0, proc.stderr
-    assert "decode tok/s" in proc.stdout and "KV waste" in proc.stdout
+    assert "decode tok/s" in proc.stdout and "KV waste" in proc.stdout and "kernels: " in proc.stdout
     assert_one_line_error(run_cli(["bench", tiny, "--compare", "llama.cpp"], tmp_path), "--compare must be one of")
+
+
+def test_bf16_bench_reports_the_gemv(tiny, tmp_path):
+    from llmrun.model.native import load_library
+
+    proc = run_cli(["bench", tiny, "--quick", "--reps", "1", "--dtype", "bfloat16", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    kernels = json.loads(proc.stdout)["kernels"]
+    lib = load_library()
+    if lib is None:
+        assert kernels["set"] is None
+        return
+    assert kernels["set"] == "C"
+    if hasattr(lib, "gemv_bf16_packed") and lib.gemv_supported():
+        # one sequence's steps: qkv 128x64, o 64x64, gate/up 256x64, down 64x128, head 320x64
+        assert kernels["gemv_shapes"], kernels

@@ -166,6 +166,7 @@ def test_gemv_runs_one_row_of_16_bits_and_leaves_the_rest_to_cublas(gemv_launche
                        (torch.randn(1, 64, generator=generator).half().to(DEVICE)[:, :32], weight, None)):
         assert torch.equal(kernels.linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
     assert launches == [((64,), False, False)]  # the last: one row (a view), 16 bits, no bias
+    assert kernels.describe() == {"set": "Triton", "silu_mul": False, "gemv": True}
     kernels.linear(torch.randn(1, 64, generator=generator).half().to(DEVICE), weight.t())  # a transposed weight
     assert len(launches) == 1
 
