@@ -163,16 +163,24 @@ class Engine:
             return
         if on_logits is not None:
             on_logits([seqs[seq.seq_id] for seq in sampling], logits)
-        rows = [(seq.params, seq.generator, self._seen_ids(seq)) for seq in sampling]
+        rows = [(seq.params, seq.generator, self._seen(seq, logits.shape[-1])) for seq in sampling]
         next_tokens = sample_next(logits, rows, self.decoder.device)
         now = time.perf_counter()
         for seq, token in zip(sampling, next_tokens):
             yield self._accept(seq, token, now, scheduler, seqs[seq.seq_id], streams[seq.seq_id])
 
-    def _seen_ids(self, seq: Sequence):
+    def _seen(self, seq: Sequence, vocab: int):
+        """The sequence's mask of seen ids for the repetition penalty, marking only the ids that
+        arrived since the last step (None without a penalty)."""
         if seq.params.repetition_penalty == 1.0:
             return None
-        return torch.tensor(seq.all_ids, dtype=torch.long, device=self.decoder.device)
+        if seq.seen is None:
+            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.decoder.device)
+        ids = seq.all_ids
+        if seq.num_seen < len(ids):
+            seq.seen[torch.tensor(ids[seq.num_seen:], dtype=torch.long, device=self.decoder.device)] = True
+            seq.num_seen = len(ids)
+        return seq.seen
 
     def _accept(self, seq, token, now, scheduler, index, stream) -> TokenEvent:
         result = self.results[index]

@@ -51,11 +51,10 @@ def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:
     return generator
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on a [vocab] row for tokens already in prompt or output."""
-    scores = logits.gather(0, seen_ids)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(0, seen_ids, scores)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on a [vocab] row for the tokens already in prompt or output (`seen`: a
+    bool [vocab] mask, kept by the engine as tokens arrive)."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -77,19 +76,21 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, rows: list, device) -> list[int]:
-    """Next token per row of logits [num_rows, vocab]; `rows` are (params, generator, seen_ids)."""
+    """Next token per row of logits [num_rows, vocab]; `rows` are (params, generator, seen) with
+    `seen` the row's bool [vocab] mask of ids for the repetition penalty (or None). The tokens
+    stay on the device until all rows are sampled: one host sync a step."""
     logits = logits.float()
     greedy = all(params.is_greedy and params.repetition_penalty == 1.0 for params, _, _ in rows)
     if greedy:
         return logits.argmax(dim=-1).tolist()
     tokens = []
-    for row, (params, generator, seen_ids) in enumerate(rows):
+    for row, (params, generator, seen) in enumerate(rows):
         scores = logits[row]
-        if params.repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
-            scores = apply_repetition_penalty(scores, seen_ids, params.repetition_penalty)
+        if params.repetition_penalty != 1.0 and seen is not None:
+            scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
         if params.is_greedy:
-            tokens.append(int(scores.argmax()))
+            tokens.append(scores.argmax().view(1))
             continue
         probs = filter_logits(scores, params).softmax(-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
-    return tokens
+        tokens.append(torch.multinomial(probs, 1, generator=generator))
+    return torch.cat(tokens).tolist()

@@ -25,7 +25,8 @@ class Sequence:
     num_cached: int = 0                  # tokens whose K/V are in the cache
     finish_reason: Optional[FinishReason] = None
     generator: object = None             # torch.Generator for sampling, None when greedy
-    seen_ids: object = None              # LongTensor of prompt+output ids (repetition penalty)
+    seen: object = None                  # bool [vocab]: ids in prompt and output (repetition penalty)
+    num_seen: int = 0                    # how many of all_ids `seen` has marked
     kept: object = None                  # a KeptSequence whose blocks outlive this generation
 
     @property

@@ -49,8 +49,31 @@ def test_min_p_drops_tokens_below_fraction_of_top():
 def test_repetition_penalty_changes_greedy_choice():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     params = SamplingParams(temperature=0, repetition_penalty=1.5)
-    seen = torch.tensor([0])
+    seen = torch.tensor([True, False, False])
     assert sample_next(logits, [(params, None, seen)], "cpu") == [1]
+
+
+def test_repetition_penalty_equals_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from llmrun.engine.sampler import apply_repetition_penalty
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 300, generator=generator) * 4
+    ids = torch.randint(0, 300, (1, 40), generator=generator)  # repeats included
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    seen = torch.zeros(300, dtype=torch.bool)
+    seen[ids[0]] = True
+    assert torch.equal(apply_repetition_penalty(logits[0], seen, 1.3), expected[0])
+
+
+def test_rows_sample_with_their_own_settings_in_one_call():
+    logits = torch.tensor([[0.0, 5.0, 0.0], [9.0, 1.0, 0.0], [0.0, 0.0, 30.0]])
+    sampled = SamplingParams(temperature=1.0, top_k=None, top_p=None, min_p=None, seed=3)
+    rows = [(SamplingParams(temperature=0), None, None),
+            (SamplingParams(temperature=0, repetition_penalty=100.0), None, torch.tensor([True, False, False])),
+            (sampled, make_generator(sampled, "cpu"), None)]
+    assert sample_next(logits, rows, "cpu") == [1, 1, 2]
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 1.5), ("min_p", -0.1),
