@@ -35,24 +35,12 @@ class PlacedWeights:
         packs[self.head_unit] = pack_layout(index, {HEAD: (decoder.head_name(),)})
         tiers = dict(enumerate(placement.layer_tiers))
         tiers[self.head_unit] = placement.head_tier
-        compute = placement.compute_tier
         self.resident: dict[int, dict] = {}
         self.packed = can_pack(dtype, self.device)
-        streamed_sources: dict[int, Optional[torch.Tensor]] = {}
         with TensorFileReader() as reader:
             self.globals = {p.key: reader.load_packed(p, dtype, self.device)
                             for p in pack_layout(index, decoder.global_layout())}
-            for unit in sorted(packs):
-                if tiers[unit] is compute:
-                    tensors = {p.key: reader.load_packed(p, dtype, self.device) for p in packs[unit]}
-                    self.resident[unit] = pack_matmul_weights(tensors) if self.packed else tensors
-                elif tiers[unit] is Tier.CPU:
-                    streamed_sources[unit] = self._pinned_unit(reader, packs[unit])
-                else:
-                    streamed_sources[unit] = None
-                if on_layer is not None and unit < num_layers:
-                    placed = tiers[unit] is not Tier.DISK  # disk layers are read when they run
-                    on_layer(unit, packed_elements(packs[unit]) * self.element_size if placed else 0)
+            streamed_sources = self._load_units(reader, packs, tiers, placement.compute_tier, on_layer)
             self._embed_table, self._embed_rows = self._load_embed(reader, index, decoder, placement)
         self._row_reader: Optional[TensorFileReader] = None  # reads embedding rows left on disk
         self.on_step_layer: Optional[Callable[[int, int, int], None]] = None  # (layer, layers, bytes moved)
@@ -62,6 +50,25 @@ class PlacedWeights:
             packs.update(offloaded(packs, disk_units, dtype))  # read disk layers in the run dtype
             self.streamer = LayerStreamer({u: packs[u] for u in streamed_sources}, streamed_sources,
                                           dtype, self.device, prefetch_depth)
+
+    def _load_units(self, reader: TensorFileReader, packs: dict, tiers: dict, compute: Tier,
+                    on_layer: Optional[Callable[[int, int], None]]) -> dict[int, Optional[torch.Tensor]]:
+        """Load each unit where its tier says: resident units into self.resident (packed for
+        oneDNN where that applies), CPU-tier units into one pinned buffer each; returns the
+        streamed units' sources (that buffer, or None for a disk unit, read when it runs)."""
+        streamed_sources: dict[int, Optional[torch.Tensor]] = {}
+        for unit in sorted(packs):
+            if tiers[unit] is compute:
+                tensors = {p.key: reader.load_packed(p, self.dtype, self.device) for p in packs[unit]}
+                self.resident[unit] = pack_matmul_weights(tensors) if self.packed else tensors
+            elif tiers[unit] is Tier.CPU:
+                streamed_sources[unit] = self._pinned_unit(reader, packs[unit])
+            else:
+                streamed_sources[unit] = None
+            if on_layer is not None and unit < self.head_unit:
+                placed = tiers[unit] is not Tier.DISK  # disk layers are read when they run
+                on_layer(unit, packed_elements(packs[unit]) * self.element_size if placed else 0)
+        return streamed_sources
 
     def _pinned_unit(self, reader: TensorFileReader, packed: list[PackedTensor]) -> torch.Tensor:
         flat = torch.empty(packed_elements(packed), dtype=self.dtype, pin_memory=True)
