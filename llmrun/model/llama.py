@@ -49,12 +49,13 @@ class LlamaDecoder:
         plain = (cls.layer_forward is base.layer_forward and cls.norm is base.norm and cls.attention is base.attention
                  and cls.project_qkv is base.project_qkv and not self.qk_norm
                  and all(table.cos.shape[-1] == self.config.head_dim for table in self.rotaries))
-        if not plain:
-            return None
+        return fused_kernels(self.dtype, self.device, self.layer_shape()) if plain else None
+
+    def layer_shape(self) -> LayerShape:
+        """What fused kernels need to know of this decoder's layers."""
         c = self.config
-        shape = LayerShape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
-                           intermediate_size=c.intermediate_size, silu=c.hidden_act == "silu")
-        return fused_kernels(self.dtype, self.device, shape)
+        return LayerShape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
+                          intermediate_size=c.intermediate_size, silu=c.hidden_act == "silu")
 
     def rotary_dim(self, rope_parameters) -> int:
         factor = rope_parameters.get("partial_rotary_factor") or self.config.raw.get("partial_rotary_factor")

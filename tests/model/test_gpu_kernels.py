@@ -99,10 +99,7 @@ def test_decoder_with_the_kernels_keeps_its_tokens(tmp_path, make_config, static
                                                 engine.max_num_seqs, engine.max_context, capture=False)
         assert (engine.runner.static is not None) == static or DEVICE.type == "cuda"
         decoder = engine.decoder
-        shape = LayerShape(decoder.config.hidden_size, decoder.config.num_attention_heads,
-                           decoder.config.num_key_value_heads, decoder.config.head_dim, decoder.config.rms_norm_eps,
-                           decoder.config.intermediate_size, silu=True)
-        decoder.native = TritonKernels.for_decoder(torch.float32, DEVICE, shape) if fused else None
+        decoder.native = TritonKernels.for_decoder(torch.float32, DEVICE, decoder.layer_shape()) if fused else None
         assert (decoder.native is not None) == fused
         engine.eos_ids = frozenset()
         logits = []
@@ -182,10 +179,7 @@ def test_fp16_decoder_with_the_gemv_keeps_its_tokens(tmp_path, gemv_launches, mo
     for fused in (False, True):
         engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=0 if DEVICE.type == "cpu" else None))
         decoder = engine.decoder
-        shape = LayerShape(decoder.config.hidden_size, decoder.config.num_attention_heads,
-                           decoder.config.num_key_value_heads, decoder.config.head_dim, decoder.config.rms_norm_eps,
-                           decoder.config.intermediate_size, silu=True)
-        decoder.native = TritonKernels.for_decoder(torch.float16, DEVICE, shape) if fused else None
+        decoder.native = TritonKernels.for_decoder(torch.float16, DEVICE, decoder.layer_shape()) if fused else None
         assert (decoder.native is not None) == fused
         results.append(greedy_with_logits(engine, prompt, 8))
         assert bool(gemv_launches) == fused
