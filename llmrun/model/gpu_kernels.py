@@ -4,7 +4,8 @@ Once CUDA graphs removed the launch cost (engine/graphs.py), a Phi-3-mini decode
 still ran ~1,000 kernels, ~27 small ones a layer around the four matmuls, each a few
 microseconds. Four kernels replace most of them: residual add + RMSNorm, RoPE on q/k with the
 K/V cache writes, SiLU(gate)·up, and decode attention straight from the paged pools. A fifth,
-the GEMV, runs one sequence's matmuls closer to the memory bandwidth than cuBLAS does.
+the GEMV (model/gpu_gemv.py), runs one sequence's matmuls closer to the memory bandwidth than
+cuBLAS does.
 
 Triton ships with every CUDA build of PyTorch, so this adds no package; where it cannot be
 imported, a kernel fails its check, or LLMRUN_NO_NATIVE=1, the ATen path runs. Rounding: the add,
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 
 from llmrun.model.fused import FusedKernels, LayerShape, within_ulps
+from llmrun.model.gpu_gemv import GEMV_DTYPES, gemv, gemv_fits
 from llmrun.model.layers import linear
 
 try:  # CUDA builds of torch depend on triton; CPU builds usually lack it
@@ -35,8 +37,6 @@ LAUNCH = dict(enable_fp_fusion=False)  # a * b + c stays two roundings, as ATen 
 PART_KEYS = 64  # keys per program of decode attention: longer contexts run parts in parallel, then join
 NORM_ULPS = 4  # how far a normed value may be from ATen's, in units in the last place of the dtype
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
-GEMV_DTYPES = (torch.float16, torch.bfloat16)  # float32 keeps cuBLAS (and transformers' bits, near enough)
-GEMV_BLOCK_K, GEMV_WARPS = 1024, 2  # within 1.2 % of the best of 112 configs on each Phi-3 shape (H100)
 
 if triton is not None:
 
@@ -162,45 +162,6 @@ if triton is not None:
         tl.store(out + (row * NUM_HEADS + head) * HEAD_DIM + d, result.to(out.dtype.element_ty), mask=d_in)
 
 
-    @triton.jit
-    def _gemv(x, weight, out, n, norm_weight, eps, residual, K: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
-        """out[i] = sum over k of weight[i, k] * x[k], in float32, for BLOCK_N rows of a row-major
-        weight and one row of x: each program streams its rows once, BLOCK_K at a time.
-        NORM: x is first RMS-normed and scaled by norm_weight, rounded as _add_rms_norm rounds
-        (every program sums the squares itself: x is 2 K bytes, read from L2). RESIDUAL: out is
-        residual + the product rounded to the dtype, added as _add_rms_norm adds."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_starts = weight + rows.to(tl.int64)[:, None] * K
-        cols = tl.arange(0, BLOCK_K)
-        if NORM:
-            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for start in range(0, K, BLOCK_K):
-                v = tl.load(x + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
-                squares += v * v
-            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            ks = start + cols
-            if EVEN:
-                w = tl.load(row_starts + ks[None, :], eviction_policy="evict_first")
-                v = tl.load(x + ks)
-            else:
-                w = tl.load(row_starts + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < K), other=0.0,
-                            eviction_policy="evict_first")
-                v = tl.load(x + ks, mask=ks < K, other=0.0)
-            if NORM:
-                normed = (v.to(tl.float32) * rstd).to(v.dtype).to(tl.float32)
-                scale = tl.load(norm_weight + ks, mask=ks < K, other=0.0).to(tl.float32)
-                v = (scale * normed).to(v.dtype)
-            acc += w.to(tl.float32) * v.to(tl.float32)[None, :]
-        y = tl.sum(acc, axis=1).to(out.dtype.element_ty)
-        if RESIDUAL:
-            before = tl.load(residual + rows, mask=rows < n, other=0.0)
-            y = (before.to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
-        tl.store(out + rows, y, mask=rows < n)
-
-
 class TritonKernels(FusedKernels):
     """The kernels bound to one decoder's layer shape and dtype, on one CUDA device (or, with
     TRITON_INTERPRET=1, on CPU tensors: how tests check them without a GPU). The self-check is
@@ -299,45 +260,29 @@ class TritonKernels(FusedKernels):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ weight.T (+ bias). One sequence's decode step over a 16-bit weight runs the Triton
-        GEMV (one row of the weight a program, GEMV_BLOCK_K columns at a time: on an H100 it read
-        a Phi-3-mini step's weights in 2.94 ms against cuBLAS's 3.28, scripts/gpu_gemv_probe.py);
+        GEMV (model/gpu_gemv.py: on an H100 it read a Phi-3-mini step's weights in 2.94 ms against
+        cuBLAS's 3.28, scripts/gpu_gemv_probe.py);
         more rows, float32 and biases run layers.linear (cuBLAS)."""
-        if not self._gemv_fits(x, weight, bias):
+        if not gemv_fits(x, weight, bias):
             return linear(x, weight, bias)
-        return self._gemv(x, weight)
+        return gemv(x, weight, self.shape.eps)
 
     def norm_linear(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
                     weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The GEMV with the RMSNorm before it in the same kernel, where `hidden` is already summed."""
-        if delta is not None or not self._gemv_fits(hidden, weight, bias):
+        if delta is not None or not gemv_fits(hidden, weight, bias):
             return super().norm_linear(hidden, delta, norm_weight, weight, bias)
-        return hidden, self._gemv(hidden, weight, norm_weight=norm_weight)
+        return hidden, gemv(hidden, weight, self.shape.eps, norm_weight=norm_weight)
 
     def linear_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The GEMV with the residual add after it in the same kernel."""
-        if not self._gemv_fits(x, weight, bias) or hidden.shape != (1, weight.shape[0]) or not hidden.is_contiguous():
+        if not gemv_fits(x, weight, bias) or hidden.shape != (1, weight.shape[0]) or not hidden.is_contiguous():
             return super().linear_residual(x, weight, bias, hidden)
-        return self._gemv(x, weight, residual=hidden), None
+        return gemv(x, weight, self.shape.eps, residual=hidden), None
 
     def describe(self) -> dict:
         return {**super().describe(), "gemv": self.dtype in GEMV_DTYPES}
-
-    @staticmethod
-    def _gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-        return (bias is None and x.shape[0] == 1 and x.dim() == 2 and weight.dim() == 2
-                and weight.dtype in GEMV_DTYPES and x.dtype == weight.dtype and x.stride(1) == 1
-                and weight.stride(1) == 1 and weight.stride(0) == weight.shape[1])
-
-    def _gemv(self, x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor] = None,
-              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        n, k = weight.shape
-        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-        block_k = min(GEMV_BLOCK_K, triton.next_power_of_2(k))
-        _gemv[(n,)](x, weight, out, n, x if norm_weight is None else norm_weight, self.shape.eps,
-                    out if residual is None else residual, K=k, BLOCK_N=1, BLOCK_K=block_k, EVEN=k % block_k == 0,
-                    NORM=norm_weight is not None, RESIDUAL=residual is not None, num_warps=GEMV_WARPS)
-        return out
 
 
 def _warps(size: int) -> int:

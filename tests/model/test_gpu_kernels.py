@@ -135,10 +135,10 @@ def test_gemv_matches_a_float32_matmul(dtype, shape):
 @pytest.fixture
 def gemv_launches(monkeypatch):
     """The GEMV's launches as they happen: (grid, fused norm, fused residual add)."""
-    import llmrun.model.gpu_kernels as gpu_kernels
+    import llmrun.model.gpu_gemv as gpu_gemv
 
     launches = []
-    real = gpu_kernels._gemv
+    real = gpu_gemv._gemv
 
     class Recording:
         def __getitem__(self, grid):
@@ -148,7 +148,7 @@ def gemv_launches(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(gpu_kernels, "_gemv", Recording())
+    monkeypatch.setattr(gpu_gemv, "_gemv", Recording())
     return launches
 
 
