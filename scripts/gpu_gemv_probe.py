@@ -120,6 +120,29 @@ def _load_w(w_rows, rows, ks, N, K, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _accumulator(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr):
+    """fp32 partial sums: one per row (REDUCE_EACH: each chunk summed as it comes) or per row and column."""
+    if REDUCE_EACH:
+        return tl.zeros([BLOCK_N], dtype=tl.float32)
+    return tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, w, x, REDUCE_EACH: tl.constexpr):
+    product = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if REDUCE_EACH:
+        return acc + tl.sum(product, axis=1)
+    return acc + product
+
+
+@triton.jit
+def _row_sums(acc, REDUCE_EACH: tl.constexpr):
+    if REDUCE_EACH:
+        return acc
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def gemv_kernel(w_ptr, x_ptr, y_ptr, N, K, k_per_split, chunks, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN: tl.constexpr, REDUCE_EACH: tl.constexpr, PARTIAL: tl.constexpr, CHUNKS: tl.constexpr):
     """y[n] = sum_k W[n, k] * x[k] in fp32 for BLOCK_N rows, over K's split program_id(1) (k_per_split
@@ -131,10 +154,7 @@ def gemv_kernel(w_ptr, x_ptr, y_ptr, N, K, k_per_split, chunks, BLOCK_N: tl.cons
     cols = tl.arange(0, BLOCK_K)
     k_start = tl.program_id(1) * k_per_split
     w_rows = w_ptr + rows[:, None] * K
-    if REDUCE_EACH:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = _accumulator(BLOCK_N, BLOCK_K, REDUCE_EACH)
     for i in range(0, chunks if CHUNKS == 0 else CHUNKS):  # not assigned: the interpreter makes that a tensor
         ks = k_start + i * BLOCK_K + cols
         w = _load_w(w_rows, rows, ks, N, K, EVEN)
@@ -142,15 +162,8 @@ def gemv_kernel(w_ptr, x_ptr, y_ptr, N, K, k_per_split, chunks, BLOCK_N: tl.cons
             x = tl.load(x_ptr + ks)
         else:
             x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
-        product = w.to(tl.float32) * x.to(tl.float32)[None, :]
-        if REDUCE_EACH:
-            acc += tl.sum(product, axis=1)
-        else:
-            acc += product
-    if REDUCE_EACH:
-        y = acc
-    else:
-        y = tl.sum(acc, axis=1)
+        acc = _accumulate(acc, w, x, REDUCE_EACH)
+    y = _row_sums(acc, REDUCE_EACH)
     if PARTIAL:
         tl.store(y_ptr + tl.program_id(1) * N + rows, y, mask=rows < N)
     else:
@@ -181,25 +194,15 @@ def gemv_rmsnorm_kernel(w_ptr, h_ptr, g_ptr, y_ptr, N, K, eps, chunks, BLOCK_N: 
         squares += h32 * h32
     var = tl.sum(squares, axis=0) / K
     w_rows = w_ptr + rows[:, None] * K
-    if REDUCE_EACH:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = _accumulator(BLOCK_N, BLOCK_K, REDUCE_EACH)
     for i in range(0, chunks if CHUNKS == 0 else CHUNKS):
         ks = i * BLOCK_K + cols
         w = _load_w(w_rows, rows, ks, N, K, EVEN)
         h32 = tl.load(h_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
         x = g * (h32 * tl.rsqrt(var + eps)).to(tl.float16)  # fp16 times fp16
-        product = w.to(tl.float32) * x.to(tl.float32)[None, :]
-        if REDUCE_EACH:
-            acc += tl.sum(product, axis=1)
-        else:
-            acc += product
-    if REDUCE_EACH:
-        y = acc
-    else:
-        y = tl.sum(acc, axis=1)
+        acc = _accumulate(acc, w, x, REDUCE_EACH)
+    y = _row_sums(acc, REDUCE_EACH)
     tl.store(y_ptr + rows, y.to(tl.float16), mask=rows < N)
 
 
