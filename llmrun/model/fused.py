@@ -50,6 +50,7 @@ class FusedKernels:
     `device` and `shape`, and say how close a fused norm must be (`norms_agree`)."""
 
     name = ""  # the kind of kernels, for reports: "C", "Triton"
+    layer = None  # a whole decode layer in one call where the set has one (model/native_layer.py)
     dtype: torch.dtype
     device: torch.device
     shape: LayerShape

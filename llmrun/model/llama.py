@@ -39,6 +39,7 @@ class LlamaDecoder:
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
         self.native = self.native_kernels()
+        self._layer_verified: Optional[bool] = None  # whether the whole-layer call matched (layer_matches)
 
     def native_kernels(self) -> Optional[FusedKernels]:
         """Fused kernels (C on the CPU for decode steps, model/native.py; Triton on CUDA for every
@@ -129,26 +130,67 @@ class LlamaDecoder:
         """`forward` with the fused kernels: each residual add runs with the norm after it (or, on
         CUDA, in the matmul before it: each norm then runs in the matmul after it), RoPE with the
         K/V writes. On the CPU the same values as the ATen ops, bit for bit; on CUDA the norms,
-        the GEMVs and static decode steps' attention sum in their own order (model/gpu_kernels.py)."""
+        the GEMVs and static decode steps' attention sum in their own order (model/gpu_kernels.py).
+        A float32 decode step of one sequence runs each layer in one C call (model/native_layer.py)."""
         c, native = self.config, self.native
         delta = None  # the last projection's output, not yet added to `hidden`
+        whole = self.whole_layer_step(hidden, ropes[0], metas[None])
         for layer_idx in range(c.num_hidden_layers):
             rope, meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
             with weights.layer(layer_idx) as w:
                 k_slots, v_slots = cache.layer(layer_idx)
-                hidden, qkv = native.norm_linear(hidden, delta, w["input_norm"], w["qkv"], w.get("qkv_bias"))
-                q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
-                if native.can_attend(meta, self.attn_softcap):
-                    attn = native.attend(q, k_slots, v_slots, meta, self.scale)
+                if whole is not None and native.layer.takes(layer_idx, w) and self.layer_matches(w, rope, meta):
+                    hidden, delta = native.layer.run(whole[0], w, k_slots, v_slots, hidden, delta, whole[1:])
                 else:
-                    attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
-                hidden, delta = native.linear_residual(attn, w["o"], w.get("o_bias"), hidden)
-                hidden, gate_up = native.norm_linear(hidden, delta, w["post_norm"], w["gate_up"],
-                                                     w.get("gate_up_bias"))
-                gate, up = gate_up.chunk(2, dim=-1)
-                act = native.silu_mul(gate, up) if native.can_silu_mul(gate.shape[0]) else self.act(gate) * up
-                hidden, delta = native.linear_residual(act, w["down"], w.get("down_bias"), hidden)
+                    hidden, delta = self.fused_layer(w, hidden, delta, rope, meta, k_slots, v_slots)
         return native.add_rms_norm(hidden, delta, weights.globals["norm"])[1]
+
+    def fused_layer(self, w, hidden, delta, rope, meta, k_slots, v_slots):
+        """One layer over the fused kernels: (hidden + delta through attention, the MLP's output)."""
+        native = self.native
+        hidden, qkv = native.norm_linear(hidden, delta, w["input_norm"], w["qkv"], w.get("qkv_bias"))
+        q = native.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
+        if native.can_attend(meta, self.attn_softcap):
+            attn = native.attend(q, k_slots, v_slots, meta, self.scale)
+        else:
+            attn = paged_attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
+        hidden, delta = native.linear_residual(attn, w["o"], w.get("o_bias"), hidden)
+        hidden, gate_up = native.norm_linear(hidden, delta, w["post_norm"], w["gate_up"], w.get("gate_up_bias"))
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = native.silu_mul(gate, up) if native.can_silu_mul(gate.shape[0]) else self.act(gate) * up
+        return native.linear_residual(act, w["down"], w.get("down_bias"), hidden)
+
+    def whole_layer_step(self, hidden, rope, meta):
+        """The kernel set's whole-layer call for this step (its shared arguments and output rows),
+        where it runs: one sequence's decode step, no sliding windows or soft-capping; else None."""
+        layer = self.native.layer
+        if (layer is None or self._layer_verified is False or not layer.can_run(hidden.shape[0], meta)
+                or self.attn_softcap is not None or any(window is not None for window in self.windows)):
+            return None
+        return layer.begin(hidden, rope, meta, self.scale)
+
+    def layer_matches(self, w, rope, meta) -> bool:
+        """Whether the whole-layer call gives fused_layer's bits on this decoder's weights (checked
+        once, on the first layer it meets, with random rows over scratch K/V pools of one block and
+        of two, the second ragged)."""
+        if self._layer_verified is None:
+            self._layer_verified = all(self._layer_agrees(w, rope, meta, length) for length in (37, 600))
+        return self._layer_verified
+
+    def _layer_agrees(self, w, rope, meta, length: int) -> bool:
+        from dataclasses import replace
+
+        c, generator = self.config, torch.Generator().manual_seed(length)
+        pools = [torch.randn(length + 3, c.num_key_value_heads, c.head_dim, generator=generator) for _ in range(2)]
+        hidden, delta = (torch.randn(1, c.hidden_size, generator=generator) for _ in range(2))
+        slot = torch.tensor([length + 1], device=hidden.device)
+        trial = replace(meta, slot_mapping=slot, decode_span=(2, length))
+        k_copy, v_copy = pools[0].clone(), pools[1].clone()
+        expected = self.fused_layer(w, hidden, delta, rope, trial, k_copy, v_copy)
+        step = self.native.layer.begin(hidden, rope, trial, self.scale)
+        actual = self.native.layer.run(step[0], w, pools[0], pools[1], hidden, delta, step[1:])
+        return (all(torch.equal(a, e) for a, e in zip(actual, expected))
+                and torch.equal(pools[0], k_copy) and torch.equal(pools[1], v_copy))
 
     def embed(self, weights, input_ids: torch.Tensor) -> torch.Tensor:
         return weights.embed(input_ids)

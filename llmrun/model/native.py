@@ -33,6 +33,7 @@ from llmrun.model.layers import linear
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 GEMV_SOURCE = Path(__file__).with_name("native_gemv.c")
+LAYER_SOURCE = Path(__file__).with_name("native_layer.c")
 FLAGS = ("-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
 GEMV_FLAGS = ("-fopenmp",)  # joins the libgomp PyTorch loaded: ATen's threads, no second pool
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -43,11 +44,12 @@ GEMV_BLOCK = 32  # outputs per VNNI block of a oneDNN-packed weight (native_gemv
 @lru_cache(maxsize=1)
 def load_library() -> Optional[ctypes.CDLL]:
     """The compiled kernels (built once per source version), or None where they cannot be built.
-    With the bf16 GEMV (native_gemv.c) where the compiler has OpenMP, else without it."""
+    With the bf16 GEMV (native_gemv.c) and the float32 layer (native_layer.c) where the compiler has
+    OpenMP, else without them."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    for sources, flags in (((SOURCE, GEMV_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE,), FLAGS)):
+    for sources, flags in (((SOURCE, GEMV_SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE,), FLAGS)):
         lib = _build(compiler, sources, flags)
         if lib is not None:
             return _declare(lib)
@@ -86,6 +88,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     if hasattr(lib, "gemv_bf16_packed"):
         lib.gemv_bf16_packed.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, i32]
         lib.gemv_bf16_packed.restype = None
+    if hasattr(lib, "decode_layer_f32"):
+        from llmrun.model.native_layer import declare
+
+        declare(lib)
     return lib
 
 
@@ -130,6 +136,7 @@ class NativeKernels(FusedKernels):
         self._gemv_shapes: dict[tuple[int, int], bool] = {}  # (out, in) -> passed its self-check
         self._gemv_weights: dict[int, tuple[torch.Tensor, Optional[int]]] = {}  # id -> (weight, its data or None)
         self._gemv_scratch = torch.empty(0, dtype=torch.float32)
+        self.layer = None  # the float32 layer in one C call (model/native_layer.py), set by for_decoder
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
@@ -143,6 +150,9 @@ class NativeKernels(FusedKernels):
             kernels = cls(lib, dtype, shape, lanes)
             if kernels.check():
                 kernels.pick_silu_mul()
+                from llmrun.model.native_layer import NativeLayer
+
+                kernels.layer = NativeLayer.for_kernels(kernels)
                 return kernels
         return None
 
@@ -188,9 +198,11 @@ class NativeKernels(FusedKernels):
         return self._gemv(x, entry[1], *weight.shape)
 
     def describe(self) -> dict:
-        """The kernel set, and the weight shapes (out x in) one sequence's steps ran in the GEMV."""
+        """The kernel set, the weight shapes (out x in) one sequence's steps ran in the GEMV, and
+        whether one sequence's float32 steps ran each layer in one C call."""
         shapes = [f"{n}x{k}" for (n, k), usable in self._gemv_shapes.items() if usable]
-        return {**super().describe(), "gemv_shapes": shapes if self.gemv else None}
+        return {**super().describe(), "gemv_shapes": shapes if self.gemv else None,
+                "layer": self.layer is not None and self.layer.ran}
 
     def _gemv(self, x: torch.Tensor, weight_ptr: int, n: int, k: int) -> torch.Tensor:
         rows = x.shape[0]
