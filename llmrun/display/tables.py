@@ -94,6 +94,8 @@ def _kernels_text(kernels: dict) -> str:
     parts = [f"fused {kernels['set']} kernels"]
     if kernels.get("gemv_shapes"):
         parts.append(f"bf16 GEMV on {len(kernels['gemv_shapes'])} weight shapes")
+    if kernels.get("layer"):
+        parts.append("float32 layers in one C call")
     if kernels.get("gemv"):
         parts.append("Triton GEMV")
     if kernels.get("cuda_graphs"):

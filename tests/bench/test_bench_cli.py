@@ -30,6 +30,11 @@ def test_quick_bench_with_transformers_comparison(tiny, tmp_path):
     assert data["machine"]["threads"] >= 1 and data["peak_rss_bytes"] > 0
     kernels = data["kernels"]  # C on the CPU (Triton on a GPU), or none without a compiler or triton
     assert kernels["set"] in (("C", None) if data["machine"]["device"] == "cpu" else ("Triton", None))
+    if kernels["set"] == "C":  # one sequence's float32 steps ran each layer in one C call where it builds
+        from llmrun.model.native import load_library
+
+        lib = load_library()
+        assert kernels["layer"] is (hasattr(lib, "decode_layer_f32") and bool(lib.layer_supported()))
     batched = data["cases"]["prompt64_b4"]["transformers"]  # generate_batch: no time to first token
     assert batched["ttft_s"]["median"] is None and batched["decode_tok_s"]["median"] > 0
 
