@@ -62,7 +62,8 @@ def matmul_step(decoder, weights, dtype):
 def matmuls_from_cache(decoder):
     """The Llama decoder's M = 1 matmuls return their first result again (warm-cache measurement):
     its kernel set's matmul (every matmul of a decode step with the fused kernels) and the module's
-    (without them)."""
+    (without them). A float32 layer in one C call (model/native_layer.py) calls MKL itself, so it
+    is off here: this figure is then the fused Python path's."""
     import llmrun.model.llama as llama
 
     real_linear, real_halves, seen = llama.linear, llama.linear_halves, {}
@@ -79,13 +80,14 @@ def matmuls_from_cache(decoder):
 
     llama.linear, llama.linear_halves = cached(real_linear), cached(real_halves)
     if native is not None:
-        native.linear = cached(native.linear)
+        native.linear, layer, native.layer = cached(native.linear), native.layer, None
     try:
         yield
     finally:
         llama.linear, llama.linear_halves = real_linear, real_halves
         if native is not None:
             del native.linear  # the class's method again
+            native.layer = layer
 
 
 def main() -> None:
