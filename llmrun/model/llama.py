@@ -162,10 +162,12 @@ class LlamaDecoder:
 
     def whole_layer_step(self, hidden, rope, meta):
         """The kernel set's whole-layer call for this step (its shared arguments and output rows),
-        where it runs: one sequence's decode step, no sliding windows or soft-capping; else None."""
+        where it runs: one sequence's decode step, one RoPE table, no sliding windows or
+        soft-capping; else None."""
         layer = self.native.layer
         if (layer is None or self._layer_verified is False or not layer.can_run(hidden.shape[0], meta)
-                or self.attn_softcap is not None or any(window is not None for window in self.windows)):
+                or self.attn_softcap is not None or len(self.rotaries) != 1
+                or any(window is not None for window in self.windows)):
             return None
         return layer.begin(hidden, rope, meta, self.scale)
 

@@ -4,6 +4,8 @@ Batch-1 decode on a CPU spends as much time in ~30 small ATen ops per layer as i
 each op pays its dispatch, and the caches it needs were just flushed by the layer's weights. Three
 kernels replace 22 of them: residual add + RMSNorm, RoPE on q/k + the K/V cache writes, and
 SiLU(gate)·up (with ATen's own exp, taken from libtorch, so SiLU rounds exactly as ATen's does).
+The same library carries the bf16 GEMV (native_gemv.c) and, for one sequence's float32 steps, a
+whole layer in one call (native_layer.c, bound in native_layer.py).
 
 The kernels are compiled on first use (under a second) with the system C compiler into the user
 cache directory (paths.cache_dir()/native, keyed by the source's hash) and loaded with ctypes. A
