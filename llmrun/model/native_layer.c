@@ -8,10 +8,13 @@
  * - attention follows ATen's CPU flash-attention kernel for a single query: per head, blocks of
  *   512 keys; q·kᵀ and p·v through the same `sgemm_` calls it makes; scaling and the running max;
  *   exp_u20 (ATen's fast exp, the same FMA steps) summed in 16 lanes, then the lanes added by
- *   halves as ATen's AVX-512 `vec_reduce_all`; the output scaled by 1 / sum. Heads run on ATen's
- *   OpenMP threads split as `at::parallel_for` splits them, each with its own buffer at the offset
- *   ATen's would have, and MKL inside that parallel region runs one thread, as it does in ATen.
- * model/native.py checks all of it against ATen before use (AVX-512 CPUs with libtorch's MKL only).
+ *   halves as ATen's AVX-512 `vec_reduce_all`, the tail as a double exp rounded to float; the
+ *   running sum's rescale as one FMA (ATen's build contracts it); the output scaled by 1 / sum.
+ *   Heads run on ATen's OpenMP threads split as `at::parallel_for` splits them, each with its own
+ *   buffer at the offset ATen's would have, and MKL inside that parallel region runs one thread, as
+ *   it does in ATen (called outside it, MKL's two threads sum p·v in another order).
+ * model/native_layer.py checks the attention against SDPA, and LlamaDecoder.layer_matches a whole
+ * layer against the fused Python path, before use (AVX-512 CPUs with libtorch's MKL only).
  */
 #include <math.h>
 #include <stdint.h>
@@ -166,7 +169,8 @@ void attend_one_f32(sgemm_fn sgemm, const float *q, const float *k_pool, const f
     }
 }
 
-/* What one layer needs: its weights and K/V pools (set per layer), and the step (set per step). */
+/* What one layer needs: its weights and K/V pools (set per layer), and the step (set per step).
+ * native_layer.py mirrors both structs (LayerWeights, LayerStep). */
 struct layer_weights {
     const float *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
     float *k_pool, *v_pool;
