@@ -44,14 +44,6 @@ class Terminal:
         scrolled = ["".join(line[x].data for x in range(self.cols)).rstrip() for line in self.screen.history.top]
         return "\n".join([*scrolled, self.text()])
 
-    def ctrl_c_at_prompt(self) -> None:
-        """Press Ctrl-C while readline edits the line. CPython notices a SIGINT in input() only when
-        it interrupts readline's wait for a key; one that lands while readline is still drawing the
-        last key (just after its echo reached the screen) waits for the next key. No person types
-        that fast: let readline settle first."""
-        self._pump(0.3)
-        self.child.send("\x03")
-
     def wait(self, predicate, timeout: float = 120, what: str = "") -> str:
         end = time.monotonic() + timeout
         while time.monotonic() < end:

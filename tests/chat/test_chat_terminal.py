@@ -19,9 +19,9 @@ def test_ctrl_c_clears_a_typed_line_and_at_an_empty_prompt_leaves(tiny_chat_mode
     terminal = open_chat(tiny_chat_model, tmp_path)
     terminal.child.send("half a thought")
     terminal.wait(lambda s: s.endswith(f"{PROMPT} half a thought"), what="the typed text")
-    terminal.ctrl_c_at_prompt()
+    terminal.child.send("\x03")
     terminal.wait(lambda s: s.splitlines()[-2:] == [f"{PROMPT} half a thought", PROMPT], what="a fresh prompt")
-    terminal.ctrl_c_at_prompt()
+    terminal.child.send("\x03")
     assert terminal.exit_status() == 0
     assert "Traceback" not in terminal.raw.decode(errors="replace")
 
