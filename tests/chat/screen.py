@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -20,8 +21,10 @@ class Terminal:
         self.screen = pyte.HistoryScreen(cols, rows, history=5000)
         self.stream = pyte.ByteStream(self.screen)
         self.raw = bytearray()
+        # SIGINT at its default in the child, as at a person's terminal: a suite started from a
+        # background job inherits SIGINT ignored (the shell's rule for `&`), and Ctrl-C would do nothing.
         self.child = pexpect.spawn(sys.executable, [str(a) for a in argv], env=env, dimensions=(rows, cols),
-                                   cwd=cwd)
+                                   cwd=cwd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def _pump(self, seconds: float) -> None:
         end = time.monotonic() + seconds
