@@ -47,11 +47,13 @@ GEMV_BLOCK = 32  # outputs per VNNI block of a oneDNN-packed weight (native_gemv
 def load_library() -> Optional[ctypes.CDLL]:
     """The compiled kernels (built once per source version), or None where they cannot be built.
     With the bf16 GEMV (native_gemv.c) and the float32 layer (native_layer.c) where the compiler has
-    OpenMP, else without them."""
+    OpenMP (the GEMV alone where the layer does not build), else without them."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    for sources, flags in (((SOURCE, GEMV_SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE,), FLAGS)):
+    builds = (((SOURCE, GEMV_SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE, GEMV_SOURCE), FLAGS + GEMV_FLAGS),
+              ((SOURCE,), FLAGS))
+    for sources, flags in builds:
         lib = _build(compiler, sources, flags)
         if lib is not None:
             return _declare(lib)

@@ -106,3 +106,19 @@ def test_bf16_and_batched_steps_keep_the_fused_path(lib, checkpoint, monkeypatch
     together, alone = batched_and_alone(engine, [list(range(5, 30)), list(range(40, 52))], 6)
     assert together == alone
     assert len(runs) == 2 + 2 * 5 * 2  # the check, then only the prompts decoded alone: 5 steps each, 2 layers
+
+
+def test_a_layer_that_does_not_build_leaves_the_gemv(lib, tmp_path, monkeypatch):
+    import llmrun.model.native as native
+
+    broken = tmp_path / "native_layer.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "LAYER_SOURCE", broken)
+    monkeypatch.setenv("LLMRUN_CACHE", str(tmp_path / "cache"))
+    native.load_library.cache_clear()
+    try:
+        rebuilt = native.load_library()
+        assert rebuilt is not None and not hasattr(rebuilt, "decode_layer_f32")
+        assert hasattr(rebuilt, "gemv_bf16_packed") == hasattr(lib, "gemv_bf16_packed")
+    finally:
+        native.load_library.cache_clear()  # the next test finds the real library again
