@@ -135,20 +135,23 @@ class NativeLayer:
         return out
 
     def attention_matches(self) -> bool:
-        """The C attention against SDPA as paged_attention calls it, bit for bit, on random data
-        with sharp and flat scores over contexts of one vector, tails, one and several blocks."""
-        from llmrun.model.attention import attend
+        """The C attention against paged_attention (SDPA over the pool rows in place), bit for bit,
+        on random data with sharp and flat scores over contexts of one vector, tails, one and
+        several blocks."""
+        from llmrun.kv.metadata import AttentionMetadata
+        from llmrun.model.attention import paged_attention
 
         s = self.shape
         generator = torch.Generator().manual_seed(4)
         for length in CHECK_LENGTHS:
+            meta = AttentionMetadata(slot_mapping=torch.tensor([length + 4]), query_starts=(0,), query_lens=(1,),
+                                     cached_lens=(length - 1,), seq_lens=(length,), context_slots=(),
+                                     decode_slots=None, decode_mask=None, decode_span=(5, length))
             for sharpness in (4.0, 1.0, 0.05):
                 k_pool = torch.randn(length + 9, s.num_kv_heads, s.head_dim, generator=generator) * sharpness
                 v_pool = torch.randn(length + 9, s.num_kv_heads, s.head_dim, generator=generator)
-                q = torch.randn(s.num_heads, s.head_dim, generator=generator) * sharpness
-                keys = k_pool.narrow(0, 5, length).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, dim]
-                values = v_pool.narrow(0, 5, length).transpose(0, 1).unsqueeze(0)
-                expected = attend(q.unsqueeze(0).unsqueeze(2), keys, values, None, False, s.head_dim**-0.5, None)
+                q = torch.randn(1, s.num_heads, s.head_dim, generator=generator) * sharpness
+                expected = paged_attention(q, k_pool, v_pool, meta, s.head_dim**-0.5)
                 if not torch.equal(self.attend(q, k_pool, v_pool, 5, length, s.head_dim**-0.5), expected.flatten()):
                     return False
         return True
