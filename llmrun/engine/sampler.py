@@ -8,7 +8,9 @@ from typing import Optional
 
 import torch
 
-from llmrun.errors import UsageError
+from llmrun.options import check_value
+
+LABELS = {"repetition_penalty": "repeat-penalty", "max_new_tokens": "max-tokens"}
 
 
 @dataclass(frozen=True)
@@ -23,18 +25,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UsageError(f"top-k must be >= 0, got {self.top_k}")
-        for name in ("top_p", "min_p"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise UsageError(f"{name.replace('_', '-')} must be between 0 and 1, got {value}")
-        if self.repetition_penalty <= 0:
-            raise UsageError(f"repeat-penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise UsageError(f"max-tokens must be >= 1, got {self.max_new_tokens}")
+        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_new_tokens"):
+            check_value(key, getattr(self, key), LABELS.get(key, key.replace("_", "-")))
 
     @property
     def is_greedy(self) -> bool:
