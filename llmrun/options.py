@@ -42,7 +42,9 @@ class Rule:
 
 
 def _fmt(number: Number) -> str:
-    return str(int(number)) if float(number).is_integer() and abs(number) < 1e15 else f"{number:g}"
+    if isinstance(number, int):
+        return str(number)
+    return str(int(number)) if number.is_integer() else f"{number:g}"
 
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
