@@ -65,14 +65,21 @@ RULES = {
 }
 
 
-def check_value(key: str, value, label: Optional[str] = None):
-    """`value` when RULES[key] accepts it (None passes: "not set"), else a UsageError naming `label`
-    (the option as the person typed it: "--top-p", "top_p") and the range."""
-    if value is None:
-        return None
+def problem(key: str, value) -> Optional[str]:
+    """What is wrong with `value` under RULES[key] ("must be ..., got ..."), or None when it is fine
+    (None itself passes: "not set")."""
     rule = RULES[key]
-    if not rule.accepts(value):
-        raise UsageError(f"{label or key} must be {rule.describe()}, got {value!r}")
+    if value is None or rule.accepts(value):
+        return None
+    return f"must be {rule.describe()}, got {value!r}"
+
+
+def check_value(key: str, value, label: Optional[str] = None):
+    """`value` when RULES[key] accepts it, else a UsageError naming `label` (the option as the person
+    typed it: "--top-p", "top_p") and the range."""
+    wrong = problem(key, value)
+    if wrong:
+        raise UsageError(f"{label or key} {wrong}")
     return value
 
 
