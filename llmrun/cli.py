@@ -4,20 +4,59 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from llmrun.cli_options import (
+    Ctx, CpuMem, DefaultModelArg, Dtype, GpuMem, MinP, ModelArg, Quiet, RepeatPenalty, Seed, Stop, System,
+    Temperature, TopK, TopP, batch_option, checked, flag, json_option, max_tokens_option,
+)
 from llmrun.errors import LlmrunError
+
+class _Commands(TyperGroup):
+    """llmrun's command group: a command's own failures end here as one line on stderr (Typer's
+    standalone run, around it, reports usage errors before a command starts)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LlmrunError as err:
+            _fail(err)
+        except KeyboardInterrupt:
+            print("llmrun: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except BrokenPipeError:
+            _silence_broken_pipe()
+
 
 app = typer.Typer(
     name="llmrun",
-    help="Run large language models locally and offline, on whatever hardware you have.",
+    cls=_Commands,
+    rich_markup_mode=None,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from llmrun import __version__
+
+        print(f"llmrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", help="Print llmrun's version and exit.", metavar="",
+                                          callback=_show_version, is_eager=True)] = False,
+) -> None:
+    """Run large language models locally and offline, on whatever hardware you have."""
+
 
 def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[int], batch: int, dtype: str):
     from llmrun.engine.build import EngineOptions, dtype_name
@@ -60,38 +99,35 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens
     )
 
 
-GPU_MEM_HELP = "Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU)."
-CPU_MEM_HELP = "Plan as if only this much RAM were free (16GB, 512MB)."
-
-DEFAULT_MODEL_HELP = "Model: alias (smollm2, phi-3-mini), Hub repo id, local folder or .gguf file."
 
 
 @app.command("run")
 def run_command(
-    model: str = typer.Argument(..., help=DEFAULT_MODEL_HELP),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt (stdin, when piped, comes first)."),
-    max_tokens: int = typer.Option(512, "-n", "--max-tokens", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.7, "-t", "--temperature", help="0 = greedy (deterministic)."),
-    top_k: int = typer.Option(40, "--top-k", help="Sample from the k likeliest tokens (0 = off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top probability."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise repeated tokens (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
-    raw: bool = typer.Option(False, "--raw", help="Skip the chat template; tokenize the prompt as is."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: model max, at most 4096)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
-    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
-    batch: int = typer.Option(1, "--batch", help="Prompts decoded together (with --each-line)."),
-    each_line: bool = typer.Option(False, "--each-line", help="Every stdin line is its own prompt; JSON Lines out."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streamed text."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats line on stderr."),
+    model: ModelArg,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (stdin, when piped, comes first).",
+                                                    metavar="PROMPT", show_default=False)] = None,
+    max_tokens: Annotated[int, max_tokens_option("Most tokens to generate.")] = 512,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    system: System = None,
+    raw: Annotated[bool, flag("--raw", help="Skip the chat template; tokenize the prompt as is.")] = False,
+    ctx: Ctx = None,
+    dtype: Dtype = "auto",
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    batch: Annotated[int, batch_option("Prompts decoded together (with --each-line).")] = 1,
+    each_line: Annotated[bool, flag("--each-line", help="Every stdin line is its own prompt; JSON Lines out.")] = False,
+    as_json: Annotated[bool, json_option("Print one JSON object instead of streamed text.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Answer one prompt and exit; only the model's text goes to stdout.
 
-    Example: echo "Summarise:" | llmrun run smollm2 "What is the capital of France?" -t 0
+    Example: echo "Some text" | llmrun run smollm2 "Summarise this." -t 0
     """
     from llmrun.engine.prompt import prompt_ids
     from llmrun.oneshot import generate_lines, generate_one, read_lines, read_prompt
@@ -117,21 +153,21 @@ def run_command(
 
 @app.command("chat")
 def chat_command(
-    model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
-    max_tokens: int = typer.Option(512, "-n", "--max-tokens", help="Most tokens per reply."),
-    temperature: float = typer.Option(0.7, "-t", "--temperature", help="0 = greedy (deterministic)."),
-    top_k: int = typer.Option(40, "--top-k", help="Sample from the k likeliest tokens (0 = off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top probability."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise repeated tokens (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same replies."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop a reply before this text (repeatable)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: model max, at most 4096)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
-    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats line after each reply."),
+    model: DefaultModelArg = None,
+    max_tokens: Annotated[int, max_tokens_option("Most tokens per reply.")] = 512,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    system: System = None,
+    ctx: Ctx = None,
+    dtype: Dtype = "auto",
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    quiet: Quiet = False,
 ) -> None:
     """Talk with a model; the conversation stays in the KV cache, so each turn prefills only what is new.
 
@@ -147,20 +183,23 @@ def chat_command(
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     opened = open_model(_default_model(model), request)
     try:
-        run_chat(opened, params, system=system, quiet=quiet)
+        status = run_chat(opened, params, system=system, quiet=quiet)
     except BrokenPipeError:
         _silence_broken_pipe()
+        return
+    if status:  # piped input with a refused line: each was reported as it came
+        raise typer.Exit(status)
 
 
 @app.command("plan")
 def plan_command(
-    model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
-    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context tokens per sequence (default: model max, at most 4096)."),
-    batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (schema: docs/plan-json.md)."),
+    model: DefaultModelArg = None,
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    ctx: Ctx = None,
+    batch: Annotated[int, batch_option("Sequences decoded together.")] = 1,
+    dtype: Dtype = "auto",
+    as_json: Annotated[bool, json_option("Print the plan as JSON (schema: docs/plan-json.md).")] = False,
 ) -> None:
     """Show where every layer would live (GPU, pinned CPU, disk) before loading anything.
 
@@ -179,17 +218,20 @@ def plan_command(
 
 @app.command("bench")
 def bench_command(
-    model: Optional[str] = typer.Argument(None, help=DEFAULT_MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."),
-    compare: str = typer.Option("none", "--compare", help="Also run: transformers (or accelerate, for offload)."),
-    batch: int = typer.Option(8, "--batch", help="Sequences in the batched case."),
-    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated per sequence."),
-    reps: int = typer.Option(3, "--reps", help="Timed repetitions per case (after one warm-up)."),
-    quick: bool = typer.Option(False, "--quick", help="A small workload (64-token prompts, 16 new tokens)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context tokens per sequence."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP),
-    cpu_mem: Optional[str] = typer.Option(None, "--cpu-mem", help=CPU_MEM_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    model: DefaultModelArg = None,
+    compare: Annotated[str, typer.Option("--compare", help="Also run: transformers (or accelerate, for offload).",
+                                         metavar="NAME")] = "none",
+    batch: Annotated[int, batch_option("Sequences in the batched case.")] = 8,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per sequence.",
+                                            callback=checked("new_tokens"), metavar="N")] = 128,
+    reps: Annotated[int, typer.Option("--reps", help="Timed repetitions per case (after one warm-up).",
+                                      callback=checked("reps"), metavar="N")] = 3,
+    quick: Annotated[bool, flag("--quick", help="A small workload (64-token prompts, 16 new tokens).")] = False,
+    dtype: Dtype = "auto",
+    ctx: Ctx = None,
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    as_json: Annotated[bool, json_option("Print the report as JSON.")] = False,
 ) -> None:
     """Measure prefill and decode speed on a fixed workload (docs/performance.md).
 
@@ -236,7 +278,7 @@ def import_command(
 
 @app.command("models")
 def models_command(
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    as_json: Annotated[bool, json_option("Print a JSON list instead of a table.")] = False,
 ) -> None:
     """List local models: llmrun's store and the Hugging Face cache.
 
@@ -256,31 +298,38 @@ def models_command(
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning LlmrunError into one line and exit 1."""
+    """Console-script entry point. Typer's standalone run handles usage errors itself (its one-line
+    message and usage hint, exit 2); a command's own failures are turned into one line by
+    `_Commands.invoke`."""
+    _lenient_stdin()
     try:
-        exit_code = app(standalone_mode=False)
-        if isinstance(exit_code, int) and exit_code:  # Typer turns Ctrl-C into Exit(130), returned here
-            raise KeyboardInterrupt if exit_code == 130 else typer.Exit(exit_code)
-    except LlmrunError as err:
-        print(f"llmrun: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("llmrun: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:
-        _silence_broken_pipe()
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        print("llmrun: aborted", file=sys.stderr)
-        sys.exit(1)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
+        app()
+    except LlmrunError as err:  # raised outside a command (in a callback that runs before it)
+        _fail(err)
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+
+def _fail(err: LlmrunError) -> None:
+    print(f"llmrun: error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
+
+
+def _lenient_stdin() -> None:
+    """stdin bytes that are not UTF-8 become U+FFFD, with one note on stderr, instead of a
+    UnicodeDecodeError in the middle of a run or a chat."""
+    import codecs
+
+    noted = []
+
+    def replace(err: UnicodeDecodeError):
+        if not noted:
+            noted.append(True)
+            print("llmrun: note: stdin is not valid UTF-8; undecodable bytes were replaced by U+FFFD",
+                  file=sys.stderr)
+        return "\ufffd", err.end
+
+    codecs.register_error("llmrun-stdin", replace)
+    if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="llmrun-stdin")
 
 
 def _silence_broken_pipe() -> None:

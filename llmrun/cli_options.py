@@ -1,0 +1,80 @@
+"""Every command-line option and argument declared once, with its check: the commands in cli.py
+share these `Annotated` types, so an option reads and refuses values the same way everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated, Callable, List, Optional
+
+import typer
+
+from llmrun.options import problem
+
+MODEL_HELP = "Model: alias (smollm2, phi-3-mini), Hub repo id, local folder or .gguf file."
+DEFAULT_MODEL_HELP = MODEL_HELP + " Default: $LLMRUN_MODEL or smollm2."
+
+
+def checked(key: str) -> Callable:
+    """A Typer callback that refuses a value outside llmrun.options.RULES[key] as a usage error
+    (exit 2, Typer's one-line message naming the option)."""
+
+    def callback(value):
+        wrong = problem(key, value)
+        if wrong:
+            raise typer.BadParameter(wrong)
+        return value
+
+    return callback
+
+
+def flag(*names: str, help: str):
+    """A boolean switch shown without a value (`--json`, not `--json <bool>`)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
+# Arguments
+ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, metavar="MODEL", show_default=False)]
+DefaultModelArg = Annotated[Optional[str], typer.Argument(help=DEFAULT_MODEL_HELP, metavar="MODEL",
+                                                          show_default=False)]
+
+# Sampling (run, chat)
+Temperature = Annotated[float, typer.Option("-t", "--temperature", help="0 = greedy (deterministic); >= 0.",
+                                            callback=checked("temperature"), metavar="T")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample from the k likeliest tokens (0 = off).",
+                                   callback=checked("top_k"), metavar="K")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, 0 to 1 (1 = off).",
+                                     callback=checked("top_p"), metavar="P")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p x the top probability, 0 to 1 (0 = off).",
+                                     callback=checked("min_p"), metavar="P")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Penalise repeated tokens, > 0 (1 = off).",
+                                              callback=checked("repetition_penalty"), metavar="X")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed, 0 to 2^64-1: same seed, same text.",
+                                             callback=checked("seed"), metavar="N")]
+Stop = Annotated[Optional[List[str]], typer.Option("--stop", help="Stop before this text (repeatable).",
+                                                   metavar="TEXT")]
+System = Annotated[Optional[str], typer.Option("--system", help="System message for the chat template.",
+                                               metavar="TEXT")]
+
+
+def max_tokens_option(help: str):
+    return typer.Option("-n", "--max-tokens", help=help, callback=checked("max_new_tokens"), metavar="N")
+
+
+# Placement and memory (run, chat, plan, bench)
+Ctx = Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens (default: model max, at most 4096).",
+                                            callback=checked("ctx"), metavar="N")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.", metavar="NAME")]
+GpuMem = Annotated[Optional[str], typer.Option(
+    "--gpu-mem", help="Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU).", metavar="SIZE")]
+CpuMem = Annotated[Optional[str], typer.Option(
+    "--cpu-mem", help="Plan as if only this much RAM were free (16GB, 512MB).", metavar="SIZE")]
+
+
+def batch_option(help: str):
+    return typer.Option("--batch", help=help, callback=checked("batch"), metavar="N")
+
+
+def json_option(help: str):
+    return flag("--json", help=help)
+
+
+Quiet = Annotated[bool, flag("-q", "--quiet", help="No stats line on stderr.")]
