@@ -303,9 +303,15 @@ def main() -> None:
     `_Commands.invoke`."""
     _lenient_stdin()
     try:
-        app()
+        app(prog_name="llmrun")
     except LlmrunError as err:  # raised outside a command (in a callback that runs before it)
         _fail(err)
+    except SystemExit as done:
+        if isinstance(done.__context__, BrokenPipeError):  # Rich and Typer end a closed pipe with status 1
+            _silence_broken_pipe()
+        raise
+    finally:
+        _flush_std_streams()  # now, not at interpreter exit, where a closed pipe means status 120
 
 
 def _fail(err: LlmrunError) -> None:
@@ -333,12 +339,24 @@ def _lenient_stdin() -> None:
 
 
 def _silence_broken_pipe() -> None:
-    """The reader went away (`| head`): end quietly, without a second error at interpreter exit."""
+    """The reader went away (`| head`): a normal end, status 0, without a second error at exit."""
+    _flush_std_streams()
+    sys.exit(0)
+
+
+def _flush_std_streams() -> None:
+    """Flush stdout and stderr; one whose reader went away is pointed at /dev/null, so what its
+    buffer still holds cannot fail again at interpreter exit ("Exception ignored ...", status 120)."""
     import os
 
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
-    sys.exit(0)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        except (AttributeError, OSError, ValueError):  # no stream, or one already closed
+            pass

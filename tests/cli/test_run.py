@@ -112,7 +112,6 @@ def test_closed_pipe_ends_quietly(tiny, home):
     (["Hello", "--dtype", "banana"], "", "unknown dtype 'banana'"),
     ([], "", "no prompt"),
     (["   "], "\n", "no prompt"),
-    (["Hello", "-t", "-1"], "", "temperature must be >= 0"),
     (["Hello", "--ctx", "100000"], "", "beyond the model's maximum context of 256"),
 ])
 def test_bad_input_is_one_line_error(tiny, home, args, stdin, fragment):
