@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from llmrun.errors import UsageError
+from llmrun.options import parse_value
 
 # name -> (argument shown in /help, what it does)
 COMMANDS = {
@@ -57,31 +58,32 @@ def help_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def _number(kind: Callable, off: Optional[float] = None):
-    """A parser for one option: `kind` of the text; `off` (e.g. 0 for top_k) means None."""
+@dataclass(frozen=True)
+class Settable:
+    """A /set name: the SamplingParams field it changes, and its "off" spellings (words, and a number
+    such as top_k's 0) that mean None, as on the command line."""
 
-    def parse(text: str):
-        if off is not None and text.lower() in ("off", "none"):
+    field: str
+    off_words: tuple[str, ...] = ()
+    off_number: Optional[float] = None
+
+    def parse(self, name: str, text: str):
+        """The value `text` stands for, checked by options.RULES as the command-line options are."""
+        if text.lower() in self.off_words:
             return None
-        value = kind(text)
-        return None if off is not None and value == off else value
-
-    return parse
+        value = parse_value(self.field, text, name)
+        return None if self.off_number is not None and value == self.off_number else value
 
 
-def _seed(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "random", "off") else int(text)
-
-
-# /set name -> (SamplingParams field, parser). Off values mirror the command-line options.
+OFF = ("off", "none")
 SETTABLE = {
-    "temperature": ("temperature", _number(float)),
-    "top_k": ("top_k", _number(int, off=0)),
-    "top_p": ("top_p", _number(float)),
-    "min_p": ("min_p", _number(float, off=0.0)),
-    "repeat_penalty": ("repetition_penalty", _number(float)),
-    "max_tokens": ("max_new_tokens", _number(int)),
-    "seed": ("seed", _seed),
+    "temperature": Settable("temperature"),
+    "top_k": Settable("top_k", OFF, 0),
+    "top_p": Settable("top_p"),
+    "min_p": Settable("min_p", OFF, 0),
+    "repeat_penalty": Settable("repetition_penalty"),
+    "max_tokens": Settable("max_new_tokens"),
+    "seed": Settable("seed", ("none", "random", "off")),
 }
 SET_ALIASES = {"temp": "temperature", "t": "temperature", "n": "max_tokens",
                "repetition_penalty": "repeat_penalty"}
@@ -98,19 +100,17 @@ def apply_set(params, argument: str):
     name = SET_ALIASES.get(name, name)
     if name not in SETTABLE:
         raise UsageError(f"cannot /set {raw_name}: choose one of " + ", ".join(SETTABLE))
-    field, parse = SETTABLE[name]
-    try:
-        value = parse(text)
-    except ValueError:
-        raise UsageError(f"{name} needs a number, got {text!r}") from None
-    return dataclasses.replace(params, **{field: value}), f"{name} = {'off' if value is None else value}"
+    settable = SETTABLE[name]
+    value = settable.parse(name, text)
+    return (dataclasses.replace(params, **{settable.field: value}),
+            f"{name} = {'off' if value is None else value}")
 
 
 def settings_rows(params) -> list[tuple[str, str]]:
     """The current sampling options under their /set names."""
     rows = []
-    for name, (field, _) in SETTABLE.items():
-        value = getattr(params, field)
+    for name, settable in SETTABLE.items():
+        value = getattr(params, settable.field)
         rows.append((name, "off" if value is None else str(value)))
     if params.stop:
         rows.append(("stop", ", ".join(repr(s) for s in params.stop)))

@@ -1,5 +1,7 @@
 """Slash-command parsing and /set: pure functions over text and SamplingParams."""
 
+import re
+
 import pytest
 
 from llmrun.chat.commands import COMMANDS, Command, apply_set, help_rows, parse_input, settings_rows
@@ -73,14 +75,36 @@ def test_set_changes_one_sampling_option(argument, field, value):
 @pytest.mark.parametrize("argument, message", [
     ("temperature", "usage: /set NAME VALUE"),
     ("warmth 3", "cannot /set warmth: choose one of temperature"),
-    ("temperature hot", "temperature needs a number, got 'hot'"),
-    ("temperature -1", "temperature must be >= 0"),
-    ("top_p 2", "top-p must be between 0 and 1"),
-    ("max_tokens 0", "max-tokens must be >= 1"),
+    ("temperature hot", "temperature must be a number >= 0, got 'hot'"),
+    ("temperature -1", "temperature must be a number >= 0, got -1.0"),
+    ("temperature nan", "temperature must be a number >= 0, got nan"),
+    ("temp inf", "temperature must be a number >= 0, got inf"),
+    ("temperature 1e400", "temperature must be a number >= 0, got inf"),
+    ("top_p 2", "top_p must be a number from 0 to 1, got 2.0"),
+    ("top-p nan", "top_p must be a number from 0 to 1, got nan"),
+    ("min_p -0.5", "min_p must be a number from 0 to 1"),
+    ("top_k 2.5", "top_k must be an integer >= 0, got '2.5'"),
+    ("top_k -3", "top_k must be an integer >= 0, got -3"),
+    ("repeat_penalty 0", "repeat_penalty must be a number > 0, got 0.0"),
+    ("max_tokens 0", "max_tokens must be an integer >= 1, got 0"),
+    ("n 1.5", "max_tokens must be an integer >= 1, got '1.5'"),
+    (f"seed {2**70}", f"seed must be an integer from 0 to {2**64 - 1}, got {2**70}"),
+    ("seed -1", "seed must be an integer from 0 to"),
+    ("seed 2**70", "seed must be an integer from 0 to"),
 ])
 def test_bad_set_values_are_usage_errors(argument, message):
-    with pytest.raises(UsageError, match=message):
+    """/set checks values by the rules the command-line options use, under its own names."""
+    with pytest.raises(UsageError, match=re.escape(message)):
         apply_set(SamplingParams(), argument)
+
+
+@pytest.mark.parametrize("argument, field", [
+    ("top_k off", "top_k"), ("top_k NONE", "top_k"), ("min_p none", "min_p"), ("min_p 0.0", "min_p"),
+    ("seed off", "seed"), ("seed none", "seed"),
+])
+def test_off_spellings_turn_an_option_off(argument, field):
+    after, change = apply_set(SamplingParams(top_k=5, min_p=0.1, seed=3), argument)
+    assert getattr(after, field) is None and change.endswith("= off")
 
 
 def test_help_lists_every_command_and_the_input_rules():
