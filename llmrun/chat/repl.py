@@ -13,8 +13,9 @@ from llmrun.chat.terminal import InputReader, StopOnInterrupt, keys_not_echoed
 from llmrun.errors import LlmrunError
 
 
-def run_chat(opened, params, *, system: Optional[str] = None, quiet: bool = False) -> None:
-    """Chat until /exit, Ctrl-D, Ctrl-C at an empty prompt, or the end of piped input."""
+def run_chat(opened, params, *, system: Optional[str] = None, quiet: bool = False) -> int:
+    """Chat until /exit, Ctrl-D, Ctrl-C at an empty prompt, or the end of piped input; returns the
+    exit status: 1 when piped input had an input refused (each was reported and skipped), else 0."""
     from llmrun.display import chat_line
     from llmrun.paths import history_file
 
@@ -32,6 +33,7 @@ def run_chat(opened, params, *, system: Optional[str] = None, quiet: bool = Fals
     finally:
         reader.save_history()
         session.close()
+    return 1 if loop.num_refused and not interactive else 0
 
 
 def format_reply_stats(reply: Reply) -> str:
@@ -47,7 +49,8 @@ def format_reply_stats(reply: Reply) -> str:
 
 
 class ChatLoop:
-    """Handles one input at a time; errors are reported and the chat goes on (at a terminal)."""
+    """Handles one input at a time; an input that fails is reported on stderr and the chat goes on,
+    at a terminal and in a pipe alike (a script's later turns are still answered)."""
 
     def __init__(self, session: ChatSession, model_name: str, *, live: bool, interactive: bool,
                  quiet: bool = False):
@@ -57,6 +60,7 @@ class ChatLoop:
         self.interactive = interactive
         self.quiet = quiet
         self.num_replies_shown = 0
+        self.num_refused = 0  # inputs that ended in an error
 
     def handle(self, text: str) -> bool:
         """Run one input; False when the chat should end."""
@@ -70,8 +74,7 @@ class ChatLoop:
                 return self.run_command(parsed)
             self.send(parsed)
         except LlmrunError as err:
-            if not self.interactive:
-                raise  # a script's mistake ends it: one line on stderr, exit status 1
+            self.num_refused += 1
             chat_error(str(err))
         return True
 
@@ -81,7 +84,7 @@ class ChatLoop:
         turn = self.session.add_user(text)
         if turn.dropped_turns:
             chat_warning(f"the conversation outgrew the context ({self.session.ctx} tokens): dropped "
-                         f"the {_turns(turn.dropped_turns)} oldest, kept the system prompt")
+                         f"the {_oldest_turns(turn.dropped_turns)}, kept the system prompt")
         if self.num_replies_shown and not self.live:
             sys.stdout.write("\n")  # replies in a pipe are separated by a blank line
         # At a terminal Ctrl-C stops the reply; in a pipe it ends everything, as in any pipeline.
@@ -161,6 +164,10 @@ class ChatLoop:
 
 def _turns(count: int) -> str:
     return f"{count} turn" + ("" if count == 1 else "s")
+
+
+def _oldest_turns(count: int) -> str:
+    return "oldest turn" if count == 1 else f"{count} oldest turns"
 
 
 def stats_rows(session: ChatSession, model_name: str) -> list[tuple[str, str]]:

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from tests.cli.helpers import assert_one_line_error, run_cli
 
 ESCAPE = re.compile(r"\x1b|\x9b")  # ESC or CSI: any ANSI control sequence starts with one
@@ -45,6 +47,7 @@ def test_a_tiny_context_drops_the_oldest_turns_with_a_notice_and_keeps_the_syste
     assert proc.returncode == 0, proc.stderr
     notices = [line for line in proc.stderr.splitlines() if "outgrew the context" in line]
     assert notices and all("context (96 tokens)" in n and "kept the system prompt" in n for n in notices)
+    assert all(re.search(r": dropped the (oldest turn|[2-9] oldest turns), kept", n) for n in notices), notices
     messages = json.loads(saved.read_text())["messages"]
     assert messages[0] == {"role": "system", "content": "You are terse."}
     users = [m["content"] for m in messages if m["role"] == "user"]
@@ -52,9 +55,40 @@ def test_a_tiny_context_drops_the_oldest_turns_with_a_notice_and_keeps_the_syste
     assert proc.stdout.count("\n\n") >= len(turns) - 1  # still one reply per turn
 
 
-def test_a_mistake_in_a_script_ends_it_with_one_line_and_status_1(tiny_chat_model, tmp_path):
-    proc = chat(None, tmp_path, ["/frobnicate", "never sent"], LLMRUN_MODEL=tiny_chat_model)
-    assert_one_line_error(proc, "unknown command /frobnicate")  # after the model named by $LLMRUN_MODEL loaded
+def test_a_mistake_in_a_script_is_reported_and_the_script_goes_on_then_exits_1(tiny_chat_model, tmp_path):
+    saved = tmp_path / "chat.json"
+    lines = ["/frobnicate", "first message", "/set top_k 2.5", "/load missing.json", "/set temperature nan",
+             "second message", f"/save {saved}"]
+    proc = chat(None, tmp_path, lines, "-n", "6", "-q", LLMRUN_MODEL=tiny_chat_model)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        "llmrun: error: unknown command /frobnicate: /help lists the commands "
+        "(start with // to send a message that begins with /)",
+        "llmrun: error: top_k must be an integer >= 0, got '2.5'",
+        "llmrun: error: cannot read missing.json: No such file or directory",
+        "llmrun: error: temperature must be a number >= 0, got nan",
+        f"saved 2 turns to {saved}",
+    ]
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["first message", "second message"]  # every turn after a mistake was still answered
+    assert proc.stdout == "\n".join(r["content"] + "\n" for r in replies_of(saved))
+
+
+def test_a_script_without_mistakes_exits_0(tiny_chat_model, tmp_path):
+    proc = chat(tiny_chat_model, tmp_path, ["/set top_k 2", "hello"], "-n", "4", "-q")
+    assert proc.returncode == 0 and proc.stderr == "top_k = 2\n"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_after_refused_set_values(smollm2_home, tmp_path):
+    lines = ["/set temperature nan", "/set top_k 2.5", f"/set seed {2**70}", "/set top_p 2", "/bogus",
+             "/load missing.json", "Say the word banana."]
+    proc = chat("smollm2", tmp_path, lines, "-n", "16", "-q", LLMRUN_HOME=smollm2_home)
+    assert proc.returncode == 1, proc.stderr
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 6 and all(line.startswith("llmrun: error: ") for line in errors), proc.stderr
+    assert f"seed must be an integer from 0 to {2**64 - 1}, got {2**70}" in errors[2]
+    assert "banana" in proc.stdout.lower()
 
 
 def test_a_model_without_a_chat_template_is_refused(tiny_chat_model, tmp_path):
