@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Optional
 
 from llmrun.errors import LlmrunError
 from llmrun.plan.model_sizes import ModelSizes
-from llmrun.sizes import format_bytes
+from llmrun.sizes import format_bytes, size_option_text
 
 MiB = 1024**2
 DEFAULT_GPU_RUNTIME_BYTES = 768 * MiB   # CUDA context (~700 MB measured on an H200), cuBLAS, slack
@@ -140,10 +140,24 @@ def _prefix_fit(layer_bytes: tuple[int, ...], start: int, room: int) -> int:
     return count
 
 
+class _NoRoom(Exception):
+    """The fast tier's budget cannot hold the reservations and staging buffers (plan() advises)."""
+
+
 def plan(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement:
-    """Place every weight in the fastest tier that has room, reserving KV, workspace and staging first."""
+    """Place every weight in the fastest tier that has room, reserving KV, workspace and staging first.
+
+    When nothing fits, the PlanError says what would: a shorter --ctx or a larger budget, each
+    found by planning with it (advice that does not hold is never printed)."""
     if options.ctx > sizes.max_context:
         raise PlanError(f"--ctx {options.ctx} is beyond the model's maximum context of {sizes.max_context} tokens")
+    try:
+        return _place(sizes, budgets, options)
+    except _NoRoom:
+        raise PlanError(_advice(sizes, budgets, options)) from None
+
+
+def _place(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement:
     fast = Tier.GPU if budgets.has_gpu else Tier.CPU
     fast_budget = budgets.gpu_bytes if budgets.has_gpu else budgets.cpu_bytes
     num_blocks = -(-options.ctx // options.block_size) * options.batch
@@ -159,7 +173,7 @@ def plan(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement
                                            "CUDA context and library workspaces"))
     fixed = sum(r.num_bytes for r in reservations)
     if fixed > fast_budget:
-        raise PlanError(_context_error(sizes, budgets, options, fast, fast_budget, fixed))
+        raise _NoRoom()
     room = fast_budget - fixed
     head = sizes.head_bytes + sizes.other_bytes
     embed = 0 if sizes.tied_embeddings else sizes.embed_bytes
@@ -172,7 +186,7 @@ def plan(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement
         if head + staging > room:  # the output layer streams too: staging must hold it
             head_tier, staging = _slow_tiers(fast)[0], 2 * max(sizes.layer_bytes + (head,))
         if staging > room:
-            raise PlanError(_too_small_error(sizes, budgets, fast, fixed + staging))
+            raise _NoRoom()
         reservations.append(Reservation("staging", fast, staging, "double buffer for the largest streamed layer"))
         room -= staging + (head if head_tier is fast else 0)
         num_fast = _prefix_fit(sizes.layer_bytes, 0, max(room, 0))
@@ -213,32 +227,57 @@ def _cpu_left(sizes, budgets, layer_tiers, head_tier, reservations) -> int:
     return budgets.cpu_bytes - used
 
 
-def max_context_fitting(sizes: ModelSizes, options: PlanOptions, budget: int, fast: Tier) -> int:
-    """The longest context (a multiple of the block size) whose reservations fit in `budget`."""
-    lo, hi = 0, options.ctx
-    while lo < hi:  # reservations grow with ctx: binary search on blocks
+def _fits(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> bool:
+    try:
+        _place(sizes, budgets, options)
+    except _NoRoom:
+        return False
+    return True
+
+
+def _with_budget(budgets: Budgets, num_bytes: int) -> Budgets:
+    if budgets.has_gpu:
+        return replace(budgets, gpu_bytes=max(num_bytes, 1))  # 0 would mean "no GPU"
+    return replace(budgets, cpu_bytes=num_bytes)
+
+
+def _longest_fitting_ctx(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Optional[int]:
+    """The longest context below options.ctx that plans in these budgets (a round number), if any."""
+    lo, hi = 1, options.ctx - 1  # fits(ctx) only gets harder as ctx grows: binary search
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        trial = PlanOptions(mid, options.dtype_bytes, options.batch, options.block_size,
-                            options.prefill_chunk, options.gpu_runtime_bytes)
-        kv = -(-mid // options.block_size) * options.block_size * options.batch * sizes.kv_bytes_per_token
-        fixed = kv + workspace_bytes(sizes, trial, fast) + (options.gpu_runtime_bytes if fast is Tier.GPU else 0)
-        lo, hi = (mid, hi) if fixed <= budget else (lo, mid - 1)
-    return lo // options.block_size * options.block_size
+        lo, hi = (mid, hi) if _fits(sizes, budgets, replace(options, ctx=mid)) else (lo, mid - 1)
+    if lo < 2:
+        return None
+    step = 256 if lo >= 256 else options.block_size if lo >= options.block_size else 1
+    return lo // step * step
 
 
-def _context_error(sizes, budgets, options, fast, fast_budget, fixed) -> str:
-    fits = max_context_fitting(sizes, options, fast_budget, fast)
-    where = "GPU" if fast is Tier.GPU else "CPU"
-    if fits >= options.block_size:
-        return (f"a {options.ctx}-token context x {options.batch} sequence(s) needs {format_bytes(fixed)} of "
-                f"{where} memory for KV cache and workspace, more than the {format_bytes(fast_budget)} budget; "
-                f"--ctx {fits} fits")
-    return (f"{format_bytes(fast_budget)} of {where} memory cannot hold even a {options.block_size}-token "
-            f"context (KV cache, workspace{', CUDA runtime' if fast is Tier.GPU else ''})")
+def _smallest_budget(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> int:
+    """The smallest fast-tier budget (bytes) in which options.ctx plans."""
+    lo, hi = 0, 1 << 20
+    while not _fits(sizes, _with_budget(budgets, hi), options):
+        lo, hi = hi, hi * 2
+    while lo + 1 < hi:  # invariant: lo does not fit, hi does
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(sizes, _with_budget(budgets, mid), options) else (mid, hi)
+    return hi
 
 
-def _too_small_error(sizes, budgets, fast, needed) -> str:
-    where = "GPU" if fast is Tier.GPU else "CPU"
-    return (f"the model cannot run: the {where} needs at least {format_bytes(needed)} "
-            f"(KV cache, workspace and staging buffers), the budget is "
-            f"{format_bytes(budgets.gpu_bytes if fast is Tier.GPU else budgets.cpu_bytes)}")
+def _advice(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> str:
+    """Why the plan does not fit and what would, each suggestion checked by planning with it."""
+    where, flag = ("GPU", "--gpu-mem") if budgets.has_gpu else ("CPU", "--cpu-mem")
+    budget = budgets.gpu_bytes if budgets.has_gpu else budgets.cpu_bytes
+    needed = _smallest_budget(sizes, budgets, options)
+    parts = "KV cache, workspace, staging buffers" + (", CUDA runtime" if budgets.has_gpu else "")
+    head = (f"a {options.ctx}-token context x {options.batch} sequence(s) needs at least {format_bytes(needed)} "
+            f"of {where} memory ({parts}), more than the {format_bytes(budget)} budget")
+    bigger = f"with {flag} {size_option_text(needed)}"
+    shorter = _longest_fitting_ctx(sizes, budgets, options)
+    if shorter is not None:
+        return f"{head}; it fits with --ctx {shorter}, or {bigger}"
+    smallest = min(options.block_size, options.ctx)
+    if smallest == options.ctx:
+        return f"the model cannot run: {head}; it fits {bigger}"
+    least = size_option_text(_smallest_budget(sizes, budgets, replace(options, ctx=smallest)))
+    return f"the model cannot run: {head}; it fits {bigger}, or with --ctx {smallest} {flag} {least}"

@@ -107,12 +107,12 @@ def test_kv_reservation_grows_with_ctx_times_batch():
 
 def test_context_that_does_not_fit_says_what_fits():
     sizes = toy(kv_per_token=200_000)
-    with pytest.raises(PlanError, match=r"--ctx \d+ fits"):
+    with pytest.raises(PlanError, match=r"fits with --ctx \d+"):
         plan(sizes, Budgets(gpu_bytes=600 * MB, cpu_bytes=4000 * MB), options(ctx=8192))
 
 
 def test_model_that_cannot_run_fails_with_numbers():
-    with pytest.raises(PlanError, match="cannot run: the CPU needs at least"):
+    with pytest.raises(PlanError, match="cannot run: .* needs at least .* of CPU memory"):
         plan(toy(layer=500 * MB), Budgets(gpu_bytes=None, cpu_bytes=600 * MB), options())
 
 
