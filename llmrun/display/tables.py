@@ -46,6 +46,7 @@ def render_plan(plan_json: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from llmrun.plan.estimate import format_tok_s
     from llmrun.sizes import format_bytes
 
     console = Console()
@@ -82,7 +83,8 @@ def render_plan(plan_json: dict) -> None:
                   highlight=False)
     bandwidths = ", ".join(f"{name} {v['bytes_per_s'] / 1e9:.1f} GB/s ({'measured' if v['measured'] else 'assumed'})"
                            for name, v in est["bandwidths"].items())
-    console.print(f"Estimate: decode {est['decode_tok_s']['low']:.3g}-{est['decode_tok_s']['high']:.3g} tok/s "
+    decode = format_tok_s(est["decode_tok_s"]["low"], est["decode_tok_s"]["high"])
+    console.print(f"Estimate: decode {decode} tok/s "
                   f"per sequence, prefill ~{est['prefill_tok_s']:.0f} tok/s; {bandwidths}", highlight=False)
     for warning in plan_json["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -47,3 +47,14 @@ def estimate_speed(placement: Placement, compute: Bandwidth, host_to_gpu: Bandwi
         prefill_tok_s=chunk / pass_s,
         bandwidths=bandwidths,
     )
+
+
+def format_tok_s(low: float, high: float) -> str:
+    """A speed range for people: whole numbers from 100 tok/s, three figures below (never an
+    exponent); one figure when both ends print alike. 6320.4, 6320.4 -> "6320"; 11.2, 12.0 -> "11.2-12"."""
+
+    def figure(value: float) -> str:
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}" if value >= 0.01 else f"{value:.1g}"
+
+    low_text, high_text = figure(low), figure(high)
+    return low_text if low_text == high_text else f"{low_text}-{high_text}"

@@ -12,7 +12,7 @@ from typing import Optional
 from llmrun.plan.devices import (
     MeasuredMemory, compute_read_bandwidth, disk_read_bandwidth, host_to_gpu_bandwidth, measure_memory,
 )
-from llmrun.plan.estimate import SpeedEstimate, estimate_speed
+from llmrun.plan.estimate import SpeedEstimate, estimate_speed, format_tok_s
 from llmrun.plan.model_sizes import ModelSizes, model_sizes
 from llmrun.plan.placement import Budgets, Placement, PlanError, PlanOptions, Tier, plan
 from llmrun.sizes import format_bytes
@@ -78,7 +78,7 @@ def _warnings(placement: Placement, estimate: SpeedEstimate, sizes: ModelSizes, 
         num_disk = sum(1 for tier in placement.layer_tiers if tier is Tier.DISK)
         warnings.append(
             f"{num_disk} layers stream from disk ({format_bytes(disk_bytes)} per token): this will be slow, "
-            f"about {estimate.decode_tok_s_low:.2g}-{estimate.decode_tok_s_high:.2g} tok/s"
+            f"about {format_tok_s(estimate.decode_tok_s_low, estimate.decode_tok_s_high)} tok/s"
         )
     return tuple(warnings)
 

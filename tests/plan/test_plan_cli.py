@@ -1,6 +1,7 @@
 """`llmrun plan` on header-only checkpoints: Phi-3-mini-shaped fp16 and a sharded 70B."""
 
 import json
+import re
 import time
 
 import pytest
@@ -85,3 +86,20 @@ def test_70b_sharded_checkpoint_plans_from_headers(tmp_path):
 ])
 def test_bad_plan_inputs_are_one_line_errors(phi3, tmp_path, args, fragment):
     assert_one_line_error(run_cli(["plan", phi3, *args], tmp_path), fragment)
+
+
+def test_gpu_estimate_prints_one_plain_figure_when_nothing_streams(phi3, tmp_path):
+    proc = run_cli(["plan", phi3, "--gpu-mem", "80GB", "--ctx", "1024"], tmp_path, COLUMNS="200")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("Estimate:"))
+    assert re.match(r"Estimate: decode \d+ tok/s per sequence", line), line  # not "390-390", not "6.32e+03"
+
+
+@pytest.mark.parametrize("low,high,text", [
+    (6320.4, 6320.4, "6320"), (6320.4, 6400, "6320-6400"), (11.24, 12.0, "11.2-12"), (63.21, 63.24, "63.2"),
+    (0.0042, 0.0049, "0.004-0.005"),
+])
+def test_speed_figures_for_people(low, high, text):
+    from llmrun.plan.estimate import format_tok_s
+
+    assert format_tok_s(low, high) == text
