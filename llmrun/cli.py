@@ -265,15 +265,18 @@ def pull_command(
 def import_command(
     file: Path = typer.Argument(..., help="A .gguf file to convert."),
     name: Optional[str] = typer.Option(None, "--name", help="Name in llmrun's store (default: file name)."),
+    force: bool = typer.Option(False, "--force", help="Replace a different model stored under that name."),
 ) -> None:
     """Convert a GGUF file into safetensors + config + tokenizer in llmrun's store.
+
+    A file imported before is reused; a different model of the same name is kept unless --force.
 
     Example: llmrun import ./SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2
     """
     from llmrun.hub.gguf_import import import_gguf
 
-    source = import_gguf(file, name)
-    print(f"imported {source.name} into {source.path}", file=sys.stderr)
+    source = import_gguf(file, name, force=force)
+    print(f"{source.name}: ready at {source.path}", file=sys.stderr)
 
 
 @app.command("models")

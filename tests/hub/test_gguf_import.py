@@ -73,7 +73,8 @@ def test_metadata_records_the_original_file(tiny_gguf):
 
 def test_resolving_a_gguf_path_imports_once(tiny_gguf, monkeypatch):
     first = resolve_model(str(tiny_gguf))
-    assert (first.name, first.source) == ("Tiny-Llama.F32", "store")
+    assert (first.name, first.source) == (gguf_import.path_entry_name(tiny_gguf), "store")
+    assert first.name.startswith("Tiny-Llama.F32-")
 
     def no_conversion(*args):
         raise AssertionError("converted again")
@@ -82,7 +83,14 @@ def test_resolving_a_gguf_path_imports_once(tiny_gguf, monkeypatch):
     assert resolve_model(str(tiny_gguf)) == first
     tiny_gguf.touch()  # a new mtime: the sha256 decides, and it has not changed
     assert resolve_model(str(tiny_gguf)) == first
-    assert resolve_model("Tiny-Llama.F32") == first  # now a store entry by name
+    assert store.read_metadata(first.path).original_mtime_ns == tiny_gguf.stat().st_mtime_ns
+
+    def no_hashing(path):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(gguf_import, "file_sha256", no_hashing)
+    assert resolve_model(str(tiny_gguf)) == first  # the new mtime was recorded: no second hash
+    assert resolve_model(first.name) == first  # now a store entry by name
 
 
 def test_changed_gguf_is_imported_again(tmp_path, tiny_checkpoint, tied_checkpoint, capsys):
@@ -91,8 +99,8 @@ def test_changed_gguf_is_imported_again(tmp_path, tiny_checkpoint, tied_checkpoi
     write_tiny_gguf(tied_checkpoint, path)
     source = resolve_model(str(path))
     assert store.read_metadata(source.path).sha256 != first_sha
-    assert "replaced the store entry 'm'" in capsys.readouterr().err
-    assert [p.name for p in source.path.parent.iterdir()] == ["m"]
+    assert f"replaced the store entry '{source.name}'" in capsys.readouterr().err
+    assert [p.name for p in source.path.parent.iterdir()] == [source.name]
 
 
 def test_not_a_gguf_file(tmp_path):

@@ -135,6 +135,6 @@ def test_import_then_models_subprocess(tmp_path, tiny_checkpoint):
     proc = run_cli(["import", gguf_file, "--name", "my-tiny"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
-    assert "imported my-tiny" in proc.stderr and "it/s" not in proc.stderr
+    assert "my-tiny: ready at" in proc.stderr and "it/s" not in proc.stderr
     listed = run_cli(["models", "--json"], tmp_path)
     assert [row["name"] for row in json.loads(listed.stdout)] == ["my-tiny"]
