@@ -85,6 +85,16 @@ def unknown_model_error(name: str) -> ModelNotFoundError:
                               "Run `llmrun models` to list local models.")
 
 
+def existing_gguf_file(name: str) -> Path | None:
+    """The checked, resolved GGUF file `name` points at, or None when it names no .gguf file."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    from llmrun.hub.gguf_import import check_gguf_file
+
+    return check_gguf_file(path).resolve()
+
+
 def _resolve_path(name: str) -> ModelSource | None:
     """Step 1: a ModelSource for an existing path; None when `name` is not a path at all."""
     path = Path(name).expanduser()

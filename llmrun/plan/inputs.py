@@ -14,7 +14,7 @@ from llmrun.weights.index import CheckpointIndex, TensorInfo
 @dataclass(frozen=True)
 class PlanInputs:
     name: str
-    folder: Optional[Path]        # None when planned from the Hub's metadata
+    folder: Optional[Path]        # the model folder, the .gguf file itself, or None (Hub metadata)
     config: dict
     index: CheckpointIndex
     architecture: str
@@ -22,10 +22,13 @@ class PlanInputs:
 
 def plan_inputs(name: str) -> PlanInputs:
     """Local models are read from disk; absent ones from the Hub's metadata when it can be reached."""
-    from llmrun.hub.resolve import resolve_model
+    from llmrun.hub.resolve import existing_gguf_file, resolve_model
     from llmrun.model.config import read_config_json
     from llmrun.weights.index import build_index
 
+    gguf_file = existing_gguf_file(name)
+    if gguf_file is not None:
+        return _gguf_inputs(gguf_file)
     try:
         source = resolve_model(name, allow_download=False)
     except ModelUnavailableError as unavailable:
@@ -33,6 +36,22 @@ def plan_inputs(name: str) -> PlanInputs:
     config = read_config_json(source.path)
     architecture = (config.get("architectures") or ["unknown"])[0]
     return PlanInputs(source.name, source.path, config, build_index(source.path), architecture)
+
+
+def _gguf_inputs(gguf_file: Path) -> PlanInputs:
+    """A .gguf file, planned as what its import will be: the store entry when made, else its header."""
+    from llmrun.hub.gguf_header import imported_config_and_index
+    from llmrun.hub.gguf_import import path_entry_name, reusable_entry
+    from llmrun.model.config import read_config_json
+    from llmrun.weights.index import build_index
+
+    entry_name = path_entry_name(gguf_file)
+    imported = reusable_entry(gguf_file, entry_name)
+    if imported is not None:
+        config, index = read_config_json(imported.path), build_index(imported.path)
+    else:
+        config, index = imported_config_and_index(gguf_file)
+    return PlanInputs(entry_name, gguf_file, config, index, (config.get("architectures") or ["unknown"])[0])
 
 
 def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
