@@ -58,7 +58,7 @@ RULES = {
     "repetition_penalty": Rule(low=0, low_open=True),
     "max_new_tokens": Rule(low=1, integer=True),
     "seed": Rule(low=0, high=SEED_MAX, integer=True),
-    "ctx": Rule(low=1, integer=True),
+    "ctx": Rule(low=2, integer=True),  # one prompt token and one generated
     "batch": Rule(low=1, integer=True),
     "reps": Rule(low=1, integer=True),
     "new_tokens": Rule(low=1, integer=True),

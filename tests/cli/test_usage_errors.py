@@ -73,12 +73,17 @@ def test_sampling_values_outside_their_range_are_refused_before_any_loading(tmp_
 
 
 @pytest.mark.parametrize("command,option,value", [
-    ("plan", "--ctx", "0"), ("plan", "--batch", "0"), ("run", "--batch", "-2"),
+    ("plan", "--batch", "0"), ("run", "--batch", "-2"),
     ("bench", "--new-tokens", "0"), ("bench", "--reps", "0"), ("bench", "--batch", "0"),
 ])
 def test_counts_below_one_are_refused(tmp_path, command, option, value):
     args = [command, MISSING_MODEL, f"{option}={value}"] + (["hi"] if command == "run" else [])
     assert_usage_error(run_cli(args, tmp_path), "must be an integer >= 1")
+
+
+def test_a_context_below_two_tokens_is_refused(tmp_path):
+    for value in ("0", "1", "-3"):
+        assert_usage_error(run_cli(["plan", MISSING_MODEL, "--ctx", value], tmp_path), "must be an integer >= 2")
 
 
 def test_the_rules_refuse_every_non_finite_value_and_accept_the_defaults():
