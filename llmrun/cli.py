@@ -300,6 +300,19 @@ def models_command(
     render_models(models)
 
 
+@app.command("cache")
+def cache_command(
+    clear: bool = typer.Option(False, "--clear", help="Remove every entry (rebuilt when next needed)."),
+) -> None:
+    """Show the offload cache (disk-streamed layers kept in the run dtype), or empty it.
+
+    Example: llmrun cache --clear
+    """
+    from llmrun.weights import offload_cache
+
+    print(offload_cache.clear_report() if clear else offload_cache.cache_report())
+
+
 def main() -> None:
     """Console-script entry point. Typer's standalone run handles usage errors itself (its one-line
     message and usage hint, exit 2); a command's own failures are turned into one line by

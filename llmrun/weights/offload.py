@@ -4,18 +4,19 @@ When a checkpoint's dtype differs from the run dtype (SmolLM2 imported as float3
 bfloat16), every streamed read would move twice the bytes and convert them. Like accelerate's
 offload folder, llmrun writes those layers once, converted and already fused, under
 $LLMRUN_HOME/offload/<key>/, and streams from there. Files are written to a temporary name and
-renamed, so an interrupted run never leaves a half-written unit behind.
+renamed, so an interrupted run never leaves a half-written unit behind; entries of changed or
+removed checkpoints are dropped (weights/offload_cache.py), and `llmrun cache --clear` empties it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-from llmrun.paths import llmrun_home
+from llmrun.storage import writing_under
+from llmrun.weights import offload_cache
 from llmrun.weights.index import TensorInfo
 from llmrun.weights.loader import PackedTensor, TensorFileReader
 
@@ -26,14 +27,13 @@ def needs_offload(packs: list[PackedTensor], dtype) -> bool:
     return any(part.dtype != _TAGS.get(dtype) for packed in packs for part in packed.parts)
 
 
+def source_files(packs: dict[int, list[PackedTensor]]) -> list[Path]:
+    return sorted({part.file for unit in packs.values() for p in unit for part in p.parts})
+
+
 def cache_folder(packs: dict[int, list[PackedTensor]], dtype) -> Path:
     """A folder keyed by the source files (path, size, mtime) and the dtype."""
-    files = sorted({part.file for unit in packs.values() for p in unit for part in p.parts})
-    digest = hashlib.sha256(str(dtype).encode())
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return llmrun_home() / "offload" / digest.hexdigest()[:24]
+    return offload_cache.entry_folder(source_files(packs), str(dtype))
 
 
 def offloaded(packs: dict[int, list[PackedTensor]], units: list[int], dtype) -> dict[int, list[PackedTensor]]:
@@ -42,7 +42,7 @@ def offloaded(packs: dict[int, list[PackedTensor]], units: list[int], dtype) -> 
     if not todo:
         return {}
     folder = cache_folder(packs, dtype)
-    folder.mkdir(parents=True, exist_ok=True)
+    offload_cache.prepare_entry(folder, source_files(packs))
     out = {}
     with TensorFileReader() as reader:
         for unit in todo:
@@ -54,13 +54,20 @@ def offloaded(packs: dict[int, list[PackedTensor]], units: list[int], dtype) -> 
 
 
 def _write_unit(reader: TensorFileReader, packs: list[PackedTensor], dtype, file: Path) -> None:
+    """Convert one unit into `file` via a temporary name; a full disk is a StorageError, no file left."""
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with writing_under(file.parent):
+            handle = open(tmp, "wb")
+        with handle:
             for packed in packs:
-                tensor = reader.load_packed(packed, dtype)
-                handle.write(tensor.view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, file)
+                tensor = reader.load_packed(packed, dtype)  # reading the checkpoint: its own errors
+                with writing_under(file.parent):
+                    handle.write(tensor.view(torch.uint8).numpy().tobytes())
+            with writing_under(file.parent):
+                handle.flush()
+        with writing_under(file.parent):
+            os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,6 +1,8 @@
 """Running the real CLI in a subprocess with an isolated LLMRUN_HOME and HF cache."""
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +36,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> N
     assert len(lines) == 1, proc.stderr
     assert fragment in lines[0], lines[0]
     assert proc.stdout == ""
+
+
+def limited_file_size(num_bytes: int):
+    """A preexec_fn: files cannot grow past `num_bytes` (RLIMIT_FSIZE), as on a full disk."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, num_bytes))
+
+    return apply
+
+
+def run_limited(args, home: Path, num_bytes: int) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess that cannot write a file past `num_bytes`: a disk full mid-write."""
+    return subprocess.run([sys.executable, "-m", "llmrun", *map(str, args)], input="", capture_output=True,
+                          text=True, env=cli_env(home, LLMRUN_NO_NATIVE=1), timeout=300,
+                          preexec_fn=limited_file_size(num_bytes))

@@ -4,17 +4,13 @@ nothing half-written (no store entry, no temporary folder, an existing entry kep
 import errno
 import os
 import pathlib
-import resource
-import signal
-import subprocess
-import sys
 
 import pytest
 
 from llmrun.errors import StorageError
 from llmrun.hub import gguf_import, pull, store
 from llmrun.storage import storage_error
-from tests.cli.helpers import assert_one_line_error, cli_env, run_cli
+from tests.cli.helpers import assert_one_line_error, run_cli, run_limited
 from tests.hub.gguf_files import write_tiny_gguf
 from tests.hub.test_pull import fake_pypi  # noqa: F401  (a fixture)
 
@@ -77,21 +73,6 @@ def test_a_file_where_a_folder_belongs(blocked, tmp_path, tiny_gguf):
     assert_one_line_error(proc, f"{tmp_path / blocked} is a file, not a folder; move it away or set LLMRUN_HOME")
     assert (tmp_path / blocked).read_text() == "not a folder"
     assert run_cli(["models"], tmp_path).returncode == 0  # reading an unusable home is not an error
-
-
-def limited_file_size(num_bytes: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, num_bytes))
-
-    return apply
-
-
-def run_limited(args, home: pathlib.Path, num_bytes: int) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess that cannot write a file past `num_bytes`: a disk full mid-write."""
-    return subprocess.run([sys.executable, "-m", "llmrun", *map(str, args)], input="", capture_output=True,
-                          text=True, env=cli_env(home, LLMRUN_NO_NATIVE=1), timeout=300,
-                          preexec_fn=limited_file_size(num_bytes))
 
 
 def test_disk_full_during_an_import_keeps_the_old_entry(tmp_path, tiny_checkpoint):

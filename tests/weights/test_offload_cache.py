@@ -1,0 +1,88 @@
+"""The offload cache: entries record their sources, stale ones are dropped, `llmrun cache` shows and
+clears it, and a cache that cannot be written ends in one line with nothing half-written."""
+
+import os
+import time
+
+import pytest
+
+from llmrun.weights import offload_cache
+from tests.checkpoints import llama_config, save_checkpoint
+from tests.cli.helpers import assert_one_line_error, run_cli, run_limited
+
+# float32 weights run in bfloat16 with every layer on disk: each layer is converted into the cache.
+STREAMED = ["hi", "--raw", "-t", "0", "-n", "2", "-q", "--dtype", "bfloat16", "--ctx", "64",
+            "--cpu-mem", "400KB", "--gpu-mem", "0"]
+
+
+@pytest.fixture()
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("offload") / "tiny", llama_config(), seed=3)
+
+
+@pytest.fixture()
+def offload_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "llmrun-home"))
+    return tmp_path / "llmrun-home" / "offload"
+
+
+def entries(root):
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_streamed_runs_keep_one_current_entry_and_cache_clears_it(tmp_path, checkpoint, offload_root):
+    assert run_cli(["run", checkpoint, *STREAMED], tmp_path).returncode == 0
+    [first] = entries(offload_root)
+    assert sorted(p.name for p in (offload_root / first).iterdir()) == [
+        "sources.json", "unit-0.bin", "unit-1.bin", "unit-2.bin"]
+    shown = run_cli(["cache"], tmp_path)
+    assert f"current  {first}  {checkpoint / 'model.safetensors'}" in shown.stdout
+    assert "in 1 entries under" in shown.stdout
+    weights = checkpoint / "model.safetensors"
+    os.utime(weights, ns=(time.time_ns(), time.time_ns()))  # the checkpoint changed: its entry is stale
+    assert f"stale  {first}" in run_cli(["cache"], tmp_path).stdout
+    assert run_cli(["run", checkpoint, *STREAMED], tmp_path).returncode == 0
+    [second] = entries(offload_root)  # the stale entry was dropped, not kept beside the new one
+    assert second != first
+    cleared = run_cli(["cache", "--clear"], tmp_path)
+    assert cleared.returncode == 0 and cleared.stdout.startswith("removed 1 entries (")
+    assert entries(offload_root) == []
+
+
+def test_entries_without_sources_and_dead_writers_leftovers(offload_root, tmp_path):
+    source = tmp_path / "weights.safetensors"
+    source.write_bytes(b"x")
+    old, young = offload_root / "old-entry", offload_root / "young-entry"
+    for folder in (old, young):
+        folder.mkdir(parents=True)
+    long_ago = time.time() - offload_cache.UNDESCRIBED_GRACE_SECONDS - 60
+    os.utime(old, (long_ago, long_ago))
+    folder = offload_cache.entry_folder([source], "torch.bfloat16")
+    folder.mkdir()
+    dead = folder / f".unit-0.bin.{2**22 + 12345}.tmp"  # above the default pid_max: no such process
+    alive = folder / f".unit-1.bin.{os.getpid()}.tmp"
+    dead.write_bytes(b"half")
+    alive.write_bytes(b"half")
+    offload_cache.prepare_entry(folder, [source])
+    assert entries(offload_root) == sorted([folder.name, "young-entry"])
+    assert not dead.exists() and alive.exists()
+    assert (folder / offload_cache.SOURCES_FILE).is_file()
+    source.unlink()  # the checkpoint is gone: the entry can never be used again
+    offload_cache.drop_stale_entries()
+    assert entries(offload_root) == ["young-entry"]
+
+
+def test_offload_folder_that_is_a_file(tmp_path, checkpoint):
+    (tmp_path / "llmrun-home").mkdir()
+    blocker = tmp_path / "llmrun-home" / "offload"
+    blocker.write_text("not a folder")
+    proc = run_cli(["run", checkpoint, *STREAMED], tmp_path)
+    assert_one_line_error(proc, f"{blocker} is a file, not a folder; move it away or set LLMRUN_HOME")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_disk_full_while_writing_a_unit(tmp_path, checkpoint):
+    proc = run_limited(["run", checkpoint, *STREAMED], tmp_path, 30_000)  # a unit is ~72 KB
+    assert_one_line_error(proc, "file too large; free some disk space, or set LLMRUN_HOME")
+    [entry] = (tmp_path / "llmrun-home" / "offload").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["sources.json"]  # no unit, no temporary file
