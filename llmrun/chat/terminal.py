@@ -69,9 +69,10 @@ class InputReader:
     def save_history(self) -> None:
         if self._readline is None or self.history_path is None:
             return
+        from llmrun.chat.history_file import save_history
+
         try:
-            self.history_path.parent.mkdir(parents=True, exist_ok=True)
-            self._readline.write_history_file(str(self.history_path))
+            save_history(self._readline, self.history_path)  # atomic; leftover temp files dropped
         except OSError:
             pass  # an unwritable data dir costs the history, not the chat
 
