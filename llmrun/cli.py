@@ -129,26 +129,24 @@ def run_command(
 
     Example: echo "Some text" | llmrun run smollm2 "Summarise this." -t 0
     """
+    from dataclasses import replace
+
     from llmrun.engine.prompt import prompt_ids
     from llmrun.oneshot import generate_lines, generate_one, read_lines, read_prompt
     from llmrun.runtime import open_model
 
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
-    prompts = read_lines() if each_line else [read_prompt(prompt)]
+    lines = read_lines(prompt, raw=raw) if each_line else []
+    texts = [line.text for line in lines] if each_line else [read_prompt(prompt, raw=raw)]
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
+    # KV memory for the prompts decoded together: --batch at most, never more prompts than were read
+    request = replace(request, batch=min(batch, len(texts)))
     opened = open_model(model, request, show_progress=not (as_json or each_line))
+    ids = [prompt_ids(opened.tokenizer, text, system=system, raw=raw) for text in texts]
     if each_line:
-        ids = [prompt_ids(opened.tokenizer, line, system=system, raw=raw) for line in prompts]
-        try:
-            generate_lines(opened, prompts, ids, params, batch)
-        except BrokenPipeError:
-            _silence_broken_pipe()
-        return
-    ids = prompt_ids(opened.tokenizer, prompts[0], system=system, raw=raw)
-    try:
-        generate_one(opened, ids, params, as_json=as_json, quiet=quiet)
-    except BrokenPipeError:
-        _silence_broken_pipe()  # the reader went away (`| head`): that is a normal end
+        generate_lines(opened, lines, ids, params, batch)
+    else:
+        generate_one(opened, ids[0], params, as_json=as_json, quiet=quiet)
 
 
 @app.command("chat")

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
-from llmrun.errors import UsageError
+from llmrun.errors import LlmrunError, UsageError
 
 
-def read_prompt(prompt: Optional[str]) -> str:
+def join_prompt(piped: str, argument: str, *, raw: bool) -> str:
+    """The piped text (stdin, or one --each-line line), a blank line, then the PROMPT argument.
+
+    Either alone is fine; a part holding only whitespace counts as absent ("" when both do). For
+    the chat template each part loses its leading and trailing newlines; --raw keeps both texts
+    exactly and adds only the line breaks that leave one blank line after the piped text.
+    """
+    parts = [part for part in (piped, argument) if part.strip()]
+    if not raw:
+        return "\n\n".join(part.strip("\n") for part in parts)
+    if len(parts) < 2:
+        return "".join(parts)
+    return piped + ("\n" if piped.endswith("\n") else "\n\n") + argument
+
+
+def read_prompt(prompt: Optional[str], *, raw: bool = False) -> str:
     """stdin (when it is not a TTY) goes before the PROMPT argument, a blank line between."""
     piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    parts = [p for p in (piped.strip("\n"), (prompt or "").strip("\n")) if p.strip()]
-    if not parts:
+    text = join_prompt(piped, prompt or "", raw=raw)
+    if not text:
         raise UsageError("no prompt: give one as an argument or pipe text on stdin")
-    return "\n\n".join(parts)
+    return text
 
 
 def memory_json(engine) -> dict:
@@ -28,25 +44,72 @@ def memory_json(engine) -> dict:
             "layer_tiers": [t.value for t in placement.layer_tiers]}
 
 
-def read_lines() -> list[str]:
+@dataclass(frozen=True)
+class InputLine:
+    """One --each-line prompt: its 0-based line number in the input, the line, the text to send."""
+
+    index: int
+    line: str
+    text: str
+
+
+def read_lines(prompt: Optional[str], *, raw: bool = False) -> list[InputLine]:
+    """Every non-blank stdin line, joined with the PROMPT argument as read_prompt joins stdin;
+    blank lines are skipped but counted, so `index` stays the line's number in the input."""
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("--each-line reads prompts from stdin: pipe them in, one per line")
-    lines = [line.rstrip("\r\n") for line in sys.stdin]
-    if not any(line.strip() for line in lines):
+    lines = [InputLine(index, line, join_prompt(line, prompt or "", raw=raw))
+             for index, line in enumerate(_without_line_end(text) for text in sys.stdin) if line.strip()]
+    if not lines:
         raise UsageError("no prompt: stdin has no non-empty lines")
-    return [line for line in lines if line.strip()]
+    return lines
 
 
-def generate_lines(opened, prompts, ids, params, batch: int) -> None:
-    """JSON Lines in input order; prompts decoded together `batch` at a time."""
+def _without_line_end(line: str) -> str:
+    """The line without its terminator (\\n or \\r\\n); any other character is the prompt's."""
+    return line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
+
+
+def generate_lines(opened, lines: list[InputLine], ids: list[list[int]], params, batch: int) -> None:
+    """JSON Lines in input order; prompts decoded together `batch` at a time. A prompt the engine
+    refuses (longer than the context, empty) gets an error row and the others go on; the run then
+    ends with an error naming the refused lines."""
     engine = opened.engine
-    for first in range(0, len(prompts), batch):
-        for _ in engine.generate(ids[first : first + batch], params):
+    pending, num_accepted, refused = [], 0, []
+    for line, line_ids in zip(lines, ids):
+        try:
+            engine.check_prompt(line_ids)
+            pending.append((line, line_ids, None))
+            num_accepted += 1
+        except LlmrunError as err:
+            pending.append((line, line_ids, str(err)))
+            refused.append(line.index)
+        if num_accepted == batch:
+            _write_rows(engine, pending, params)
+            pending, num_accepted = [], 0
+    _write_rows(engine, pending, params)
+    if refused:
+        shown = ", ".join(map(str, refused[:10])) + (", ..." if len(refused) > 10 else "")
+        raise UsageError(f"{len(refused)} of {len(lines)} prompt lines failed (see their \"error\" rows): "
+                         f"index {shown}")
+
+
+def _write_rows(engine, pending, params) -> None:
+    """Decode the pending prompts that were accepted together, then print every row in input order."""
+    accepted = [line_ids for _, line_ids, error in pending if error is None]
+    if accepted:
+        for _ in engine.generate(accepted, params):
             pass
-        for offset, result in enumerate(engine.results):
-            print(json.dumps({"index": first + offset, "prompt": prompts[first + offset], "text": result.text,
-                              "finish_reason": result.finish_reason.value, "tokens": result.tokens}),
-                  flush=True)
+    results = iter(engine.results)
+    for line, _, error in pending:
+        row = {"index": line.index, "prompt": line.line}
+        if error is None:
+            result = next(results)
+            row.update(text=result.text, finish_reason=result.finish_reason.value, tokens=result.tokens,
+                       prompt_tokens=result.prompt_tokens)
+        else:
+            row["error"] = error
+        print(json.dumps(row), flush=True)
 
 
 def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
