@@ -7,7 +7,6 @@ initialised when no NVIDIA driver is present.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from llmrun.paths import calibration_file
+from llmrun.storage import atomic_write_bytes
 
 ASSUMED_DISK_READ_BYTES_S = 1.4e9      # uncached NVMe-class reads (ARCHITECTURE.md reference figure)
 ASSUMED_CPU_READ_BYTES_S = 20e9         # RAM read bandwidth a small machine reaches in practice
@@ -82,9 +82,7 @@ def _save_calibration(values: dict) -> None:
     data[_calibration_key()] = {**data.get(_calibration_key(), {}), **values}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(data, indent=2).encode())  # a full disk leaves no temp file
     except OSError:
         pass  # calibration is an optimisation; a read-only home only costs a re-measure
 
