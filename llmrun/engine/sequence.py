@@ -36,11 +36,3 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def pending_ids(self) -> list[int]:
-        """Tokens not yet run through the model (the prompt at first, then the last sample)."""
-        return self.all_ids[self.num_cached:]
