@@ -220,11 +220,12 @@ def bench_command(
     compare: Annotated[str, typer.Option("--compare", help="Also run: transformers (or accelerate, for offload).",
                                          metavar="NAME")] = "none",
     batch: Annotated[int, batch_option("Sequences in the batched case.")] = 8,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per sequence.",
-                                            callback=checked("new_tokens"), metavar="N")] = 128,
+    new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="Tokens generated per sequence "
+                                                      "(default 128; 16 with --quick).",
+                                                      callback=checked("new_tokens"), metavar="N")] = None,
     reps: Annotated[int, typer.Option("--reps", help="Timed repetitions per case (after one warm-up).",
                                       callback=checked("reps"), metavar="N")] = 3,
-    quick: Annotated[bool, flag("--quick", help="A small workload (64-token prompts, 16 new tokens).")] = False,
+    quick: Annotated[bool, flag("--quick", help="A small workload (64-token prompts, 16 new tokens unless --new-tokens).")] = False,
     dtype: Dtype = "auto",
     ctx: Ctx = None,
     gpu_mem: GpuMem = None,
@@ -236,11 +237,11 @@ def bench_command(
     Example: llmrun bench smollm2 --compare transformers --json
     """
     from llmrun.bench.run import check_bench_args, run_bench
-    from llmrun.bench.workload import default_cases, quick_cases
+    from llmrun.bench.workload import bench_cases
 
     compare = check_bench_args(compare, batch, new_tokens, reps)
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
-    cases = quick_cases(batch) if quick else default_cases(batch, new_tokens)
+    cases = bench_cases(quick, batch, new_tokens)
     data = run_bench(_default_model(model), request, cases, reps, compare)
     _report(data, as_json, "render_bench")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from llmrun.bench.measure import CaseResult, llmrun_case, transformers_batch_case, transformers_case
-from llmrun.bench.workload import Case
+from llmrun.bench.workload import Case, fitting_cases
 from llmrun.errors import UsageError
 
 COMPARE_CHOICES = ("none", "transformers", "accelerate")
@@ -26,34 +27,71 @@ def kv_waste_probe(engine):
     return observe, worst
 
 
-def run_llmrun(engine, cases: list[Case], reps: int) -> tuple[dict[str, CaseResult], int]:
+def run_llmrun(engine, cases: list[Case], reps: int, step: Callable[[str], None]) -> tuple[dict[str, CaseResult], int]:
     observe, worst = kv_waste_probe(engine)
-    results = {case.name: llmrun_case(engine, case, reps, on_logits=observe) for case in cases}
+    results = {}
+    for case in cases:
+        step(f"llmrun {case.name}")
+        results[case.name] = llmrun_case(engine, case, reps, on_logits=observe)
     return results, worst["slots"]
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars, log lines and Python warnings kept off stderr while the
+    reference loads and runs (the bench shows its own progress); settings restored after."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    loggers = [logging.getLogger(name) for name in ("ContinuousBatchingLogger", "accelerate")]
+    levels = [logger.level for logger in loggers]
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def run_reference(kind: str, folder: Path, dtype_name: str, device: str, cases: list[Case], reps: int,
-                  cpu_budget: Optional[int], gpu_budget: Optional[int], streamed: bool) -> dict[str, CaseResult]:
-    """transformers `generate` (and `generate_batch` for batches) on the same weights, or accelerate's
-    offload with the same budget when llmrun streams."""
+                  cpu_budget: Optional[int], gpu_budget: Optional[int], streamed: bool,
+                  step: Callable[[str], None]) -> dict[str, CaseResult]:
+    """transformers `generate` (and `generate_batch` for batches) on the same weights, or accelerate:
+    its offload with the same budget when llmrun streams, its dispatch onto the device when not."""
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    step(f"loading {kind}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = getattr(torch, dtype_name)
+    dispatched = kind == "accelerate" or streamed
     with tempfile.TemporaryDirectory(prefix="llmrun-bench-offload-") as offload:
-        if kind == "accelerate" or streamed:
+        if streamed:
             memory = {"cpu": cpu_budget} if gpu_budget in (None, 0) else {0: gpu_budget, "cpu": cpu_budget or "100GiB"}
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto",
                                                          max_memory=memory, offload_folder=offload)
+        elif dispatched:  # nothing streams: accelerate places every weight on the device (no budget)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device})
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         model.eval()
         results = {}
         for case in cases:
-            if case.batch > 1 and not (kind == "accelerate" or streamed) and hasattr(model, "generate_batch"):
+            step(f"{kind} {case.name}")
+            if case.batch > 1 and not dispatched and hasattr(model, "generate_batch"):
                 results[case.name] = transformers_batch_case(model, tokenizer, case, reps)
             else:
                 results[case.name] = transformers_case(model, tokenizer, case, reps)
@@ -77,43 +115,64 @@ def check_compare(compare: str) -> str:
     return compare
 
 
-def check_bench_args(compare: str, batch: int, new_tokens: int, reps: int) -> str:
-
-    if batch < 1 or new_tokens < 2 or reps < 1:
+def check_bench_args(compare: str, batch: int, new_tokens: Optional[int], reps: int) -> str:
+    """The compare choice, once the numbers are checked (new_tokens None: the workload's own)."""
+    if batch < 1 or (new_tokens is not None and new_tokens < 2) or reps < 1:
         raise UsageError("--batch and --reps must be at least 1 and --new-tokens at least 2")
     return check_compare(compare)
 
 
 def run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
-    import gc
-
+    """Plan and load `name`, time every case that fits the context, then the reference; progress
+    on stderr (a terminal only)."""
     from llmrun.bench.report import bench_json
-    from llmrun.engine.build import peak_rss_bytes
-    from llmrun.plan.placement import Tier
+    from llmrun.display import note, progress_steps
     from llmrun.runtime import open_model
 
+    if request.ctx is not None:
+        fitting_cases(cases, request.ctx)  # a context too short fails before anything loads
     opened = open_model(name, request)
     engine = opened.engine
-    cases = [c for c in cases if c.prompt_tokens + c.new_tokens <= engine.max_context]
-    ours, waste = run_llmrun(engine, cases, reps)
-    peak_rss = peak_rss_bytes()  # llmrun's own peak, before a reference model is loaded
-    device = engine.decoder.device.type
+    fitting = fitting_cases(cases, engine.max_context)
+    skipped = [case.name for case in cases if case not in fitting]
+    if skipped:
+        note(f"bench: skipping {', '.join(skipped)} (longer than the {engine.max_context}-token context)")
+    cases = fitting
+    total = len(cases) * (2 if compare != "none" else 1) + (compare != "none")
+    with progress_steps("bench", total) as step:
+        ours, waste, peaks = _measure_llmrun(engine, cases, reps, step)
+        refs = _measure_reference(opened, cases, reps, compare, step) if compare != "none" else {}
+    return bench_json(opened.name, engine, machine_facts(engine.decoder.device.type), ours, refs, compare, reps,
+                      waste, *peaks)
+
+
+def _measure_llmrun(engine, cases, reps, step):
+    """llmrun's results, its KV waste and its peaks (RSS, GPU), before any reference is loaded."""
+    from llmrun.engine.build import peak_rss_bytes
+
+    ours, waste = run_llmrun(engine, cases, reps, step)
     peak_gpu = 0
-    if device == "cuda":
+    if engine.decoder.device.type == "cuda":
         import torch
 
         peak_gpu = torch.cuda.max_memory_reserved()
-    placement = engine.plan.placement
-    streamed = placement.streams
-    dtype_name, budgets = engine.plan.dtype, placement.budgets
-    data_engine = engine
-    refs = {}
-    if compare != "none":
-        engine.runner.weights.close()
-        refs = run_reference(compare, opened.path, dtype_name, device, cases, reps,
+    return ours, waste, (peak_rss_bytes(), peak_gpu)
+
+
+def _measure_reference(opened, cases, reps, compare, step) -> dict[str, CaseResult]:
+    """The reference on the same weights, dtype and budget, after llmrun's weights are released."""
+    import gc
+
+    from llmrun.plan.placement import Tier
+
+    engine = opened.engine
+    placement, streamed = engine.plan.placement, engine.plan.placement.streams
+    budgets = placement.budgets
+    engine.runner.weights.close()
+    with quiet_transformers():
+        refs = run_reference(compare, opened.path, engine.plan.dtype, engine.decoder.device.type, cases, reps,
                              budgets.cpu_bytes if streamed else None,
                              budgets.gpu_bytes if placement.compute_tier is Tier.GPU and streamed else None,
-                             streamed)
-        gc.collect()
-    return bench_json(opened.name, data_engine, machine_facts(device), ours, refs, compare, reps, waste,
-                      peak_rss, peak_gpu)
+                             streamed, step)
+    gc.collect()
+    return refs

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Optional
+
+from llmrun.errors import UsageError
 
 # A neutral English passage; prompts are its tokens repeated and cut to the exact length.
 _PASSAGE = (
@@ -32,8 +35,30 @@ def default_cases(batch: int = 8, new_tokens: int = 128) -> list[Case]:
     ]
 
 
-def quick_cases(batch: int = 4) -> list[Case]:
-    return [Case("prompt64_b1", 64, 16, 1), Case(f"prompt64_b{batch}", 64, 16, batch)]
+QUICK_NEW_TOKENS = 16
+
+
+def quick_cases(batch: int = 4, new_tokens: int = QUICK_NEW_TOKENS) -> list[Case]:
+    """`--quick`: 64-token prompts, batch 1 and `batch`, 16 new tokens unless --new-tokens says."""
+    return [Case("prompt64_b1", 64, new_tokens, 1), Case(f"prompt64_b{batch}", 64, new_tokens, batch)]
+
+
+def bench_cases(quick: bool, batch: int, new_tokens: Optional[int]) -> list[Case]:
+    """The workload for `llmrun bench`'s options; new_tokens None: 16 with --quick, else 128."""
+    if quick:
+        return quick_cases(batch, QUICK_NEW_TOKENS if new_tokens is None else new_tokens)
+    return default_cases(batch, 128 if new_tokens is None else new_tokens)
+
+
+def fitting_cases(cases: list[Case], ctx: int) -> list[Case]:
+    """The cases whose prompt and new tokens fit in `ctx`; none is a usage error, not an empty report."""
+    fitting = [case for case in cases if case.prompt_tokens + case.new_tokens <= ctx]
+    if not fitting:
+        smallest = min(cases, key=lambda case: case.prompt_tokens + case.new_tokens)
+        raise UsageError(f"--ctx {ctx} is too short for the benchmark: its smallest case needs "
+                         f"{smallest.prompt_tokens + smallest.new_tokens} tokens ({smallest.prompt_tokens}-token "
+                         f"prompt + {smallest.new_tokens} new)")
+    return fitting
 
 
 def prompt_ids(tokenizer, length: int, variant: int = 0) -> list[int]:

@@ -18,13 +18,20 @@ def format_count(count: int | None) -> str:
     return str(count)
 
 
+def _stdout_console():
+    """Rich on stdout: the terminal's width, and in a pipe no width at all (nothing is cut or
+    wrapped at 80 columns, so `| grep` and files see whole lines)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 1000)
+
+
 def render_models(models) -> None:
     """The `llmrun models` table on stdout (LocalModel rows); a hint on stderr when there are none."""
     if not models:
         note("no local models yet; fetch a small one with `llmrun pull smollm2`, "
              "or convert a file with `llmrun import FILE.gguf`")
         return
-    from rich.console import Console
     from rich.table import Table
 
     from llmrun.sizes import format_bytes
@@ -37,19 +44,17 @@ def render_models(models) -> None:
     for model in models:
         table.add_row(model.name, model.architecture or "?", format_count(model.num_parameters),
                       model.dtype or "?", format_bytes(model.size_bytes), model.source)
-    # In a pipe nothing is cut to 80 columns: `llmrun models | grep` sees whole names.
-    Console(width=None if sys.stdout.isatty() else 1000).print(table)
+    _stdout_console().print(table)
 
 
 def render_plan(plan_json: dict) -> None:
     """The plan as Rich tables on stdout: tiers with layer ranges, reservations, totals, estimate."""
-    from rich.console import Console
     from rich.table import Table
 
     from llmrun.plan.estimate import format_tok_s
     from llmrun.sizes import format_bytes
 
-    console = Console()
+    console = _stdout_console()
     model = plan_json["model"]
     console.print(f"[bold]{model['name']}[/] ({model['architecture']}, {model['num_layers']} layers, "
                   f"{format_bytes(model['weight_bytes'])} in {plan_json['dtype']}) on "
@@ -105,32 +110,50 @@ def _kernels_text(kernels: dict) -> str:
     return ", ".join(parts)
 
 
+def _spread(stat: dict, digits: int) -> str:
+    """A timed figure: the median and, when repetitions differ, their range."""
+    if stat["median"] is None:
+        return "-"
+    median = f"{stat['median']:.{digits}f}"
+    low, high = f"{stat['min']:.{digits}f}", f"{stat['max']:.{digits}f}"
+    return median if low == high else f"{median} ({low}-{high})"
+
+
+def _placement_text(placement: dict) -> str:
+    """30 layers on CPU; or 20 on GPU, 10 on CPU, 108 MiB streamed per token."""
+    from llmrun.sizes import format_bytes
+
+    tiers = [(tier, count) for tier, count in placement["layer_tiers"].items() if count]
+    if len(tiers) == 1:
+        return f"{tiers[0][1]} layers on {tiers[0][0].upper()}"
+    split = ", ".join(f"{count} on {tier.upper()}" for tier, count in tiers)
+    return f"layers {split}, {format_bytes(placement['streamed_bytes_per_token'])} streamed per token"
+
+
 def render_bench(data: dict) -> None:
-    """The benchmark report as a Rich table on stdout."""
-    from rich.console import Console
+    """The benchmark report as a Rich table on stdout: every timed figure as median (min-max)."""
     from rich.table import Table
 
     from llmrun.sizes import format_bytes
 
-    console = Console()
+    console = _stdout_console()
     machine, placement = data["machine"], data["placement"]
     console.print(f"[bold]{data['model']}[/] {data['dtype']} on {machine.get('gpu') or machine['cpu']} "
-                  f"({machine['threads']} threads), layers {placement['layer_tiers']}, "
-                  f"median of {data['repetitions']}", highlight=False)
+                  f"({machine['threads']} threads), {_placement_text(placement)}, ctx {placement['ctx']}; "
+                  f"median (min-max) of {data['repetitions']}", highlight=False)
     compare = data["compare"]
     table = Table()
     for column in ("case", "TTFT s", "prefill tok/s", "decode tok/s"):
-        table.add_column(column, justify="right" if column != "case" else "left")
+        table.add_column(column, justify="right" if column != "case" else "left", no_wrap=True)
     if compare != "none":
         for column in (f"{compare} decode", "decode x", "TTFT x", "same tokens"):
-            table.add_column(column, justify="right")
+            table.add_column(column, justify="right", no_wrap=True)
     for name, entry in data["cases"].items():
         ours = entry["llmrun"]
-        row = [name, f"{ours['ttft_s']['median']:.3f}", f"{ours['prefill_tok_s']['median']:.0f}",
-               f"{ours['decode_tok_s']['median']:.1f} ({ours['decode_tok_s']['min']:.1f}-{ours['decode_tok_s']['max']:.1f})"]
+        row = [name, _spread(ours["ttft_s"], 3), _spread(ours["prefill_tok_s"], 0), _spread(ours["decode_tok_s"], 1)]
         if compare != "none" and compare in entry:
             speed = entry["speedup"]
-            row += [f"{entry[compare]['decode_tok_s']['median']:.1f}", f"{speed['decode_tok_s']:.2f}",
+            row += [_spread(entry[compare]["decode_tok_s"], 1), f"{speed['decode_tok_s']:.2f}",
                     f"{speed['ttft_s']:.2f}" if "ttft_s" in speed else "-",
                     {True: "yes", False: "no"}.get(entry.get("tokens_match"), "-")]
         table.add_row(*row)
