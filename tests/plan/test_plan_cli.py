@@ -103,3 +103,12 @@ def test_speed_figures_for_people(low, high, text):
     from llmrun.plan.estimate import format_tok_s
 
     assert format_tok_s(low, high) == text
+
+
+def test_plan_table_in_a_pipe_is_not_cut_at_80_columns(phi3, tmp_path):
+    env = {"COLUMNS": ""}  # no width from the environment: a pipe's own
+    proc = run_cli(["plan", phi3, "--gpu-mem", "6GB", "--ctx", "4096"], tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    estimate = next(line for line in proc.stdout.splitlines() if line.startswith("Estimate:"))
+    assert "compute_read" in estimate and "disk_read" in estimate and len(estimate) > 80, proc.stdout
+    assert "…" not in proc.stdout
