@@ -27,7 +27,12 @@ def kv_waste_probe(engine):
     return observe, worst
 
 
-def run_llmrun(engine, cases: list[Case], reps: int, step: Callable[[str], None]) -> tuple[dict[str, CaseResult], int]:
+def _no_progress(_text: str) -> None:
+    """The default step callback: scripts calling these functions show no progress."""
+
+
+def run_llmrun(engine, cases: list[Case], reps: int,
+               step: Callable[[str], None] = _no_progress) -> tuple[dict[str, CaseResult], int]:
     observe, worst = kv_waste_probe(engine)
     results = {}
     for case in cases:
@@ -66,7 +71,7 @@ def quiet_transformers() -> Iterator[None]:
 
 def run_reference(kind: str, folder: Path, dtype_name: str, device: str, cases: list[Case], reps: int,
                   cpu_budget: Optional[int], gpu_budget: Optional[int], streamed: bool,
-                  step: Callable[[str], None]) -> dict[str, CaseResult]:
+                  step: Callable[[str], None] = _no_progress) -> dict[str, CaseResult]:
     """transformers `generate` (and `generate_batch` for batches) on the same weights, or accelerate:
     its offload with the same budget when llmrun streams, its dispatch onto the device when not."""
     import tempfile
