@@ -25,8 +25,9 @@ _CONTROL_TOKEN_TYPE = 3
 _NORMAL_TOKEN_TYPE = 1
 
 
-def write_tiny_gguf(checkpoint: Path, out_file: Path) -> Path:
-    """Write `checkpoint` (a tiny Llama saved by tests.checkpoints) as a llama.cpp-style F32 GGUF."""
+def write_tiny_gguf(checkpoint: Path, out_file: Path, *, with_vocab_size: bool = True) -> Path:
+    """Write `checkpoint` (a tiny Llama saved by tests.checkpoints) as a llama.cpp-style F32 GGUF;
+    without `llama.vocab_size` readers count the tokenizer's tokens instead."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -44,7 +45,8 @@ def write_tiny_gguf(checkpoint: Path, out_file: Path) -> Path:
     rope_theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta")
     writer.add_rope_freq_base(rope_theta or 10000.0)
     writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
-    writer.add_vocab_size(config["vocab_size"])
+    if with_vocab_size:
+        writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _add_tokenizer(writer, checkpoint)
     for name, array in tensors.items():

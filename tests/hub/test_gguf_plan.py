@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmrun.errors import InvalidModelError
-from llmrun.hub import gguf_import
+from llmrun.hub import gguf_header, gguf_import
 from llmrun.hub.resolve import resolve_model
 from llmrun.plan.inputs import plan_inputs
 from llmrun.weights.index import build_index
@@ -24,9 +24,15 @@ def tied_checkpoint(tmp_path_factory):
     return save_checkpoint(folder, llama_config(tie_word_embeddings=True), seed=5)
 
 
+# long_array 8: the tokenizer's arrays are skipped as in real files, and without llama.vocab_size the
+# vocabulary is the number of tokens, as transformers counts it
+@pytest.mark.parametrize("long_array, with_vocab_size", [(4096, True), (8, True), (8, False)])
 @pytest.mark.parametrize("checkpoint_fixture", ["tiny_checkpoint", "tied_checkpoint"])
-def test_header_inputs_equal_the_imported_model(request, tmp_path, monkeypatch, hub_env, checkpoint_fixture):
-    gguf_file = write_tiny_gguf(request.getfixturevalue(checkpoint_fixture), tmp_path / "m.gguf")
+def test_header_inputs_equal_the_imported_model(request, tmp_path, monkeypatch, hub_env, checkpoint_fixture,
+                                                long_array, with_vocab_size):
+    gguf_file = write_tiny_gguf(request.getfixturevalue(checkpoint_fixture), tmp_path / "m.gguf",
+                                with_vocab_size=with_vocab_size)
+    monkeypatch.setattr(gguf_header, "_LONG_ARRAY", long_array)
 
     def no_conversion(*args):
         raise AssertionError("plan converted the GGUF")
@@ -69,3 +75,10 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     with pytest.raises(InvalidModelError, match=r"^cannot read odd.gguf's header: .*fancyarch"):
         plan_inputs(str(tmp_path / "odd.gguf"))
     assert_one_line_error(run_cli(["plan", tmp_path / "odd.gguf"], tmp_path), "odd.gguf's header")
+
+
+def test_truncated_header_is_one_line(tmp_path, tiny_checkpoint):
+    gguf_file = write_tiny_gguf(tiny_checkpoint, tmp_path / "cut.gguf")
+    gguf_file.write_bytes(gguf_file.read_bytes()[:2000])  # inside the tokenizer's metadata
+    with pytest.raises(InvalidModelError, match=r"^cannot read cut.gguf's header: the header ends early"):
+        plan_inputs(str(gguf_file))
