@@ -113,7 +113,10 @@ def _write_rows(engine, pending, params) -> None:
 
 
 def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
+    from contextlib import closing, nullcontext
+
     from llmrun.display import ReplyView, print_stats
+    from llmrun.interrupt import StopOnInterrupt, keys_not_echoed
 
     engine = opened.engine
     engine.check_prompt(ids)  # fail before anything is written to stdout
@@ -121,9 +124,19 @@ def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
         for _ in engine.generate([ids], params):
             pass
     else:
-        with ReplyView(live=sys.stdout.isatty()) as out:
-            for event in engine.generate([ids], params):
-                out.write(event.text)
+        live = sys.stdout.isatty()
+        # As in chat: on a terminal Ctrl-C stops the reply after the current token, and ^C is not
+        # echoed into the live view (the echo moves its cursor, so the final redraw lands a row off).
+        quiet_keys = keys_not_echoed() if live else nullcontext()
+        stop = StopOnInterrupt() if live else nullcontext(lambda: False)
+        with quiet_keys, stop as should_stop, ReplyView(live=live) as out:
+            with closing(engine.generate([ids], params)) as events:
+                for event in events:
+                    out.write(event.text)
+                    if should_stop():
+                        break
+        if should_stop():
+            raise KeyboardInterrupt  # after the final render: "llmrun: interrupted", status 130
     result = engine.results[0]
     if as_json:
         print(json.dumps({

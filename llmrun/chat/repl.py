@@ -9,8 +9,9 @@ from typing import Optional
 from llmrun.chat.commands import Command, apply_set, help_rows, parse_input, settings_rows
 from llmrun.chat.conversation import load_conversation, save_conversation
 from llmrun.chat.session import ChatSession, Reply
-from llmrun.chat.terminal import InputReader, StopOnInterrupt, keys_not_echoed
+from llmrun.chat.terminal import InputReader
 from llmrun.errors import LlmrunError
+from llmrun.interrupt import StopOnInterrupt, keys_not_echoed
 
 
 def run_chat(opened, params, *, system: Optional[str] = None, quiet: bool = False) -> int:
@@ -88,7 +89,8 @@ class ChatLoop:
         if self.num_replies_shown and not self.live:
             sys.stdout.write("\n")  # replies in a pipe are separated by a blank line
         # At a terminal Ctrl-C stops the reply; in a pipe it ends everything, as in any pipeline.
-        quiet_keys = keys_not_echoed() if self.interactive else nullcontext()
+        # A live view (stdout a terminal, even with piped input) must not have ^C echoed into it.
+        quiet_keys = keys_not_echoed() if self.live else nullcontext()
         stop = StopOnInterrupt() if self.interactive else nullcontext(lambda: False)
         with quiet_keys, stop as should_stop, ReplyView(self.live) as view:
             reply = self.session.reply(turn, view.write, should_stop)

@@ -1,12 +1,10 @@
-"""The terminal side of chat: reading inputs (readline, history, prompts, pipes) and Ctrl-C."""
+"""The terminal side of chat: reading inputs (readline, history, prompts, pipes); Ctrl-C at the prompt."""
 
 from __future__ import annotations
 
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from llmrun.chat.commands import ALIASES, COMMANDS
 from llmrun.chat.multiline import InputAssembler
@@ -105,54 +103,3 @@ def _setup_readline(history_path: Optional[Path]):
     libedit = "libedit" in (readline.__doc__ or "")
     readline.parse_and_bind("bind ^I rl_complete" if libedit else "tab: complete")
     return readline
-
-
-class StopOnInterrupt:
-    """While a reply streams: the first Ctrl-C asks it to stop after the current token, a second
-    one interrupts at once (KeyboardInterrupt). Call the object to ask whether to stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "StopOnInterrupt":
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-@contextmanager
-def keys_not_echoed() -> Iterator[None]:
-    """While a reply streams on a terminal: typed keys (and ^C) are not echoed into it, and Ctrl-C
-    does not flush output in flight; either would leave the live view's cursor out of step.
-    Keys typed meanwhile stay queued for the next prompt."""
-    try:
-        import termios
-
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
-        yield
-        return
-    quiet = list(saved)
-    quiet[3] = (quiet[3] & ~termios.ECHO) | termios.NOFLSH
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
