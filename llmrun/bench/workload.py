@@ -63,7 +63,7 @@ def fitting_cases(cases: list[Case], ctx: int) -> list[Case]:
 
 def prompt_ids(tokenizer, length: int, variant: int = 0) -> list[int]:
     """Exactly `length` token ids of the passage (variant shifts the start so prompts differ)."""
-    ids = tokenizer(_PASSAGE, add_special_tokens=False)["input_ids"]
+    ids = list(tokenizer.encode(_PASSAGE, add_special_tokens=False))  # llmrun's or transformers' tokenizer
     reps = length // max(1, len(ids)) + 2
     stream = (ids * reps)[variant % len(ids):]
     return stream[:length]

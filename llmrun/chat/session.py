@@ -88,6 +88,8 @@ class ChatSession:
 
         try:
             return chat_prompt_ids(self.engine.tokenizer, self.conversation.messages(first_turn))
+        except UsageError:  # the template's own refusal, already one line
+            raise
         except Exception as err:  # jinja2 TemplateError: e.g. a template without a system role
             if isinstance(err, (KeyboardInterrupt, MemoryError)):
                 raise

@@ -86,18 +86,10 @@ def eos_token_ids(folder: Path, config_raw: dict, tokenizer) -> list[int]:
     return []
 
 
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as err:
-        raise InvalidModelError(f"cannot load the tokenizer in {folder}: {str(err).splitlines()[0]}") from err
-
-
 def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callable[[int, int], None]] = None):
     """Plan a model folder exactly as `llmrun plan` does, then load it as placed into an Engine."""
     from llmrun.engine.generate import Engine
+    from llmrun.engine.tokenizer import load_tokenizer
     from llmrun.model.config import load_model_config, read_config_json
     from llmrun.model.registry import architecture_of, decoder_class
     from llmrun.plan.make import make_plan
