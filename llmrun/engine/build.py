@@ -90,8 +90,8 @@ def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callab
     """Plan a model folder exactly as `llmrun plan` does, then load it as placed into an Engine."""
     from llmrun.engine.generate import Engine
     from llmrun.engine.tokenizer import load_tokenizer
-    from llmrun.model.config import load_model_config, read_config_json
-    from llmrun.model.registry import architecture_of, decoder_class
+    from llmrun.model.config import model_config, read_config_json
+    from llmrun.model.registry import architecture_of, config_family, decoder_class
     from llmrun.plan.make import make_plan
     from llmrun.plan.placement import Tier
     from llmrun.weights.index import build_index
@@ -100,7 +100,7 @@ def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callab
     folder = Path(folder)
     raw_config = read_config_json(folder)  # the same dict `llmrun plan` plans from
     architecture = architecture_of(folder, raw_config)
-    config = load_model_config(folder, architecture)
+    config = model_config(raw_config, architecture, config_family(architecture, raw_config.get("model_type")))
     index = build_index(folder)
     report = make_plan(raw_config, index, options, folder)
     placement = report.placement
