@@ -2,7 +2,8 @@
 the choice of kernel set per device (C on the CPU, model/native.py; Triton on CUDA, gpu_kernels.py).
 
 A kernel set is used by a decoder only after `check()` ran it against the ATen ops it replaces on
-the decoder's own shape and dtype. LLMRUN_NO_NATIVE=1 keeps ATen everywhere.
+the decoder's own shape and dtype. LLMRUN_NO_NATIVE=1 keeps ATen everywhere; LLMRUN_FAIL_CHECKS
+names checks to fail on purpose (tests simulate CPUs where a kernel's sums differ).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -
 
         return NativeKernels.for_decoder(dtype, device, shape)
     return None
+
+
+def check_forced_to_fail(name: str) -> bool:
+    """Whether LLMRUN_FAIL_CHECKS (comma-separated: `gemv`, `layer`) names this self-check: it then
+    fails as it would on a CPU whose reference sums in another order, and the kernel stays off."""
+    return name in os.environ.get("LLMRUN_FAIL_CHECKS", "").replace(" ", "").split(",")
 
 
 class FusedKernels:

@@ -11,7 +11,10 @@ The kernels are compiled on first use (under a second) with the system C compile
 cache directory (paths.cache_dir()/native, keyed by the source's hash) and loaded with ctypes. A
 decoder uses them only after `NativeKernels.check` ran them against the ATen ops on its own shapes
 and dtype with identical results, so greedy tokens never change. No compiler, a failed build, a
-mismatch, or LLMRUN_NO_NATIVE=1: the ATen path runs.
+mismatch, or LLMRUN_NO_NATIVE=1: the ATen path runs. The library is built alike for every x86-64
+CPU (each kernel picks its instructions when it runs), so one cached build serves them all; its
+AVX-512 code (the GEMV, the float32 layer) runs only where ATen runs its own AVX-512 kernels, so
+ATEN_CPU_CAPABILITY=avx2 hides AVX-512 from both.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from llmrun.model.fused import CHECK_ROWS, FusedKernels, LayerShape
+from llmrun.model.fused import CHECK_ROWS, FusedKernels, LayerShape, check_forced_to_fail
 from llmrun.model.layers import linear
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -99,12 +102,18 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def aten_runs_avx512() -> bool:
+    """Whether ATen runs its AVX-512 kernels here (its CPU capability, which ATEN_CPU_CAPABILITY
+    can lower): the C kernels' AVX-512 code runs only then."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 @lru_cache(maxsize=1)
 def aten_exp_functions() -> dict[int, int]:
     """ATen's vectorised float exp (Sleef's, exported by libtorch_cpu) by vector width: the exp
     inside `F.silu`, so a fused SiLU gives its bits. Only widths this CPU runs (AVX2, AVX-512)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    widths = (16, 8) if capability.startswith("AVX512") else (8,) if capability == "AVX2" else ()
+    widths = (16, 8) if aten_runs_avx512() else (8,) if capability == "AVX2" else ()
     if not widths or sys.platform != "linux" or platform.machine() != "x86_64":
         return {}
     try:
@@ -136,7 +145,9 @@ class NativeKernels(FusedKernels):
         self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
         self.exp_fn: Optional[int] = None  # set by for_decoder when the fused SiLU·mul checks out
         self.exp_width = 0
-        self.gemv = dtype == torch.bfloat16 and hasattr(lib, "gemv_bf16_packed") and bool(lib.gemv_supported())
+        self.avx512 = aten_runs_avx512()  # whether the AVX-512 kernels may run (the float32 layer reads it)
+        self.gemv = (dtype == torch.bfloat16 and self.avx512 and hasattr(lib, "gemv_bf16_packed")
+                     and bool(lib.gemv_supported()))
         self._gemv_shapes: dict[tuple[int, int], bool] = {}  # (out, in) -> passed its self-check
         self._gemv_weights: dict[int, tuple[torch.Tensor, Optional[int]]] = {}  # id -> (weight, its data or None)
         self._gemv_scratch = torch.empty(0, dtype=torch.float32)
@@ -235,7 +246,8 @@ class NativeKernels(FusedKernels):
         from llmrun.weights.packing import pack_weight
 
         n, k = weight.shape
-        if n % GEMV_BLOCK or k % GEMV_BLOCK or torch.ops.mkldnn._nbytes(weight) != 2 * n * k:
+        if (n % GEMV_BLOCK or k % GEMV_BLOCK or torch.ops.mkldnn._nbytes(weight) != 2 * n * k
+                or check_forced_to_fail("gemv")):
             return False
         generator = torch.Generator().manual_seed(2)
         probe_n = min(n, 4096)  # the layout repeats per block of 32 outputs; the sums are per output

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from llmrun.model.fused import check_forced_to_fail
+
 CHECK_LENGTHS = (1, 17, 255, 512, 513, 700, 1100, 1300)  # contexts: a vector or less, tails, blocks
 KV_SPLIT = 512  # keys per block in ATen's flash attention (and native_layer.c)
 
@@ -79,7 +81,8 @@ class NativeLayer:
         the CPU runs it and its attention gives ATen's bits; else None."""
         sgemm = blas_sgemm()
         if (kernels.dtype != torch.float32 or kernels.exp_fn is None or not kernels.shape.silu or sgemm is None
-                or not hasattr(kernels.lib, "decode_layer_f32") or not kernels.lib.layer_supported()):
+                or not kernels.avx512 or not hasattr(kernels.lib, "decode_layer_f32")
+                or not kernels.lib.layer_supported()):
             return None
         layer = cls(kernels, sgemm)
         return layer if layer.attention_matches() else None
@@ -141,6 +144,8 @@ class NativeLayer:
         from llmrun.kv.metadata import AttentionMetadata
         from llmrun.model.attention import paged_attention
 
+        if check_forced_to_fail("layer"):
+            return False
         s = self.shape
         generator = torch.Generator().manual_seed(4)
         for length in CHECK_LENGTHS:

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.cli.helpers import assert_one_line_error, run_cli
+from tests.kernel_checks import TINY_MATMULS, c_kernels, gemv_passes, gemv_should_pass, layer_passes
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,8 @@ def test_quick_bench_with_transformers_comparison(tiny, tmp_path):
     assert data["machine"]["threads"] >= 1 and data["peak_rss_bytes"] > 0
     kernels = data["kernels"]  # C on the CPU (Triton on a GPU), or none without a compiler or triton
     assert kernels["set"] in (("C", None) if data["machine"]["device"] == "cpu" else ("Triton", None))
-    if kernels["set"] == "C":  # one sequence's float32 steps ran each layer in one C call where it builds
-        from llmrun.model.native import load_library
-
-        lib = load_library()
-        assert kernels["layer"] is (hasattr(lib, "decode_layer_f32") and bool(lib.layer_supported()))
+    if kernels["set"] == "C":  # one sequence's float32 steps ran each layer in one C call where its check passed
+        assert kernels["layer"] is layer_passes()
     batched = data["cases"]["prompt64_b4"]["transformers"]  # generate_batch: no time to first token
     assert batched["ttft_s"]["median"] is None and batched["decode_tok_s"]["median"] > 0
 
@@ -50,18 +49,26 @@ def test_bench_table_and_bad_arguments(tiny, tmp_path):
     assert_one_line_error(run_cli(["bench", tiny, "--compare", "llama.cpp"], tmp_path), "--compare must be one of")
 
 
-def test_bf16_bench_reports_the_gemv(tiny, tmp_path):
-    from llmrun.model.native import load_library
-
-    proc = run_cli(["bench", tiny, "--quick", "--reps", "1", "--dtype", "bfloat16", "--gpu-mem", "0", "--json"],
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bench_reports_the_kernels_whose_checks_passed(tiny, tmp_path, dtype):
+    """The kernels bench reports are those whose self-checks passed here, asked of the library (not
+    read from CPU flags): the bf16 GEMV on those shapes, the float32 layer in one C call; none of them
+    where the check failed, the CPU lacks the instructions or no compiler built the kernels
+    (tests/test_simulated_cpus.py runs this with each taken away)."""
+    proc = run_cli(["bench", tiny, "--quick", "--reps", "1", "--dtype", dtype, "--gpu-mem", "0", "--json"],
                    tmp_path)
     assert proc.returncode == 0, proc.stderr
     kernels = json.loads(proc.stdout)["kernels"]
-    lib = load_library()
-    if lib is None:
+    native = c_kernels(getattr(torch, dtype))
+    if native is None:
         assert kernels["set"] is None
         return
     assert kernels["set"] == "C"
-    if hasattr(lib, "gemv_bf16_packed") and lib.gemv_supported():
-        # one sequence's steps: qkv 128x64, o 64x64, gate/up 256x64, down 64x128, head 320x64
-        assert kernels["gemv_shapes"], kernels
+    if dtype == "float32":
+        assert kernels["gemv_shapes"] is None and kernels["layer"] is layer_passes()
+        return
+    assert kernels["layer"] is False and (kernels["gemv_shapes"] is None) is (not native.gemv)
+    ran = {tuple(map(int, shape.split("x"))) for shape in kernels["gemv_shapes"] or ()}
+    assert ran == {shape for shape in TINY_MATMULS if gemv_passes(*shape)}
+    assert ran == set(TINY_MATMULS) or not gemv_should_pass()  # with AMX, every shape of whole blocks
+

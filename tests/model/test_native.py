@@ -1,7 +1,5 @@
 """The fused CPU decode kernels (model/native.py): bit-identical to ATen, or not used at all."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,7 @@ from llmrun.model.layers import rms_norm
 from llmrun.model.native import LayerShape, NativeKernels, load_library
 from llmrun.model.rope import apply_rope
 from tests.checkpoints import llama_config, save_checkpoint
+from tests.kernel_checks import TINY_MATMULS, gemv_passes, gemv_should_pass, layer_passes
 from tests.parity import greedy_with_logits
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -139,19 +138,29 @@ def test_llmrun_no_native_turns_the_kernels_off(lib, checkpoint, monkeypatch):
     assert build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0)).decoder.native is None
 
 
+def test_with_aten_below_avx512_the_avx512_kernels_stay_off(lib, monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (how tests/test_simulated_cpus.py hides AVX-512) keeps the C kernels'
+    AVX-512 code off too, as a CPU without AVX-512 does: no GEMV, no float32 layer."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not kernels_for(torch.bfloat16, 64).gemv
+    assert kernels_for(torch.float32, 64, intermediate_size=128).layer is None
+
+
+def test_llmrun_fail_checks_fails_the_named_checks(lib, monkeypatch):
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "layer, gemv")
+    assert not gemv_passes(128, 64) and not layer_passes()
+    assert kernels_for(torch.float32, 64).check()  # the others still run
+
+
 # -- the bf16 GEMV over oneDNN-packed weights (native_gemv.c) ------------------------------------
-def amx_cpu() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
+# Whether it runs follows its check against oneDNN (tests/kernel_checks.py), which must pass where
+# oneDNN runs its AMX kernel: tests/test_simulated_cpus.py runs these with AMX hidden and more.
 @pytest.fixture(scope="module")
 def gemv_kernels(lib):
     kernels = kernels_for(torch.bfloat16, 64)
+    assert kernels.gemv or not gemv_should_pass()
     if not kernels.gemv:
-        pytest.skip("no AVX-512 BF16 here (or no OpenMP in the compiler): oneDNN runs every matmul")
+        pytest.skip("no AVX-512 BF16 for ATen here (or no OpenMP in the compiler): oneDNN runs every matmul")
     return kernels
 
 
@@ -170,8 +179,11 @@ def test_gemv_gives_onednns_bits(gemv_kernels, shape):
     weight = (torch.randn(n, k, generator=generator) * 0.05).to(torch.bfloat16)
     w = packed(weight)
     if not gemv_kernels._gemv_checked(w):
-        assert not amx_cpu(), "oneDNN's AMX matmul should match the GEMV"
-        pytest.skip("oneDNN sums in another order on this CPU (no AMX): the GEMV stays off")
+        assert not gemv_should_pass(), "oneDNN's AMX matmul should match the GEMV"
+        x = torch.randn(1, k, generator=generator).to(torch.bfloat16)  # the GEMV stays off: oneDNN's bits
+        assert torch.equal(gemv_kernels.linear(x, w), F.linear(x, weight))
+        assert gemv_kernels._gemv_weights[id(w)][1] is None
+        return
     pointer = torch.ops.mkldnn.data_ptr(w)
     for rows in (1, 2, 3, 16):  # decoding runs one row (more go to oneDNN), the check tries more
         x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
@@ -219,5 +231,6 @@ def test_a_bf16_engine_runs_its_matmuls_in_the_gemv(lib, checkpoint):
         pytest.skip("no AVX-512 BF16 here")
     greedy_with_logits(engine, list(range(5, 40)), 3)
     # qkv, o, gate/up, down and the head (the tiny model's shapes are whole blocks of 32)
-    assert set(native._gemv_shapes) == {(128, 64), (64, 64), (256, 64), (64, 128), (320, 64)}
-    assert all(native._gemv_shapes.values()) or not amx_cpu()
+    assert set(native._gemv_shapes) == set(TINY_MATMULS)
+    assert native._gemv_shapes == {shape: gemv_passes(*shape) for shape in TINY_MATMULS}
+    assert all(native._gemv_shapes.values()) or not gemv_should_pass()

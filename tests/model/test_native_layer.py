@@ -9,17 +9,23 @@ from llmrun.kv.metadata import AttentionMetadata
 from llmrun.model.native import LayerShape, NativeKernels, load_library
 from llmrun.model.native_layer import NativeLayer
 from tests.checkpoints import llama_config, save_checkpoint
+from tests.kernel_checks import layer_passes, layer_should_pass
 from tests.parity import batched_and_alone, greedy_with_logits
 
 SHAPES = [(9, 3, 64), (4, 4, 16), (8, 2, 128)]  # SmolLM2's heads, MHA, wide GQA heads
 
 
+def test_the_layer_is_used_where_its_check_should_pass():
+    """Where there is an OpenMP build with the layer, ATen runs AVX-512 and exports MKL's sgemm_, its
+    check passes; elsewhere (tests/test_simulated_cpus.py takes each away) the layer stays off."""
+    assert layer_passes() is layer_should_pass()
+
+
 @pytest.fixture(scope="module")
 def lib():
-    library = load_library()
-    if library is None or not hasattr(library, "decode_layer_f32") or not library.layer_supported():
-        pytest.skip("no OpenMP C build or no AVX-512 here: the fused Python path runs (covered elsewhere)")
-    return library
+    if not layer_passes():  # the tests below follow what the check decided here
+        pytest.skip("the C layer is off here (no OpenMP build, ATen without AVX-512, or its check failed)")
+    return load_library()
 
 
 def layer_for(num_heads, num_kv_heads, head_dim):
