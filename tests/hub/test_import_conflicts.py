@@ -93,3 +93,16 @@ def test_import_conflict_through_the_cli(two_ggufs, tmp_path):
     forced = run_cli(["import", second, "--name", "model", "--force"], tmp_path)
     assert forced.returncode == 0, forced.stderr
     assert "replaced the store entry 'model'" in forced.stderr
+
+
+def test_a_read_only_store_still_reuses_a_touched_file(two_ggufs, monkeypatch):
+    first, _ = two_ggufs
+    imported = resolve_model(str(first))
+    first.touch()  # a new mtime: recording it is an optimisation, not a condition
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(store, "atomic_write_bytes", read_only)
+    forbid_conversion(monkeypatch)
+    assert resolve_model(str(first)) == imported
