@@ -11,6 +11,10 @@ from llmrun.engine.scheduler import ScheduledSeq
 from llmrun.kv.block_allocator import BlockAllocator
 from llmrun.kv.metadata import SeqStep, build_metadata
 from llmrun.kv.paged_cache import PagedKVCache
+from llmrun.model.fused import CHECK_ROWS
+from llmrun.model.row_check import rows_alone
+
+MAX_DECODE_ROWS = CHECK_ROWS[-1]  # decode rows one forward takes at most (the fused CPU kernels' checked rows)
 
 
 class ModelRunner:
@@ -22,17 +26,50 @@ class ModelRunner:
         self.allocator = allocator
         self.device = decoder.device
         self.static = static  # decode steps of static shape (CUDA graphs), where enabled
+        self._rows_checked: dict[int, bool] = {}  # decode rows per matmul -> each row gets its bits alone
 
     @torch.inference_mode()
     def run(self, steps: list[ScheduledSeq]) -> torch.Tensor:
         """Run a step; returns logits [num_sampling_seqs, vocab] for the steps that complete a prompt.
 
-        Every scheduled sequence's `num_cached` advances by its `num_new`.
+        Every scheduled sequence's `num_cached` advances by its `num_new`. A sequence's bits do not
+        depend on the step's other sequences: each prompt chunk runs in a forward of its own, and
+        decode rows share a forward only where the matmuls give each row its bits alone
+        (model/row_check.py); elsewhere they too run one by one.
         """
         if self.static is not None and self.static.handles(steps):
             tables = [self.allocator.block_table(step.seq.seq_id) for step in steps]
             # a per-layer progress hook is Python a graph would skip: such steps run the same forward eagerly
             return self.static.run(steps, tables, replay=getattr(self.weights, "on_step_layer", None) is None)
+        parts = [self._forward(group) for group in self._groups(steps)]
+        progress = getattr(self.weights, "on_step_layer", None)
+        if progress is not None:
+            progress(None)
+        sampled = [logits for logits in parts if logits.numel()]
+        if len(sampled) < 2:
+            return sampled[0] if sampled else parts[0]
+        return torch.cat(sampled)
+
+    def _groups(self, steps: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+        """The step's sequences in forwards of their own: a prompt chunk alone (its matmuls then
+        see the rows they see alone), decode rows together up to MAX_DECODE_ROWS where that many
+        rows pass the row check, else one by one."""
+        if len(steps) == 1:
+            return [steps]
+        if any(step.num_new > 1 for step in steps):
+            return [[step] for step in steps]
+        groups = [steps[i : i + MAX_DECODE_ROWS] for i in range(0, len(steps), MAX_DECODE_ROWS)]
+        return [part for group in groups for part in ([group] if self._rows_alone(len(group)) else
+                                                      [[step] for step in group])]
+
+    def _rows_alone(self, num_rows: int) -> bool:
+        """Whether one matmul over `num_rows` rows gives each row its bits alone (checked once per count)."""
+        if num_rows not in self._rows_checked:
+            self._rows_checked[num_rows] = num_rows == 1 or rows_alone(self.decoder, num_rows)
+        return self._rows_checked[num_rows]
+
+    def _forward(self, steps: list[ScheduledSeq]) -> torch.Tensor:
+        """One decoder forward over these sequences; logits of those that complete their prompt."""
         input_ids, positions, seq_steps, last_rows = [], [], [], []
         for step in steps:
             seq, start = step.seq, step.seq.num_cached
@@ -47,11 +84,7 @@ class ModelRunner:
         hidden = self.decoder.forward(self.weights, ids, pos, meta, self.cache)
         for step in steps:
             step.seq.num_cached += step.num_new
-        logits = hidden.new_empty((0, 0))
-        if last_rows:
-            rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-            logits = self.decoder.logits(self.weights, hidden.index_select(0, rows))
-        progress = getattr(self.weights, "on_step_layer", None)
-        if progress is not None:
-            progress(None)
-        return logits
+        if not last_rows:
+            return hidden.new_empty((0, 0))
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        return self.decoder.logits(self.weights, hidden.index_select(0, rows))

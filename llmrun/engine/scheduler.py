@@ -69,11 +69,14 @@ class Scheduler:
             self.running.append(seq)
 
     def _prefill_chunk(self, prefilling: list[Sequence]) -> list[ScheduledSeq]:
+        """Whole chunks of the prompts while the token budget lasts (the first always runs). A
+        prompt's chunks end where they would alone, every `max_prefill_tokens`, whatever else
+        runs: its K/V and tokens then do not depend on its company."""
         steps, budget = [], self.max_prefill_tokens
         for seq in prefilling:
-            if budget <= 0:
+            num_new = min(seq.num_tokens - seq.num_cached, self.max_prefill_tokens)
+            if steps and num_new > budget:
                 break
-            num_new = min(seq.num_tokens - seq.num_cached, budget)
             self.allocator.grow(seq.seq_id, seq.num_cached + num_new)
             steps.append(ScheduledSeq(seq, num_new))
             budget -= num_new

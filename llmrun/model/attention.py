@@ -56,7 +56,10 @@ def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tenso
         values = v_slots.narrow(0, start, length).transpose(0, 1).unsqueeze(0)
         out = attend(q.unsqueeze(2), keys, values, None, False, scale, softcap)
         return out.reshape(num_tokens, num_heads * head_dim)
-    if meta.is_decode:
+    if meta.decode_slots is not None and meta.decode_lens is None:  # several decoding sequences
+        return torch.cat([decode_alone(q[row : row + 1], k_slots, v_slots, slots, scale, softcap)
+                          for row, slots in enumerate(meta.context_slots)])
+    if meta.is_decode:  # static decode (engine/graphs.py): a bucket of keys, masked
         keys = k_slots[meta.decode_slots].transpose(1, 2)  # [num_seqs, num_kv_heads, ctx, head_dim]
         values = v_slots[meta.decode_slots].transpose(1, 2)
         query = q.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
@@ -78,3 +81,14 @@ def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tenso
         out = attend(query, keys, values, mask, causal, scale, softcap)
         outputs.append(out[0].transpose(0, 1).reshape(num_new, num_heads * head_dim))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+def decode_alone(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slots: torch.Tensor,
+                 scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """One decoding sequence's attention [1, num_heads * head_dim] over its own keys, unpadded and
+    unmasked as it runs alone: SDPA over keys padded to a longer row and masked sums in another
+    order (on the CPU), so a row would get other bits beside a longer sequence."""
+    keys = k_slots[slots].transpose(0, 1).unsqueeze(0)  # [1, num_kv_heads, ctx, head_dim]
+    values = v_slots[slots].transpose(0, 1).unsqueeze(0)
+    out = attend(q.unsqueeze(2), keys, values, None, False, scale, softcap)  # q [1, num_heads, head_dim]
+    return out.reshape(1, -1)
