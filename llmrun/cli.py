@@ -281,8 +281,9 @@ def import_command(
 @app.command("models")
 def models_command(
     as_json: Annotated[bool, json_option("Print a JSON list instead of a table.")] = False,
+    remove: Optional[str] = typer.Option(None, "--rm", help="Delete this entry of llmrun's store."),
 ) -> None:
-    """List local models: llmrun's store and the Hugging Face cache.
+    """List local models: llmrun's store and the Hugging Face cache; --rm NAME deletes a store entry.
 
     Example: llmrun models --json
     """
@@ -290,6 +291,11 @@ def models_command(
 
     from llmrun.hub.listing import list_local_models
 
+    if remove is not None:
+        from llmrun.hub.store import remove_entry
+
+        print(f"removed {remove_entry(remove)}", file=sys.stderr)
+        return
     models = list_local_models()
     if as_json:
         print(json.dumps([m.to_json() for m in models], indent=2))

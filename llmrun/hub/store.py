@@ -134,6 +134,24 @@ def _replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def remove_entry(name: str) -> Path:
+    """Delete the store entry `name` (moved aside in one rename, then removed) and the offload
+    cache entries made from it; ModelNotFoundError when the store has no such entry."""
+    from llmrun.errors import ModelNotFoundError
+    from llmrun.weights.offload_cache import drop_stale_entries
+
+    folder = entry_path(name)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"llmrun's store has no entry '{name}' (`llmrun models` lists them; "
+                                 "models in the Hugging Face cache are removed with `hf cache rm`)")
+    retired = folder.parent / f"{TEMP_PREFIX}{folder.name}-removed-{secrets.token_hex(4)}"
+    with writing_under(folder.parent):
+        os.replace(folder, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+    drop_stale_entries()
+    return folder
+
+
 def clean_stale_temp_folders(max_age_seconds: float = STALE_TEMP_SECONDS) -> None:
     """Remove `.tmp-*` folders left by interrupted imports (best effort, never raises)."""
     now = time.time()

@@ -106,3 +106,19 @@ def test_a_read_only_store_still_reuses_a_touched_file(two_ggufs, monkeypatch):
     monkeypatch.setattr(store, "atomic_write_bytes", read_only)
     forbid_conversion(monkeypatch)
     assert resolve_model(str(first)) == imported
+
+
+def test_models_rm_deletes_an_entry_and_its_offload_cache(tmp_path, tiny_checkpoint):
+    from tests.hub.gguf_files import write_tiny_gguf as write
+
+    gguf_file = write(tiny_checkpoint, tmp_path / "tiny.gguf")
+    assert run_cli(["import", gguf_file, "--name", "tiny"], tmp_path).returncode == 0
+    streamed = ["hi", "--raw", "-t", "0", "-n", "1", "-q", "--dtype", "bfloat16", "--ctx", "64",
+                "--cpu-mem", "400KB", "--gpu-mem", "0"]
+    assert run_cli(["run", "tiny", *streamed], tmp_path).returncode == 0
+    home = tmp_path / "llmrun-home"
+    assert len(list((home / "offload").iterdir())) == 1
+    removed = run_cli(["models", "--rm", "tiny"], tmp_path)
+    assert removed.returncode == 0 and removed.stderr.startswith("removed ")
+    assert list((home / "models").iterdir()) == [] and list((home / "offload").iterdir()) == []
+    assert_one_line_error(run_cli(["models", "--rm", "tiny"], tmp_path), "llmrun's store has no entry 'tiny'")
