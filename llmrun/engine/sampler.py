@@ -51,7 +51,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering of one float32 row [vocab]."""
-    logits = logits / params.temperature
+    scaled = logits / params.temperature
+    # A temperature (or repetition penalty) tiny enough to overflow the best logit to +inf, or to
+    # round to 0 in float32, would make softmax nan: its limit is greedy, so only the best is kept.
+    # The same bits whenever the best scaled logit is finite.
+    best = logits.max()
+    logits = torch.where(torch.isfinite(scaled.max()), scaled,
+                         torch.where(logits == best, 0.0, float("-inf")))
     if params.top_k:
         k = min(params.top_k, logits.numel())
         kth = torch.topk(logits, k).values[-1]

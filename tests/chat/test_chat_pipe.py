@@ -74,9 +74,13 @@ def test_a_mistake_in_a_script_is_reported_and_the_script_goes_on_then_exits_1(t
     assert proc.stdout == "\n".join(r["content"] + "\n" for r in replies_of(saved))
 
 
-def test_a_script_without_mistakes_exits_0(tiny_chat_model, tmp_path):
-    proc = chat(tiny_chat_model, tmp_path, ["/set top_k 2", "hello"], "-n", "4", "-q")
-    assert proc.returncode == 0 and proc.stderr == "top_k = 2\n"
+def test_accepted_values_however_extreme_are_answered_and_the_script_exits_0(tiny_chat_model, tmp_path):
+    """1e-300 rounds to 0 in float32: sampling must still pick a token (the best), not fail."""
+    lines = ["/set top_k 2", "/set temperature 1e-300", "/set repeat_penalty 1e-300", "hello", "and again"]
+    proc = chat(tiny_chat_model, tmp_path, lines, "-n", "4", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "top_k = 2\ntemperature = 1e-300\nrepeat_penalty = 1e-300\n"
+    assert proc.stdout.strip()  # the replies
 
 
 @pytest.mark.slow

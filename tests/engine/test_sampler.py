@@ -67,6 +67,18 @@ def test_repetition_penalty_equals_transformers():
     assert torch.equal(apply_repetition_penalty(logits[0], seen, 1.3), expected[0])
 
 
+@pytest.mark.parametrize("temperature, penalty", [(1e-300, 1.0), (1e-40, 1.0), (1e-300, 1e-300), (0.7, 1e-300)])
+def test_values_tiny_enough_to_overflow_sample_the_best_token_instead_of_failing(temperature, penalty):
+    """1e-300 rounds to 0 in float32 (and a tiny penalty overflows a logit): softmax would give nan."""
+    logits = torch.tensor([[1.5, 0.0, 3.0, -2.0, 2.9]])
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=1)
+    seen = torch.tensor([False, False, True, False, False])
+    for _ in range(20):
+        assert sample_next(logits, [(params, make_generator(params, "cpu"), seen)], "cpu") == [2]
+    if temperature < 1e-30:
+        assert torch.isfinite(filter_logits(logits[0], params)).tolist() == [False, False, True, False, False]
+
+
 def test_rows_sample_with_their_own_settings_in_one_call():
     logits = torch.tensor([[0.0, 5.0, 0.0], [9.0, 1.0, 0.0], [0.0, 0.0, 30.0]])
     sampled = SamplingParams(temperature=1.0, top_k=None, top_p=None, min_p=None, seed=3)
