@@ -58,16 +58,13 @@ def _app_options(
     """Run large language models locally and offline, on whatever hardware you have."""
 
 
-def _plan_request(gpu_mem: Optional[str], cpu_mem: Optional[str], ctx: Optional[int], batch: int, dtype: str):
-    from llmrun.engine.build import EngineOptions, dtype_name
-    from llmrun.sizes import parse_size
+def _plan_request(gpu_mem_bytes: Optional[int], cpu_mem_bytes: Optional[int], ctx: Optional[int], batch: int,
+                  dtype: str):
+    """EngineOptions from options already checked where they are declared (sizes read into bytes)."""
+    from llmrun.engine.build import EngineOptions
 
-    dtype_name(dtype, "cpu") if dtype != "auto" else None  # unknown names fail before any work
-    return EngineOptions(
-        gpu_mem_bytes=parse_size(gpu_mem) if gpu_mem is not None else None,
-        cpu_mem_bytes=parse_size(cpu_mem) if cpu_mem is not None else None,
-        ctx=ctx, batch=batch, dtype=dtype,
-    )
+    return EngineOptions(gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, ctx=ctx, batch=batch,
+                         dtype=dtype)
 
 
 def _default_model(model: Optional[str]) -> str:

@@ -26,6 +26,26 @@ def checked(key: str) -> Callable:
     return callback
 
 
+def size_in_bytes(value: Optional[str]) -> Optional[int]:
+    """A Typer callback: a size such as 6GB read into bytes (None stays None: "measure it")."""
+    from llmrun.errors import UsageError
+    from llmrun.sizes import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except UsageError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def known_dtype(value: str) -> str:
+    """A Typer callback: one of the dtype names --dtype takes."""
+    from llmrun.engine.build import DTYPES
+
+    if value not in DTYPES:
+        raise typer.BadParameter(f"unknown dtype {value!r}; choose one of: {', '.join(DTYPES)}")
+    return value
+
+
 def flag(*names: str, help: str):
     """A boolean switch shown without a value (`--json`, not `--json <bool>`)."""
     return typer.Option(*names, help=help, metavar="")
@@ -62,11 +82,15 @@ def max_tokens_option(help: str):
 # Placement and memory (run, chat, plan, bench)
 Ctx = Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens (default: model max, at most 4096).",
                                             callback=checked("ctx"), metavar="N")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.", metavar="NAME")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.", metavar="NAME",
+                                    callback=known_dtype)]
+# The sizes arrive in the command as bytes (int), read by the callback.
 GpuMem = Annotated[Optional[str], typer.Option(
-    "--gpu-mem", help="Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU).", metavar="SIZE")]
+    "--gpu-mem", help="Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU).", metavar="SIZE",
+    callback=size_in_bytes)]
 CpuMem = Annotated[Optional[str], typer.Option(
-    "--cpu-mem", help="Plan as if only this much RAM were free (16GB, 512MB).", metavar="SIZE")]
+    "--cpu-mem", help="Plan as if only this much RAM were free (16GB, 512MB).", metavar="SIZE",
+    callback=size_in_bytes)]
 
 
 def batch_option(help: str):

@@ -52,3 +52,18 @@ def run_limited(args, home: Path, num_bytes: int) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "llmrun", *map(str, args)], input="", capture_output=True,
                           text=True, env=cli_env(home, LLMRUN_NO_NATIVE=1), timeout=300,
                           preexec_fn=limited_file_size(num_bytes))
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, fragment: str, *, hint: bool = True) -> None:
+    """Typer's report of a usage error: exit 2, the usage, a hint, one `Error:` line, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+    if hint:  # the usage, the hint, one error line
+        assert lines[0].startswith("Usage: llmrun"), proc.stderr
+        assert lines[1].startswith("Try 'llmrun") and len(lines) == 3, proc.stderr
+    else:  # a value missing at the end of the line: Typer says so without the usage
+        assert len(lines) == 1, proc.stderr

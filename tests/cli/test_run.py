@@ -109,7 +109,6 @@ def test_closed_pipe_ends_quietly(tiny, home):
 
 
 @pytest.mark.parametrize("args,stdin,fragment", [
-    (["Hello", "--dtype", "banana"], "", "unknown dtype 'banana'"),
     ([], "", "no prompt"),
     (["   "], "\n", "no prompt"),
     (["Hello", "--ctx", "100000"], "", "beyond the model's maximum context of 256"),

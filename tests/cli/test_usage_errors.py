@@ -6,23 +6,9 @@ import math
 import pytest
 
 from llmrun.options import RULES, SEED_MAX, problem
-from tests.cli.helpers import run_cli
+from tests.cli.helpers import assert_usage_error, run_cli
 
 MISSING_MODEL = "no-such-model-anywhere"  # a usage error must win before any resolving
-
-
-def assert_usage_error(proc, fragment: str, *, hint: bool = True) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1 and fragment in errors[0], proc.stderr
-    if hint:  # the usage, the hint, one error line
-        assert lines[0].startswith("Usage: llmrun"), proc.stderr
-        assert lines[1].startswith("Try 'llmrun") and len(lines) == 3, proc.stderr
-    else:  # a value missing at the end of the line: Typer says so without the usage
-        assert len(lines) == 1, proc.stderr
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -38,6 +24,10 @@ def assert_usage_error(proc, fragment: str, *, hint: bool = True) -> None:
     (["chat", MISSING_MODEL, "--top-k", "2.5"], "'--top-k'"),
     (["plan", MISSING_MODEL, "--ctx", "lots"], "'--ctx'"),
     (["bench", MISSING_MODEL, "--reps", "x"], "'--reps'"),
+    (["run", MISSING_MODEL, "hi", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["plan", MISSING_MODEL, "--gpu-mem", "banana"], "invalid size 'banana'"),
+    (["chat", MISSING_MODEL, "--cpu-mem", "-4GB"], "invalid size '-4GB'"),
+    (["bench", MISSING_MODEL, "--cpu-mem", "6"], "use a number with a unit"),
 ])
 def test_usage_errors_are_one_line_with_the_usage_hint_and_exit_2(tmp_path, args, fragment):
     assert_usage_error(run_cli(args, tmp_path), fragment)

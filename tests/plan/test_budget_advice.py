@@ -9,7 +9,7 @@ import pytest
 from llmrun.plan.model_sizes import ModelSizes
 from llmrun.plan.placement import Budgets, PlanError, PlanOptions, plan
 from llmrun.sizes import parse_size
-from tests.cli.helpers import assert_one_line_error, run_cli
+from tests.cli.helpers import assert_one_line_error, assert_usage_error, run_cli
 
 MB = 1_000_000
 _SUGGESTION = re.compile(r"with (--[a-z-]+ [^\s,]+(?: --[a-z-]+ [^\s,]+)*)")
@@ -91,7 +91,7 @@ def test_larger_budget_is_the_smallest_that_fits():
 @pytest.mark.parametrize("value", ["6", "1.5", "200"])
 def test_a_size_without_its_unit_is_refused(smollm2_home, tmp_path, option, value):
     proc = run_cli(["plan", "smollm2", option, value], tmp_path, LLMRUN_HOME=smollm2_home)
-    assert_one_line_error(proc, f"invalid size '{value}': use a number with a unit")
+    assert_usage_error(proc, f"invalid size '{value}': use a number with a unit")
 
 
 def test_zero_gpu_memory_still_means_no_gpu(smollm2_home, tmp_path):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.checkpoints import llama_70b_config, phi3_mini_config, save_sparse_checkpoint
-from tests.cli.helpers import assert_one_line_error, run_cli
+from tests.cli.helpers import assert_one_line_error, assert_usage_error, run_cli
 
 GB = 1_000_000_000
 
@@ -77,15 +77,21 @@ def test_70b_sharded_checkpoint_plans_from_headers(tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--gpu-mem", "banana"], "invalid size 'banana'"),
-    (["--cpu-mem", "-4GB"], "invalid size '-4GB'"),
-    (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--ctx", "100000"], "beyond the model's maximum context of 4096"),
-    (["--batch", "0"], "--batch must be at least 1"),
     (["--gpu-mem", "1GB", "--ctx", "4096"], "fits"),
 ])
 def test_bad_plan_inputs_are_one_line_errors(phi3, tmp_path, args, fragment):
     assert_one_line_error(run_cli(["plan", phi3, *args], tmp_path), fragment)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--gpu-mem", "banana"], "invalid size 'banana'"),
+    (["--cpu-mem", "-4GB"], "invalid size '-4GB'"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--batch", "0"], "'--batch': must be an integer >= 1"),
+])
+def test_bad_plan_options_are_usage_errors(phi3, tmp_path, args, fragment):
+    assert_usage_error(run_cli(["plan", phi3, *args], tmp_path), fragment)
 
 
 def test_gpu_estimate_prints_one_plain_figure_when_nothing_streams(phi3, tmp_path):
