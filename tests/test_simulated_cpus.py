@@ -15,16 +15,20 @@ from pathlib import Path
 
 import pytest
 
+from llmrun.model.native import load_library
+from llmrun.paths import cache_dir
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-# What each case sets before torch loads; the C library is built alike for every CPU (its code picks
-# instructions as it runs), so the cases share the normal cache, except where there is no compiler.
+# What each case sets before torch loads. The C library is built alike for every CPU (its code picks
+# instructions as it runs), so the cases share the normal cache of builds; without a compiler a run
+# neither uses a cached build nor adds one.
 CASES = {
     "no_amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},  # an AMD EPYC: AVX-512 BF16, no AMX
     "checks_fail": {"LLMRUN_FAIL_CHECKS": "gemv,layer"},  # the GEMV's and the float32 layer's
     "no_avx512": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
-    "no_compiler": {"CC": "{tmp}/no-such-cc", "LLMRUN_CACHE": "{tmp}/cache"},
+    "no_compiler": {"CC": "{tmp}/no-such-cc"},
 }
 TESTS = [
     "tests/model/test_native.py::test_engine_with_kernels_gives_the_aten_paths_logits_and_tokens",
@@ -58,6 +62,8 @@ def assert_taken_away(case: str, found: dict) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_dependent_tests_pass_on_a_simulated_cpu(case, tmp_path, smollm2_home):
+    load_library()  # the normal build, in the cache the case shares
+    builds = set((cache_dir() / "native").glob("*.so"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.update({name: value.format(tmp=tmp_path) for name, value in CASES[case].items()})
     proc = subprocess.run([sys.executable, "-c", CHILD, *TESTS], cwd=ROOT, env=env, capture_output=True,
@@ -67,5 +73,5 @@ def test_cpu_dependent_tests_pass_on_a_simulated_cpu(case, tmp_path, smollm2_hom
     assert_taken_away(case, json.loads(lines[0]))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in lines[-1], proc.stdout[-2000:]  # (some skip where no compiler built the kernels)
-    if case == "no_compiler":  # nothing was built where no compiler is: no build for another run to find
-        assert not any((tmp_path / "cache").rglob("*.so"))
+    if case == "no_compiler":  # the cached build went unused (the probe) and no other was added
+        assert set((cache_dir() / "native").glob("*.so")) == builds
