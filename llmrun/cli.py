@@ -69,9 +69,9 @@ def _plan_request(gpu_mem_bytes: Optional[int], cpu_mem_bytes: Optional[int], ct
 
 def _default_model(model: Optional[str]) -> str:
     """MODEL when given, else $LLMRUN_MODEL, else smollm2."""
-    import os
+    from llmrun import settings
 
-    return model or os.environ.get("LLMRUN_MODEL") or "smollm2"
+    return model or settings.LLMRUN_MODEL.text() or "smollm2"
 
 
 def _report(data: dict, as_json: bool, renderer: str) -> None:

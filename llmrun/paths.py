@@ -1,21 +1,22 @@
 """Where llmrun's own files live: $LLMRUN_HOME, else the platform's user data directory."""
 
-import os
 import sys
 from pathlib import Path
+
+from llmrun import settings
 
 
 def llmrun_home() -> Path:
     """The root of llmrun's files (store, history, calibration); not created here."""
-    override = os.environ.get("LLMRUN_HOME")
+    override = settings.LLMRUN_HOME.path()
     if override:
-        return Path(override).expanduser()
+        return override
     if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        base = settings.LOCALAPPDATA.path() or Path.home() / "AppData" / "Local"
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Application Support"
     else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+        base = settings.XDG_DATA_HOME.path() or Path.home() / ".local" / "share"
     return base / "llmrun"
 
 
@@ -37,11 +38,11 @@ def calibration_file() -> Path:
 def cache_dir() -> Path:
     """Rebuildable files (the compiled CPU kernels): $LLMRUN_CACHE, else the platform's user
     cache directory. Shared by every LLMRUN_HOME; safe to delete."""
-    override = os.environ.get("LLMRUN_CACHE")
+    override = settings.LLMRUN_CACHE.path()
     if override:
-        return Path(override).expanduser()
+        return override
     if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "llmrun" / "cache"
+        return (settings.LOCALAPPDATA.path() or Path.home() / "AppData" / "Local") / "llmrun" / "cache"
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "llmrun"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmrun"
+    return (settings.XDG_CACHE_HOME.path() or Path.home() / ".cache") / "llmrun"

@@ -23,11 +23,11 @@ dynamic one, which CPU decoding keeps (its SDPA gives transformers' bits).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from llmrun import settings
 from llmrun.kv.metadata import static_decode_metadata
 
 SCALARS = 4  # staging columns before the block table: token id, position, new slot, context length
@@ -42,7 +42,7 @@ def static_decode_for(decoder, weights, cache, max_rows: int, max_context: int) 
 
 def graphs_enabled(device: torch.device, weights) -> bool:
     """Whether decode steps on `device` can be captured: CUDA, all weights resident, not disabled."""
-    return (device.type == "cuda" and os.environ.get("LLMRUN_NO_CUDA_GRAPHS") != "1"
+    return (device.type == "cuda" and not settings.LLMRUN_NO_CUDA_GRAPHS.is_on()
             and weights.fully_resident())
 
 

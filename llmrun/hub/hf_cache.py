@@ -7,12 +7,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmrun import settings
 from llmrun.errors import InvalidModelError
 from llmrun.hub.source import validate_model_folder
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass(frozen=True)
@@ -25,20 +25,18 @@ class CachedRepo:
 
 def hub_cache_dir() -> Path:
     """The Hub cache folder, read from the environment now (not at import) like huggingface_hub does."""
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return Path(os.path.expandvars(os.environ[variable])).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home).expanduser() / "huggingface" / "hub"
+    for setting in (settings.HF_HUB_CACHE, settings.HUGGINGFACE_HUB_CACHE):
+        if setting.path():
+            return setting.path()
+    if settings.HF_HOME.path():
+        return settings.HF_HOME.path() / "hub"
+    return (settings.XDG_CACHE_HOME.path() or Path.home() / ".cache") / "huggingface" / "hub"
 
 
 def is_offline() -> bool:
     """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) asks for no network access at all."""
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(variable, "").strip().upper() in _TRUE_VALUES:
-            return True
+    if settings.HF_HUB_OFFLINE.is_on() or settings.TRANSFORMERS_OFFLINE.is_on():
+        return True
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)

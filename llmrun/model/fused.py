@@ -8,11 +8,12 @@ names checks to fail on purpose (tests simulate CPUs where a kernel's sums diffe
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from llmrun import settings
 
 CHECK_ROWS = (1, 3, 16)  # rows the self-check tries: decode of one and a few sequences, a full batch
 
@@ -32,7 +33,7 @@ class LayerShape:
 
 def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["FusedKernels"]:
     """The kernel set for a decoder on `device` that passed its self-check, or None (use ATen)."""
-    if os.environ.get("LLMRUN_NO_NATIVE") == "1":
+    if settings.LLMRUN_NO_NATIVE.is_on():
         return None
     if device.type == "cuda":
         from llmrun.model.gpu_kernels import TritonKernels
@@ -48,7 +49,7 @@ def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -
 def check_forced_to_fail(name: str) -> bool:
     """Whether LLMRUN_FAIL_CHECKS (comma-separated: `gemv`, `layer`) names this self-check: it then
     fails as it would on a CPU whose reference sums in another order, and the kernel stays off."""
-    return name in os.environ.get("LLMRUN_FAIL_CHECKS", "").replace(" ", "").split(",")
+    return name in settings.LLMRUN_FAIL_CHECKS.words()
 
 
 class FusedKernels:

@@ -17,11 +17,11 @@ check (model/fused.py) bounds that (NORM_ULPS). Decode attention sums in its own
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from llmrun import settings
 from llmrun.model.fused import FusedKernels, LayerShape, within_ulps
 from llmrun.model.gpu_gemv import GEMV_DTYPES, gemv, gemv_fits
 from llmrun.model.layers import linear
@@ -36,7 +36,6 @@ except ImportError:  # pragma: no cover - depends on the install
 LAUNCH = dict(enable_fp_fusion=False)  # a * b + c stays two roundings, as ATen computes it
 PART_KEYS = 64  # keys per program of decode attention: longer contexts run parts in parallel, then join
 NORM_ULPS = 4  # how far a normed value may be from ATen's, in units in the last place of the dtype
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
 
 if triton is not None:
 
@@ -252,7 +251,7 @@ class TritonKernels(FusedKernels):
         out = torch.empty((rows, n), dtype=gate.dtype, device=gate.device)
         block = 1024
         _silu_mul[(rows, triton.cdiv(n, block))](gate, up, out, gate.stride(0), up.stride(0), n, BLOCK=block,
-                                                  LIBDEVICE=not INTERPRETED, num_warps=4, **LAUNCH)
+                                                  LIBDEVICE=not _interpreted(), num_warps=4, **LAUNCH)
         return out
 
     def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -287,3 +286,8 @@ class TritonKernels(FusedKernels):
 
 def _warps(size: int) -> int:
     return 4 if size <= 2048 else 8 if size <= 8192 else 16
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs its CPU interpreter (tests without a GPU), read at launch as Triton reads it."""
+    return settings.TRITON_INTERPRET.text() == "1"

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from llmrun import settings
 from llmrun.model.fused import CHECK_ROWS, FusedKernels, LayerShape, check_forced_to_fail
 from llmrun.model.layers import linear
 
@@ -51,7 +52,7 @@ def load_library() -> Optional[ctypes.CDLL]:
     """The compiled kernels (built once per source version), or None where they cannot be built.
     With the bf16 GEMV (native_gemv.c) and the float32 layer (native_layer.c) where the compiler has
     OpenMP (the GEMV alone where the layer does not build), else without them."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = settings.CC.text() or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     builds = (((SOURCE, GEMV_SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE, GEMV_SOURCE), FLAGS + GEMV_FLAGS),

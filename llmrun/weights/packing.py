@@ -7,15 +7,16 @@ F.linear for the row counts decoding and ordinary prefill chunks use (checked in
 
 from __future__ import annotations
 
-import os
 
 import torch
+
+from llmrun import settings
 
 
 def can_pack(dtype, device) -> bool:
     """Packing applies to 16-bit weights on CPU when oneDNN is there (LLMRUN_NO_PACK=1 turns it off)."""
     return (torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available() and os.environ.get("LLMRUN_NO_PACK") != "1")
+            and torch.backends.mkldnn.is_available() and not settings.LLMRUN_NO_PACK.is_on())
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
