@@ -62,7 +62,7 @@ def matmul_step(decoder, weights, dtype):
 def matmuls_from_cache(decoder):
     """The Llama decoder's M = 1 matmuls return their first result again (warm-cache measurement):
     its kernel set's matmul (every matmul of a decode step with the fused kernels) and the module's
-    (without them). A float32 layer in one C call (model/native_layer.py) calls MKL itself, so it
+    (without them). A float32 layer in one C call (kernels/native_layer.py) calls MKL itself, so it
     is off here: this figure is then the fused Python path's."""
     import llmrun.model.llama as llama
 

@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from llmrun.model.fused import check_forced_to_fail
-from llmrun.model.native import LayerShape, NativeKernels, aten_runs_avx512, load_library
-from llmrun.model.native_layer import blas_sgemm
+from llmrun.kernels.interface import check_forced_to_fail
+from llmrun.kernels.native import LayerShape, NativeKernels, aten_runs_avx512, load_library
+from llmrun.kernels.native_layer import blas_sgemm
 from llmrun.weights.packing import pack_weight
 
 # tests.checkpoints.llama_config(): its layer, and its matmuls (out x in) one sequence's steps run

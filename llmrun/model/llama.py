@@ -11,7 +11,7 @@ from llmrun.kv.paged_cache import PagedKVCache
 from llmrun.model.attention import paged_attention, write_kv
 from llmrun.model.config import ModelConfig, sliding_windows
 from llmrun.model.layers import activation, linear, linear_halves, rms_norm
-from llmrun.model.fused import FusedKernels, LayerShape, fused_kernels
+from llmrun.kernels.interface import FusedKernels, LayerShape, fused_kernels
 from llmrun.model.rope import RotaryTable, apply_rope, rotary_table
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import llmrun.engine.runner as runner_module
-import llmrun.model.row_check as row_check
+import llmrun.kernels.row_check as row_check
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.engine.prompt import prompt_ids
 from llmrun.engine.sampler import SamplingParams

@@ -87,7 +87,7 @@ def test_fp16_streamed_decode_gives_the_resident_tokens(checkpoint, placement):
 
 
 def test_cuda_decoders_use_the_triton_kernels(checkpoint):
-    from llmrun.model.gpu_kernels import TritonKernels
+    from llmrun.kernels.gpu_kernels import TritonKernels
 
     engine = build_engine(checkpoint, placement_options("gpu", checkpoint))
     assert isinstance(engine.decoder.native, TritonKernels) and engine.decoder.native.can_silu_mul(1)

@@ -1,4 +1,4 @@
-"""The Triton kernels of model/gpu_kernels.py, run by Triton's interpreter on CPU tensors (skipped
+"""The Triton kernels of kernels/gpu_kernels.py, run by Triton's interpreter on CPU tensors (skipped
 where triton is not installed; scripts/gpu_check.sh runs them compiled, on a GPU, in tests/gpu)."""
 
 import os
@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from llmrun.engine.build import EngineOptions, build_engine  # noqa: E402
-from llmrun.model.fused import LayerShape, within_ulps  # noqa: E402
-from llmrun.model.gpu_kernels import TritonKernels  # noqa: E402
+from llmrun.kernels.interface import LayerShape, within_ulps  # noqa: E402
+from llmrun.kernels.gpu_kernels import TritonKernels  # noqa: E402
 from tests.checkpoints import llama_config, phi3_config, save_checkpoint  # noqa: E402
 from tests.model.test_llama_parity import prompt_ids  # noqa: E402
 from tests.parity import greedy_with_logits  # noqa: E402
@@ -135,7 +135,7 @@ def test_gemv_matches_a_float32_matmul(dtype, shape):
 @pytest.fixture
 def gemv_launches(monkeypatch):
     """The GEMV's launches as they happen: (grid, fused norm, fused residual add)."""
-    import llmrun.model.gpu_gemv as gpu_gemv
+    import llmrun.kernels.gpu_gemv as gpu_gemv
 
     launches = []
     real = gpu_gemv._gemv

@@ -1,4 +1,4 @@
-"""The fused CPU decode kernels (model/native.py): bit-identical to ATen, or not used at all."""
+"""The fused CPU decode kernels (kernels/native.py): bit-identical to ATen, or not used at all."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.model.layers import rms_norm
-from llmrun.model.native import LayerShape, NativeKernels, load_library
+from llmrun.kernels.native import LayerShape, NativeKernels, load_library
 from llmrun.model.rope import apply_rope
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.kernel_checks import TINY_MATMULS, gemv_passes, gemv_should_pass, layer_passes
@@ -212,7 +212,7 @@ def test_gemv_leaves_other_shapes_and_row_counts_to_onednn(gemv_kernels, monkeyp
 
 
 def test_the_gemv_check_catches_another_order_of_summation(gemv_kernels, monkeypatch):
-    import llmrun.model.native as native
+    import llmrun.kernels.native as native
 
     weight = packed(torch.randn(256, 576).to(torch.bfloat16))
     if not gemv_kernels._gemv_matches(weight):

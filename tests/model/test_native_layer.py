@@ -1,4 +1,4 @@
-"""The float32 decode layer in one C call (model/native_layer.py): ATen's bits, or not used at all."""
+"""The float32 decode layer in one C call (kernels/native_layer.py): ATen's bits, or not used at all."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch
 import llmrun.model.attention as attention
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.kv.metadata import AttentionMetadata
-from llmrun.model.native import LayerShape, NativeKernels, load_library
-from llmrun.model.native_layer import NativeLayer
-from llmrun.model.row_check import rows_alone
+from llmrun.kernels.native import LayerShape, NativeKernels, load_library
+from llmrun.kernels.native_layer import NativeLayer
+from llmrun.kernels.row_check import rows_alone
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.kernel_checks import layer_passes, layer_should_pass
 from tests.parity import batched_and_alone, greedy_with_logits
@@ -119,7 +119,7 @@ def test_bf16_and_batched_steps_keep_the_fused_path(lib, checkpoint, monkeypatch
 
 
 def test_a_layer_that_does_not_build_leaves_the_gemv(lib, tmp_path, monkeypatch):
-    import llmrun.model.native as native
+    import llmrun.kernels.native as native
 
     broken = tmp_path / "native_layer.c"
     broken.write_text("this is not C\n")

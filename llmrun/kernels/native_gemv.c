@@ -6,10 +6,10 @@
  * the odd ones, each product exact and each addition rounded to nearest even, flushing
  * denormals; then adds (even + odd) to the output, tile after tile, and rounds the output to bf16.
  * This kernel does the same sums in the same order with AVX-512, 16 outputs per vector, so its
- * results equal oneDNN's bit for bit (checked by model/native.py on every shape before use),
+ * results equal oneDNN's bit for bit (checked by kernels/native.py on every shape before use),
  * without oneDNN's fixed cost per call and reading the weights at near the memory bandwidth.
  *
- * Built by model/native.py with -fopenmp: the parallel loop joins the OpenMP runtime PyTorch
+ * Built by kernels/native.py with -fopenmp: the parallel loop joins the OpenMP runtime PyTorch
  * already loaded (libgomp.so.1), so it shares ATen's threads instead of starting its own.
  */
 #include <stdint.h>

@@ -1,10 +1,10 @@
-"""Fused Triton kernels for the CUDA decoder (the GPU twin of model/native.py's C kernels).
+"""Fused Triton kernels for the CUDA decoder (the GPU twin of kernels/native.py's C kernels).
 
 Once CUDA graphs removed the launch cost (engine/graphs.py), a Phi-3-mini decode step on an H200
 still ran ~1,000 kernels, ~27 small ones a layer around the four matmuls, each a few
 microseconds. Four kernels replace most of them: residual add + RMSNorm, RoPE on q/k with the
 K/V cache writes, SiLU(gate)·up, and decode attention straight from the paged pools. A fifth,
-the GEMV (model/gpu_gemv.py), runs one sequence's matmuls closer to the memory bandwidth than
+the GEMV (kernels/gpu_gemv.py), runs one sequence's matmuls closer to the memory bandwidth than
 cuBLAS does.
 
 Triton ships with every CUDA build of PyTorch, so this adds no package; where it cannot be
@@ -12,7 +12,7 @@ imported, a kernel fails its check, or LLMRUN_NO_NATIVE=1, the ATen path runs. R
 RoPE and SiLU·mul round each step to the run dtype exactly as the ATen ops do (the self-check asks
 for identical bits; FMA contraction is off). RMSNorm sums squares in Triton's order, not ATen's,
 so a normed value may differ by a unit or two in the last place, as under torch.compile; the
-check (model/fused.py) bounds that (NORM_ULPS). Decode attention sums in its own order too.
+check (kernels/interface.py) bounds that (NORM_ULPS). Decode attention sums in its own order too.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from llmrun import settings
-from llmrun.model.fused import FusedKernels, LayerShape, within_ulps
-from llmrun.model.gpu_gemv import GEMV_DTYPES, gemv, gemv_fits
+from llmrun.kernels.interface import FusedKernels, LayerShape, within_ulps
+from llmrun.kernels.gpu_gemv import GEMV_DTYPES, gemv, gemv_fits
 from llmrun.model.layers import linear
 
 try:  # CUDA builds of torch depend on triton; CPU builds usually lack it
@@ -164,7 +164,7 @@ if triton is not None:
 class TritonKernels(FusedKernels):
     """The kernels bound to one decoder's layer shape and dtype, on one CUDA device (or, with
     TRITON_INTERPRET=1, on CPU tensors: how tests check them without a GPU). The self-check is
-    fused.py's, with RMSNorm allowed NORM_ULPS units in the last place."""
+    interface.py's, with RMSNorm allowed NORM_ULPS units in the last place."""
 
     name = "Triton"
 
@@ -259,7 +259,7 @@ class TritonKernels(FusedKernels):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ weight.T (+ bias). One sequence's decode step over a 16-bit weight runs the Triton
-        GEMV (model/gpu_gemv.py: on an H100 it read a Phi-3-mini step's weights in 2.94 ms against
+        GEMV (kernels/gpu_gemv.py: on an H100 it read a Phi-3-mini step's weights in 2.94 ms against
         cuBLAS's 3.28, scripts/gpu_gemv_probe.py);
         more rows, float32 and biases run layers.linear (cuBLAS)."""
         if not gemv_fits(x, weight, bias):

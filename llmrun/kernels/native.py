@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from llmrun import settings
-from llmrun.model.fused import CHECK_ROWS, FusedKernels, LayerShape, check_forced_to_fail
+from llmrun.kernels.interface import CHECK_ROWS, FusedKernels, LayerShape, check_forced_to_fail
 from llmrun.model.layers import linear
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -97,7 +97,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.gemv_bf16_packed.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, i32]
         lib.gemv_bf16_packed.restype = None
     if hasattr(lib, "decode_layer_f32"):
-        from llmrun.model.native_layer import declare
+        from llmrun.kernels.native_layer import declare
 
         declare(lib)
     return lib
@@ -134,7 +134,7 @@ def _ptr(tensor: Optional[torch.Tensor]) -> Optional[int]:
 
 
 class NativeKernels(FusedKernels):
-    """The C kernels bound to one decoder's layer shape and dtype (the self-check: fused.py)."""
+    """The C kernels bound to one decoder's layer shape and dtype (the self-check: interface.py)."""
 
     name = "C"
 
@@ -152,7 +152,7 @@ class NativeKernels(FusedKernels):
         self._gemv_shapes: dict[tuple[int, int], bool] = {}  # (out, in) -> passed its self-check
         self._gemv_weights: dict[int, tuple[torch.Tensor, Optional[int]]] = {}  # id -> (weight, its data or None)
         self._gemv_scratch = torch.empty(0, dtype=torch.float32)
-        self.layer = None  # the float32 layer in one C call (model/native_layer.py), set by for_decoder
+        self.layer = None  # the float32 layer in one C call (kernels/native_layer.py), set by for_decoder
 
     @classmethod
     def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
@@ -166,7 +166,7 @@ class NativeKernels(FusedKernels):
             kernels = cls(lib, dtype, shape, lanes)
             if kernels.check():
                 kernels.pick_silu_mul()
-                from llmrun.model.native_layer import NativeLayer
+                from llmrun.kernels.native_layer import NativeLayer
 
                 kernels.layer = NativeLayer.for_kernels(kernels)
                 return kernels

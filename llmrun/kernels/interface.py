@@ -1,5 +1,5 @@
 """Fused decoder kernels: the layer shape they need, their shared interface and self-check, and
-the choice of kernel set per device (C on the CPU, model/native.py; Triton on CUDA, gpu_kernels.py).
+the choice of kernel set per device (C on the CPU, kernels/native.py; Triton on CUDA, gpu_kernels.py).
 
 A kernel set is used by a decoder only after `check()` ran it against the ATen ops it replaces on
 the decoder's own shape and dtype. LLMRUN_NO_NATIVE=1 keeps ATen everywhere; LLMRUN_FAIL_CHECKS
@@ -36,11 +36,11 @@ def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -
     if settings.LLMRUN_NO_NATIVE.is_on():
         return None
     if device.type == "cuda":
-        from llmrun.model.gpu_kernels import TritonKernels
+        from llmrun.kernels.gpu_kernels import TritonKernels
 
         return TritonKernels.for_decoder(dtype, device, shape)
     if device.type == "cpu":
-        from llmrun.model.native import NativeKernels
+        from llmrun.kernels.native import NativeKernels
 
         return NativeKernels.for_decoder(dtype, device, shape)
     return None
@@ -58,7 +58,7 @@ class FusedKernels:
     `device` and `shape`, and say how close a fused norm must be (`norms_agree`)."""
 
     name = ""  # the kind of kernels, for reports: "C", "Triton"
-    layer = None  # a whole decode layer in one call where the set has one (model/native_layer.py)
+    layer = None  # a whole decode layer in one call where the set has one (kernels/native_layer.py)
     dtype: torch.dtype
     device: torch.device
     shape: LayerShape

@@ -13,7 +13,7 @@
  *   Heads run on ATen's OpenMP threads split as `at::parallel_for` splits them, each with its own
  *   buffer at the offset ATen's would have, and MKL inside that parallel region runs one thread, as
  *   it does in ATen (called outside it, MKL's two threads sum p·v in another order).
- * model/native_layer.py checks the attention against SDPA, and LlamaDecoder.layer_matches a whole
+ * kernels/native_layer.py checks the attention against SDPA, and LlamaDecoder.layer_matches a whole
  * layer against the fused Python path, before use (AVX-512 CPUs with libtorch's MKL only).
  */
 #include <math.h>

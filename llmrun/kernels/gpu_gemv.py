@@ -1,5 +1,5 @@
 """The Triton GEMV for one sequence's 16-bit matmuls on CUDA, with the layer's RMSNorm before it or
-its residual add after it folded in (model/gpu_kernels.py's TritonKernels calls it).
+its residual add after it folded in (kernels/gpu_kernels.py's TritonKernels calls it).
 
 A batch-1 decode step reads every weight once; cuBLAS's GEMV-shaped kernels read a Phi-3-mini
 step's weights at 73 % of an H100's bandwidth, this kernel at 82 % (scripts/gpu_gemv_probe.py:

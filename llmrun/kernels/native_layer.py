@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from llmrun.model.fused import check_forced_to_fail
+from llmrun.kernels.interface import check_forced_to_fail
 
 CHECK_LENGTHS = (1, 17, 255, 512, 513, 700, 1100, 1300)  # contexts: a vector or less, tails, blocks
 KV_SPLIT = 512  # keys per block in ATen's flash attention (and native_layer.c)

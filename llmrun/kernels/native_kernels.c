@@ -1,6 +1,6 @@
 /* Fused CPU kernels for the decode step's small ops, bit-identical to the ATen ops they replace.
  *
- * Built by llmrun/model/native.py with the system C compiler (-O2 -ffp-contract=off: no fused
+ * Built by kernels/native.py with the system C compiler (-O2 -ffp-contract=off: no fused
  * multiply-adds, so every product and sum is rounded where ATen rounds it), and used only after a
  * self-check against ATen on the model's shapes. Tensors are contiguous; dtype 0 is float32,
  * 1 is bfloat16 (values computed in float32 and rounded to nearest even, as ATen does).
