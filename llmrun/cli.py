@@ -74,16 +74,14 @@ def _default_model(model: Optional[str]) -> str:
     return model or settings.LLMRUN_MODEL.text() or "smollm2"
 
 
-def _report(data: dict, as_json: bool, renderer: str) -> None:
-    """A report as indented JSON, or through the named display renderer."""
+def _report(data: dict, as_json: bool, render) -> None:
+    """A report as indented JSON, or through its display renderer."""
     if as_json:
         import json
 
         print(json.dumps(data, indent=2))
         return
-    from llmrun import display
-
-    getattr(display, renderer)(data)
+    render(data)
 
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop):
@@ -139,11 +137,12 @@ def run_command(
     # KV memory for the prompts decoded together: --batch at most, never more prompts than were read
     request = replace(request, batch=min(batch, len(texts)))
     opened = open_model(model, request, show_progress=not (as_json or each_line))
-    ids = [prompt_ids(opened.tokenizer, text, system=system, raw=raw) for text in texts]
-    if each_line:
-        generate_lines(opened, lines, ids, params, batch)
-    else:
-        generate_one(opened, ids[0], params, as_json=as_json, quiet=quiet)
+    with opened.engine:
+        ids = [prompt_ids(opened.tokenizer, text, system=system, raw=raw) for text in texts]
+        if each_line:
+            generate_lines(opened, lines, ids, params, batch)
+        else:
+            generate_one(opened, ids[0], params, as_json=as_json, quiet=quiet)
 
 
 @app.command("chat")
@@ -178,7 +177,8 @@ def chat_command(
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     opened = open_model(_default_model(model), request)
     try:
-        status = run_chat(opened, params, system=system, quiet=quiet)
+        with opened.engine:
+            status = run_chat(opened, params, system=system, quiet=quiet)
     except BrokenPipeError:
         _silence_broken_pipe()
         return
@@ -208,7 +208,9 @@ def plan_command(
     inputs = plan_inputs(_default_model(model))
     report = make_plan(inputs.config, inputs.index, request, inputs.folder)
     data = plan_to_json(report, inputs.name, str(inputs.folder or inputs.name), inputs.architecture)
-    _report(data, as_json, "render_plan")
+    from llmrun.display import render_plan
+
+    _report(data, as_json, render_plan)
 
 
 @app.command("bench")
@@ -240,7 +242,9 @@ def bench_command(
     request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
     cases = bench_cases(quick, batch, new_tokens)
     data = run_bench(_default_model(model), request, cases, reps, compare)
-    _report(data, as_json, "render_bench")
+    from llmrun.display import render_bench
+
+    _report(data, as_json, render_bench)
 
 
 @app.command("pull")

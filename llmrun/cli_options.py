@@ -39,7 +39,7 @@ def size_in_bytes(value: Optional[str]) -> Optional[int]:
 
 def known_dtype(value: str) -> str:
     """A Typer callback: one of the dtype names --dtype takes."""
-    from llmrun.engine.build import DTYPES
+    from llmrun.plan.policy import DTYPES
 
     if value not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {value!r}; choose one of: {', '.join(DTYPES)}")

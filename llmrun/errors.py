@@ -15,6 +15,10 @@ class ModelUnavailableError(LlmrunError):
     """The model is known but not present locally and cannot be fetched now."""
 
 
+class ModelNotDownloadedError(ModelUnavailableError):
+    """The model is known and absent, and the Hub may be reachable: a command that downloads pulls it."""
+
+
 class InvalidModelError(LlmrunError):
     """A local folder or file is not a usable model (missing files, corrupt weights)."""
 

@@ -35,7 +35,7 @@ def read_prompt(prompt: Optional[str], *, raw: bool = False) -> str:
 
 
 def memory_json(engine) -> dict:
-    from llmrun.engine.build import peak_rss_bytes
+    from llmrun.plan.devices import peak_rss_bytes
     from llmrun.plan.placement import Tier
 
     placement = engine.plan.placement
@@ -97,10 +97,7 @@ def generate_lines(opened, lines: list[InputLine], ids: list[list[int]], params,
 def _write_rows(engine, pending, params) -> None:
     """Decode the pending prompts that were accepted together, then print every row in input order."""
     accepted = [line_ids for _, line_ids, error in pending if error is None]
-    if accepted:
-        for _ in engine.generate(accepted, params):
-            pass
-    results = iter(engine.results)
+    results = iter(engine.generate(accepted, params).run_to_end() if accepted else [])
     for line, _, error in pending:
         row = {"index": line.index, "prompt": line.line}
         if error is None:
@@ -113,16 +110,16 @@ def _write_rows(engine, pending, params) -> None:
 
 
 def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
-    from contextlib import closing, nullcontext
+    from contextlib import nullcontext
 
     from llmrun.display import ReplyView, print_stats
     from llmrun.interrupt import StopOnInterrupt, keys_not_echoed
 
     engine = opened.engine
     engine.check_prompt(ids)  # fail before anything is written to stdout
+    generation = engine.generate([ids], params)
     if as_json:
-        for _ in engine.generate([ids], params):
-            pass
+        generation.run_to_end()
     else:
         live = sys.stdout.isatty()
         # As in chat: on a terminal Ctrl-C stops the reply after the current token, and ^C is not
@@ -130,14 +127,14 @@ def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
         quiet_keys = keys_not_echoed() if live else nullcontext()
         stop = StopOnInterrupt() if live else nullcontext(lambda: False)
         with quiet_keys, stop as should_stop, ReplyView(live=live) as out:
-            with closing(engine.generate([ids], params)) as events:
-                for event in events:
+            with generation:
+                for event in generation:
                     out.write(event.text)
                     if should_stop():
                         break
         if should_stop():
             raise KeyboardInterrupt  # after the final render: "llmrun: interrupted", status 130
-    result = engine.results[0]
+    result = generation.results[0]
     if as_json:
         print(json.dumps({
             "model": opened.name, "dtype": engine.plan.dtype, "text": result.text, "tokens": result.tokens,

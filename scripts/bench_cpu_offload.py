@@ -51,19 +51,17 @@ def llmrun_run(folder: Path, budget: int, prompt: str, new_tokens: int) -> dict:
     from llmrun.engine.sampler import SamplingParams
     from llmrun.plan.placement import Tier
 
-    engine = build_engine(folder, EngineOptions(dtype="bfloat16", ctx=512, gpu_mem_bytes=0, cpu_mem_bytes=budget))
-    ids = prompt_ids(engine.tokenizer, prompt)
-    engine.eos_ids = frozenset()
-    list(engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=4)))
-    list(engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=new_tokens)))
-    result = engine.results[0]
-    placement = engine.plan.placement
-    out = {"decode_tok_s": round(result.decode_tok_s, 2), "ttft_s": round(result.ttft_s, 3),
-           "disk_layers": sum(t is Tier.DISK for t in placement.layer_tiers),
-           "streamed_bytes_per_token": placement.streamed_bytes_per_token(Tier.DISK),
-           "tokens": result.tokens}
-    engine.runner.weights.close()
-    return out
+    options = EngineOptions(dtype="bfloat16", ctx=512, gpu_mem_bytes=0, cpu_mem_bytes=budget)
+    with build_engine(folder, options) as engine:
+        ids = prompt_ids(engine.tokenizer, prompt)
+        engine.eos_ids = frozenset()
+        engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=4)).run_to_end()
+        [result] = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=new_tokens)).run_to_end()
+        placement = engine.plan.placement
+        return {"decode_tok_s": round(result.decode_tok_s, 2), "ttft_s": round(result.ttft_s, 3),
+                "disk_layers": sum(t is Tier.DISK for t in placement.layer_tiers),
+                "streamed_bytes_per_token": placement.streamed_bytes_per_token(Tier.DISK),
+                "tokens": result.tokens}
 
 
 def accelerate_run(folder: Path, budget: int, prompt: str, new_tokens: int) -> dict:

@@ -83,12 +83,12 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=steps)
     started = time.perf_counter()
-    list(engine.generate([prompt] * batch, params))  # warm-up: every graph this run needs is captured
+    warmup = engine.generate([prompt] * batch, params).run_to_end()  # every graph this run needs is captured
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - started
-    first_token_after_load_s = engine.results[0].ttft_s
+    first_token_after_load_s = warmup[0].ttft_s
     started = time.perf_counter()
-    list(engine.generate([prompt] * batch, params))
+    results = engine.generate([prompt] * batch, params).run_to_end()
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     placement = engine.plan.placement
@@ -96,10 +96,10 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
         "batch": batch, "ctx": ctx, "load_s": round(load_s, 2),
         "graphs": engine.runner.static is not None and engine.runner.static.capture,
         "first_call_s": round(warmup_s, 3), "first_call_ttft_s": round(first_token_after_load_s, 4),
-        "decode_tok_s_per_seq": round(min(r.decode_tok_s for r in engine.results), 2),
+        "decode_tok_s_per_seq": round(min(r.decode_tok_s for r in results), 2),
         "total_tok_s": round(batch * steps / wall, 2),
-        "ttft_s": round(engine.results[0].ttft_s, 4),
-        "tokens": engine.results[0].tokens,
+        "ttft_s": round(results[0].ttft_s, 4),
+        "tokens": results[0].tokens,
         "layers_on_gpu": sum(t is Tier.GPU for t in placement.layer_tiers),
         "streamed_bytes_per_token": placement.streamed_bytes_per_token(Tier.CPU) + placement.streamed_bytes_per_token(Tier.DISK),
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
@@ -112,7 +112,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
         result["replay_ms"] = round(replay_ms(static), 4)
         if profile:
             result["step_kernels"] = profile_step(static)
-    engine.runner.weights.close()
+    engine.close()
     del engine
     torch.cuda.empty_cache()
     return result

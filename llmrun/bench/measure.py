@@ -54,14 +54,15 @@ def llmrun_case(engine, case: Case, reps: int, on_logits=None) -> CaseResult:
     def once():
         started = time.perf_counter()
         first = None
-        for event in engine.generate(prompts, params, on_logits=on_logits):
+        generation = engine.generate(prompts, params, on_logits=on_logits)
+        for event in generation:
             if first is None:
                 first = time.perf_counter()
         _sync(engine.decoder.device)
         ended = time.perf_counter()
         ttft = first - started
         decoded = case.batch * (case.new_tokens - 1)
-        return Timing(ttft, case.batch * case.prompt_tokens / ttft, decoded / (ended - first)), engine.results[0].tokens
+        return Timing(ttft, case.batch * case.prompt_tokens / ttft, decoded / (ended - first)), generation.results[0].tokens
 
     return repeat(case, once, reps)
 

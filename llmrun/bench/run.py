@@ -76,12 +76,13 @@ def run_reference(kind: str, folder: Path, dtype_name: str, device: str, cases: 
     its offload with the same budget when llmrun streams, its dispatch onto the device when not."""
     import tempfile
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmrun.engine.build import torch_dtype
 
     step(f"loading {kind}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    dtype = getattr(torch, dtype_name)
+    dtype = torch_dtype(dtype_name)
     dispatched = kind == "accelerate" or streamed
     with tempfile.TemporaryDirectory(prefix="llmrun-bench-offload-") as offload:
         if streamed:
@@ -137,23 +138,23 @@ def run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
     if request.ctx is not None:
         fitting_cases(cases, request.ctx)  # a context too short fails before anything loads
     opened = open_model(name, request)
-    engine = opened.engine
-    fitting = fitting_cases(cases, engine.max_context)
-    skipped = [case.name for case in cases if case not in fitting]
-    if skipped:
-        note(f"bench: skipping {', '.join(skipped)} (longer than the {engine.max_context}-token context)")
-    cases = fitting
-    total = len(cases) * (2 if compare != "none" else 1) + (compare != "none")
-    with progress_steps("bench", total) as step:
-        ours, waste, peaks = _measure_llmrun(engine, cases, reps, step)
-        refs = _measure_reference(opened, cases, reps, compare, step) if compare != "none" else {}
+    with opened.engine as engine:
+        fitting = fitting_cases(cases, engine.max_context)
+        skipped = [case.name for case in cases if case not in fitting]
+        if skipped:
+            note(f"bench: skipping {', '.join(skipped)} (longer than the {engine.max_context}-token context)")
+        cases = fitting
+        total = len(cases) * (2 if compare != "none" else 1) + (compare != "none")
+        with progress_steps("bench", total) as step:
+            ours, waste, peaks = _measure_llmrun(engine, cases, reps, step)
+            refs = _measure_reference(opened, cases, reps, compare, step) if compare != "none" else {}
     return bench_json(opened.name, engine, machine_facts(engine.decoder.device.type), ours, refs, compare, reps,
                       waste, *peaks)
 
 
 def _measure_llmrun(engine, cases, reps, step):
     """llmrun's results, its KV waste and its peaks (RSS, GPU), before any reference is loaded."""
-    from llmrun.engine.build import peak_rss_bytes
+    from llmrun.plan.devices import peak_rss_bytes
 
     ours, waste = run_llmrun(engine, cases, reps, step)
     peak_gpu = 0
@@ -173,7 +174,7 @@ def _measure_reference(opened, cases, reps, compare, step) -> dict[str, CaseResu
     engine = opened.engine
     placement, streamed = engine.plan.placement, engine.plan.placement.streams
     budgets = placement.budgets
-    engine.runner.weights.close()
+    engine.close()
     with quiet_transformers():
         refs = run_reference(compare, opened.path, engine.plan.dtype, engine.decoder.device.type, cases, reps,
                              budgets.cpu_bytes if streamed else None,

@@ -109,7 +109,9 @@ class ChatLoop:
         """Run a slash command; False for /exit."""
         if command.name == "exit":
             return False
-        getattr(self, f"_{command.name}")(command.argument)
+        handlers = {"help": self._help, "set": self._set, "system": self._system, "reset": self._reset,
+                    "save": self._save, "load": self._load, "stats": self._stats}
+        handlers[command.name](command.argument)
         return True
 
     def _help(self, argument: str) -> None:

@@ -128,11 +128,10 @@ class ChatSession:
         partial reply stays in the conversation, marked interrupted (dropped if it is empty).
         """
         engine, pending = self.engine, self.conversation.turns[-1]
-        stale = engine.results
         interrupted = False
-        events = engine.generate([turn.prompt_ids], self.params, kept=[self.kept])
+        generation = engine.generate([turn.prompt_ids], self.params, kept=[self.kept])
         try:
-            for event in events:
+            for event in generation:
                 on_text(event.text)
                 if event.finish_reason is None and should_stop():
                     interrupted = True
@@ -143,19 +142,20 @@ class ChatSession:
             self.conversation.turns.pop()
             raise
         finally:
-            events.close()  # a kept sequence keeps the K/V computed so far
-        result = engine.results[0] if engine.results is not stale and engine.results else None
-        return self._record(pending, turn, result, interrupted)
+            generation.close()  # a kept sequence keeps the K/V computed so far
+        return self._record(pending, turn, generation.results, interrupted)
 
-    def _record(self, pending: Turn, turn: PreparedTurn, result, interrupted: bool) -> Reply:
-        text = result.text if result is not None else ""
+    def _record(self, pending: Turn, turn: PreparedTurn, results: list, interrupted: bool) -> Reply:
+        """The reply from the generation's results: none when it stopped before the engine started it."""
+        text = results[0].text if results else ""
         if interrupted and not text.strip():
             self.conversation.turns.pop()  # nothing said yet: forget the question too
         else:
             pending.assistant, pending.interrupted = text, interrupted
-        if result is None:  # stopped before the engine started this request
+        if not results:  # stopped before the engine started this request
             reply = Reply(text, [], len(turn.prompt_ids), 0, 0, None, interrupted, 0.0, 0.0)
         else:
+            result = results[0]
             reply = Reply(
                 text, list(result.tokens), result.prompt_tokens, result.prefilled_tokens,
                 result.prompt_tokens - result.prefilled_tokens,

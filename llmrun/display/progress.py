@@ -109,7 +109,12 @@ def download_progress(description: str, total_bytes: int) -> Iterator[Callable[[
 
 
 class SlowStepProgress:
-    """Shows "layer k/L, x GB/s" on stderr while one forward step takes longer than ~1 s (TTY only)."""
+    """Shows "layer k/L, x GB/s" on stderr while one forward step takes longer than ~1 s (TTY only).
+
+    A step observer (weights/placed.py's StepObserver): it watches layers, so CUDA graphs do not replay.
+    """
+
+    watches_layers = True
 
     def __init__(self, delay_s: float = 1.0):
         from rich.console import Console
@@ -120,11 +125,8 @@ class SlowStepProgress:
         self._step_start = time.monotonic()
         self._bytes_at_start = 0
 
-    def __call__(self, layer_idx, num_layers: int = 0, bytes_moved: int = 0) -> None:
-        """Called before each layer; layer_idx None marks the end of a step."""
-        if layer_idx is None:
-            self.stop()
-            return
+    def layer(self, layer_idx: int, num_layers: int, bytes_moved: int) -> None:
+        """Called before each layer of a step."""
         now = time.monotonic()
         if layer_idx == 0:
             self._step_start, self._bytes_at_start = now, bytes_moved
@@ -140,6 +142,9 @@ class SlowStepProgress:
             self._status.start()
         else:
             self._status.update(text)
+
+    def step_done(self) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self._status is not None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from llmrun.errors import InvalidModelError, UsageError
 from llmrun.plan.make import PlanRequest
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MAX_CONTEXT = 4096
+if TYPE_CHECKING:
+    from llmrun.engine.generate import Engine
+    from llmrun.plan.inputs import PlanInputs
+    from llmrun.plan.make import PlanReport
+    from llmrun.weights.placed import StepObserver
 
 
 @dataclass(frozen=True)
@@ -23,51 +25,11 @@ class EngineOptions(PlanRequest):
     prefetch_depth: int = 1
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX); read without torch."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def dtype_name(name: str, device: str) -> str:
-    """The concrete dtype for --dtype; auto is bfloat16 where the hardware computes it natively."""
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        from llmrun.plan.devices import has_cuda
-
-        if not has_cuda():
-            return "float16"  # planning for a GPU this machine lacks: fp16 runs on every CUDA GPU
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
-
-
-def pick_dtype(name: str, device: str):
-    """The torch dtype for --dtype (see dtype_name)."""
+def torch_dtype(name: str):
+    """The torch dtype for a concrete run dtype name (the plan's `dtype`)."""
     import torch
 
-    return getattr(torch, dtype_name(name, device))
-
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def context_length(requested: Optional[int], model_max: int) -> int:
-    if requested is None:
-        return min(model_max, DEFAULT_MAX_CONTEXT)
-    if requested < 2:
-        raise UsageError(f"--ctx must be at least 2 tokens, got {requested}")
-    if requested > model_max:
-        raise UsageError(f"--ctx {requested} is beyond the model's maximum context of {model_max} tokens")
-    return requested
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def eos_token_ids(folder: Path, config_raw: dict, tokenizer) -> list[int]:
@@ -86,63 +48,44 @@ def eos_token_ids(folder: Path, config_raw: dict, tokenizer) -> list[int]:
     return []
 
 
-def build_engine(folder: Path, options: EngineOptions, on_layer: Optional[Callable[[int, int], None]] = None):
-    """Plan a model folder exactly as `llmrun plan` does, then load it as placed into an Engine."""
+def build_engine(folder: Path, options: EngineOptions,
+                 on_layer: Optional[Callable[[int, int], None]] = None) -> "Engine":
+    """The whole road for a model folder: its plan inputs, the plan `llmrun plan` would show, the Engine."""
+    from llmrun.plan.inputs import folder_inputs
+    from llmrun.plan.make import make_plan
+
+    inputs = folder_inputs(folder)
+    return engine_from_plan(inputs, make_plan(inputs.config, inputs.index, options, inputs.folder), options,
+                            on_layer=on_layer)
+
+
+def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: EngineOptions, *,
+                     on_layer: Optional[Callable[[int, int], None]] = None,
+                     step_observer: Optional["StepObserver"] = None) -> "Engine":
+    """Load the model as planned into an Engine; config, architecture and index come from `inputs`
+    (read once, by plan/inputs.py). `on_layer(i, bytes)` observes loading, `step_observer` each step."""
     from llmrun.engine.generate import Engine
     from llmrun.engine.tokenizer import load_tokenizer
-    from llmrun.model.config import model_config, read_config_json
-    from llmrun.model.registry import architecture_of, config_family, decoder_class
-    from llmrun.plan.make import make_plan
+    from llmrun.model.config import model_config
+    from llmrun.model.registry import config_family, decoder_class
+    from llmrun.plan.devices import current_rss_bytes
     from llmrun.plan.placement import Tier
-    from llmrun.weights.index import build_index
-    from llmrun.weights.placed import PlacedWeights
+    from llmrun.weights.placed import NO_STEP_OBSERVER, PlacedWeights
 
-    folder = Path(folder)
-    raw_config = read_config_json(folder)  # the same dict `llmrun plan` plans from
-    architecture = architecture_of(folder, raw_config)
+    architecture, raw_config, folder = inputs.architecture, inputs.config, inputs.folder
     config = model_config(raw_config, architecture, config_family(architecture, raw_config.get("model_type")))
-    index = build_index(folder)
-    report = make_plan(raw_config, index, options, folder)
     placement = report.placement
     if placement.compute_tier is Tier.GPU and report.measured.gpu_free_bytes is None:
         raise UsageError("--gpu-mem was given but no CUDA GPU is available; use --gpu-mem 0")
     device = "cuda" if placement.compute_tier is Tier.GPU else "cpu"
-    dtype = pick_dtype(report.dtype, device)
+    dtype = torch_dtype(report.dtype)
     tokenizer = load_tokenizer(folder)
     decoder = decoder_class(architecture)(config, dtype, device, max_positions=placement.ctx)
     rss_before_weights = current_rss_bytes()
-    weights = PlacedWeights(decoder, index, placement, dtype, device, options.prefetch_depth, on_layer)
-    engine = Engine(
+    observer = step_observer or NO_STEP_OBSERVER
+    weights = PlacedWeights(decoder, inputs.index, placement, dtype, device, options.prefetch_depth, on_layer,
+                            observer)
+    return Engine(
         decoder, weights, tokenizer, eos_token_ids(folder, config.raw, tokenizer),
-        max_context=placement.ctx, max_num_seqs=placement.batch,
-        num_blocks=placement.num_kv_blocks, block_size=placement.block_size,
+        plan=report, rss_before_weights_bytes=rss_before_weights, step_observer=observer,
     )
-    engine.plan = report
-    engine.rss_before_weights_bytes = rss_before_weights
-    return engine
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (0 where unknown).
-
-    Linux: VmHWM, which starts afresh at exec (ru_maxrss would carry the parent's peak over).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024

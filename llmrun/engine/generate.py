@@ -1,4 +1,4 @@
-"""Engine.generate: schedule, run, sample, and yield TokenEvents; results and timings per request."""
+"""The Engine: a planned, loaded model; generate() gives a Generation of TokenEvents and per-request results."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from llmrun.engine.scheduler import Scheduler
 from llmrun.engine.sequence import FinishReason, Sequence
 from llmrun.errors import ContextOverflowError
 from llmrun.kv.block_allocator import BlockAllocator
+from llmrun.plan.make import PlanReport
+from llmrun.weights.placed import NO_STEP_OBSERVER, StepObserver
 
 
 @dataclass(frozen=True)
@@ -64,29 +66,80 @@ class RequestResult:
         return (len(self.tokens) - 1) / elapsed if elapsed > 0 else 0.0
 
 
-class Engine:
-    """A loaded model with its paged KV cache, able to generate for several prompts at once."""
+class Generation:
+    """One generate() call: iterate it for TokenEvents; once exhausted, `results[i]` holds request i's
+    text, tokens and timing. Closing it early (or leaving its `with`) frees its sequences."""
 
-    def __init__(self, decoder, weights, tokenizer, eos_ids: Seq[int], *, max_context: int,
-                 max_num_seqs: int, num_blocks: int, block_size: int = 16,
+    def __init__(self, events: Iterator[TokenEvent], results: list[RequestResult]):
+        self._events = events
+        self.results = results
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def run_to_end(self) -> list[RequestResult]:
+        """Generate every remaining token; the per-request results."""
+        for _ in self:
+            pass
+        return self.results
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Engine:
+    """A loaded model with its paged KV cache, able to generate for several prompts at once.
+
+    Everything comes through the constructor: the plan it was loaded by (context, batch and KV
+    blocks), the process's RSS before the weights were loaded, and the step observer the weights
+    report layers to (one that watches layers turns CUDA graph replay off: see ModelRunner).
+    `close()` (or leaving `with Engine(...)`) releases the weights provider.
+    """
+
+    def __init__(self, decoder, weights, tokenizer, eos_ids: Seq[int], *, plan: PlanReport,
+                 rss_before_weights_bytes: int, step_observer: StepObserver = NO_STEP_OBSERVER,
                  max_prefill_tokens: int = 2048):
         from llmrun.kv.paged_cache import KVCacheShape, PagedKVCache
 
-        cfg = decoder.config
+        cfg, placement = decoder.config, plan.placement
         self.decoder = decoder
+        self.weights = weights
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
-        self.max_context = max_context
-        self.allocator = BlockAllocator(num_blocks, block_size)
-        shape = KVCacheShape(cfg.num_hidden_layers, num_blocks, block_size,
+        self.plan = plan
+        self.rss_before_weights_bytes = rss_before_weights_bytes
+        self.max_context = placement.ctx
+        self.allocator = BlockAllocator(placement.num_kv_blocks, placement.block_size)
+        shape = KVCacheShape(cfg.num_hidden_layers, placement.num_kv_blocks, placement.block_size,
                              cfg.num_key_value_heads, cfg.head_dim)
         self.cache = PagedKVCache(shape, decoder.dtype, decoder.device)
-        static = static_decode_for(decoder, weights, self.cache, max_num_seqs, max_context)
-        self.runner = ModelRunner(decoder, weights, self.cache, self.allocator, static)
-        self.max_num_seqs = max_num_seqs
+        static = static_decode_for(decoder, weights, self.cache, placement.batch, placement.ctx)
+        self.runner = ModelRunner(decoder, weights, self.cache, self.allocator, static, step_observer)
+        self.max_num_seqs = placement.batch
         self.max_prefill_tokens = max_prefill_tokens
-        self.results: list[RequestResult] = []
         self._next_seq_id = 0
+        self._closed = False
+
+    def close(self) -> None:
+        """Release the weights provider (its streamer thread, staging buffers, open files); once."""
+        if not self._closed:
+            self._closed = True
+            self.weights.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def check_prompt(self, prompt_ids: Seq[int]) -> None:
         if not prompt_ids:
@@ -111,29 +164,32 @@ class Engine:
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
                  on_logits: Optional[Callable] = None,
-                 kept: Optional[Seq[Optional[KeptSequence]]] = None) -> Iterator[TokenEvent]:
-        """Generate for every prompt together; yields events as tokens are sampled.
+                 kept: Optional[Seq[Optional[KeptSequence]]] = None) -> Generation:
+        """Generate for every prompt together: a Generation that yields events as tokens are sampled
+        and holds each request's result once exhausted. Nothing runs until it is iterated.
 
-        After the iterator is exhausted, `self.results[i]` holds request i's text, tokens and timing.
         `on_logits(request_indices, logits)` observes each step's logits before sampling.
         `kept[i]`, when given, continues request i in that kept sequence's cached prefix.
         """
+        results: list[RequestResult] = []
         per_request = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        kept = list(kept) if kept is not None else [None] * len(prompts)
+        handles = list(kept) if kept is not None else [None] * len(prompts)
+        return Generation(self._events(prompts, per_request, on_logits, handles, results), results)
+
+    def _events(self, prompts, per_request, on_logits, kept, results: list[RequestResult]) -> Iterator[TokenEvent]:
         scheduler = Scheduler(self.allocator, self.max_num_seqs, self.max_prefill_tokens)
         started = time.perf_counter()
-        self.results, seqs, streams = [], {}, {}
+        seqs, streams = {}, {}
         for index, (prompt_ids, p, handle) in enumerate(zip(prompts, per_request, kept)):
             self.check_prompt(prompt_ids)
             seq = self._new_sequence(list(prompt_ids), p, handle)
             seqs[seq.seq_id] = index
             streams[seq.seq_id] = TextStream(self.tokenizer, p.stop)
-            self.results.append(RequestResult(len(prompt_ids), len(prompt_ids) - seq.num_cached,
-                                              started_s=started))
+            results.append(RequestResult(len(prompt_ids), len(prompt_ids) - seq.num_cached, started_s=started))
             scheduler.add(seq)
         try:
             while scheduler.has_work:
-                yield from self._step(scheduler, seqs, streams, on_logits)
+                yield from self._step(scheduler, seqs, streams, on_logits, results)
         finally:
             for seq in list(scheduler.running):
                 scheduler.finish(seq)
@@ -155,7 +211,8 @@ class Engine:
         seq.generator = make_generator(params, self.decoder.device)
         return seq
 
-    def _step(self, scheduler: Scheduler, seqs: dict, streams: dict, on_logits) -> Iterator[TokenEvent]:
+    def _step(self, scheduler: Scheduler, seqs: dict, streams: dict, on_logits,
+              results: list[RequestResult]) -> Iterator[TokenEvent]:
         steps = scheduler.schedule()
         sampling = [s.seq for s in steps if s.completes_prompt]  # before run() advances them
         logits = self.runner.run(steps)
@@ -167,7 +224,8 @@ class Engine:
         next_tokens = sample_next(logits, rows, self.decoder.device)
         now = time.perf_counter()
         for seq, token in zip(sampling, next_tokens):
-            yield self._accept(seq, token, now, scheduler, seqs[seq.seq_id], streams[seq.seq_id])
+            index = seqs[seq.seq_id]
+            yield self._accept(seq, token, now, scheduler, index, streams[seq.seq_id], results[index])
 
     def _seen(self, seq: Sequence, vocab: int):
         """The sequence's mask of seen ids for the repetition penalty, marking only the ids that
@@ -182,8 +240,7 @@ class Engine:
             seq.num_seen = len(ids)
         return seq.seen
 
-    def _accept(self, seq, token, now, scheduler, index, stream) -> TokenEvent:
-        result = self.results[index]
+    def _accept(self, seq, token, now, scheduler, index, stream, result: RequestResult) -> TokenEvent:
         seq.output_ids.append(token)
         result.tokens.append(token)
         if result.first_token_s is None:

@@ -8,24 +8,28 @@ import torch
 
 from llmrun.engine.graphs import StaticDecode
 from llmrun.engine.scheduler import ScheduledSeq
+from llmrun.kernels.interface import CHECK_ROWS
+from llmrun.kernels.row_check import rows_alone
 from llmrun.kv.block_allocator import BlockAllocator
 from llmrun.kv.metadata import SeqStep, build_metadata
 from llmrun.kv.paged_cache import PagedKVCache
-from llmrun.model.fused import CHECK_ROWS
-from llmrun.model.row_check import rows_alone
+from llmrun.weights.placed import StepObserver
 
 MAX_DECODE_ROWS = CHECK_ROWS[-1]  # decode rows one forward takes at most (the fused CPU kernels' checked rows)
 
 
 class ModelRunner:
     def __init__(self, decoder, weights, cache: PagedKVCache, allocator: BlockAllocator,
-                 static: Optional[StaticDecode] = None):
+                 static: Optional[StaticDecode], step_observer: StepObserver):
         self.decoder = decoder
         self.weights = weights
         self.cache = cache
         self.allocator = allocator
         self.device = decoder.device
         self.static = static  # decode steps of static shape (CUDA graphs), where enabled
+        self.step_observer = step_observer
+        # a per-layer observer is Python a graph would skip: static steps then run the same forward eagerly
+        self.replay_graphs = not step_observer.watches_layers
         self._rows_checked: dict[int, bool] = {}  # decode rows per matmul -> each row gets its bits alone
 
     @torch.inference_mode()
@@ -39,12 +43,9 @@ class ModelRunner:
         """
         if self.static is not None and self.static.handles(steps):
             tables = [self.allocator.block_table(step.seq.seq_id) for step in steps]
-            # a per-layer progress hook is Python a graph would skip: such steps run the same forward eagerly
-            return self.static.run(steps, tables, replay=getattr(self.weights, "on_step_layer", None) is None)
+            return self.static.run(steps, tables, replay=self.replay_graphs)
         parts = [self._forward(group) for group in self._groups(steps)]
-        progress = getattr(self.weights, "on_step_layer", None)
-        if progress is not None:
-            progress(None)
+        self.step_observer.step_done()
         sampled = [logits for logits in parts if logits.numel()]
         if len(sampled) < 2:
             return sampled[0] if sampled else parts[0]

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmrun.errors import InvalidModelError, ModelNotFoundError, ModelUnavailableError
+from llmrun.errors import InvalidModelError, ModelNotDownloadedError, ModelNotFoundError, ModelUnavailableError
 from llmrun.hub import store
 from llmrun.hub.aliases import find_alias, suggest_aliases
 from llmrun.hub.hf_cache import find_cached_snapshot, is_offline, is_repo_id
 from llmrun.hub.source import ModelSource, validate_model_folder
 
 
-def resolve_model(name: str, *, allow_download: bool = True) -> ModelSource:
-    """Find the model called `name`, in this order:
+def resolve_model(name: str) -> ModelSource:
+    """Find the model called `name` on this machine, in this order:
 
     1. an existing local path: a model folder ("local"), or a .gguf file (imported into the store once);
     2. llmrun's store entry called `name`;
     3. an alias → its repo id (an alias's own store entry was found in 2);
-    4. that repo id in the Hugging Face cache ("hf-cache");
-    5. a download with `llmrun pull` when allowed and not offline ("download").
+    4. that repo id in the Hugging Face cache ("hf-cache").
+
+    A known model that is absent raises ModelNotDownloadedError (online: a caller that may download
+    pulls it) or, offline, ModelUnavailableError; both name the pull command. Nothing is downloaded here.
     """
     local = _resolve_path(name)
     if local is not None:
@@ -26,18 +28,12 @@ def resolve_model(name: str, *, allow_download: bool = True) -> ModelSource:
     present = find_present(name)
     if present is not None:
         return present
-    repo_id, display_name = hub_target(name)
+    _, display_name = hub_target(name)
     if is_offline():
         raise ModelUnavailableError(
             f"model '{display_name}' is not available offline; run `llmrun pull {display_name}` when online"
         )
-    if not allow_download:
-        raise ModelUnavailableError(
-            f"model '{display_name}' is not downloaded; run `llmrun pull {display_name}`"
-        )
-    from llmrun.hub.pull import pull_model
-
-    return pull_model(display_name)
+    raise ModelNotDownloadedError(f"model '{display_name}' is not downloaded; run `llmrun pull {display_name}`")
 
 
 def hub_target(name: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Measuring the machine: free GPU memory, available RAM, free disk, copy bandwidths.
+"""Measuring the machine: free GPU memory, available RAM, free disk, copy bandwidths, our RSS.
 
 The only caller of torch.cuda.mem_get_info, psutil and shutil.disk_usage. CUDA is never
 initialised when no NVIDIA driver is present.
@@ -132,3 +132,30 @@ def disk_read_bandwidth() -> Bandwidth:
 def record_bandwidth(name: str, bytes_per_s: float) -> None:
     """Cache a bandwidth that a run or benchmark measured (e.g. disk_read_bytes_s)."""
     _save_calibration({name: bytes_per_s})
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set size now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (0 where unknown).
+
+    Linux: VmHWM, which starts afresh at exec (ru_maxrss would carry the parent's peak over).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,9 +1,13 @@
-"""What the planner reads for a model name: config.json and safetensors headers, local or remote."""
+"""The plan inputs of a model: the only reader of its config.json, architecture and checkpoint index.
+
+`llmrun plan` reads them for a name (local, a GGUF header, or the Hub's metadata); run, chat and
+bench read them for the folder they resolved or pulled. The engine is built from these, reading none again.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,35 +27,46 @@ class PlanInputs:
 def plan_inputs(name: str) -> PlanInputs:
     """Local models are read from disk; absent ones from the Hub's metadata when it can be reached."""
     from llmrun.hub.resolve import existing_gguf_file, resolve_model
-    from llmrun.model.config import read_config_json
-    from llmrun.weights.index import build_index
 
     gguf_file = existing_gguf_file(name)
     if gguf_file is not None:
         return _gguf_inputs(gguf_file)
     try:
-        source = resolve_model(name, allow_download=False)
+        source = resolve_model(name)
     except ModelUnavailableError as unavailable:
         return _remote_inputs(name, unavailable)
-    config = read_config_json(source.path)
-    architecture = (config.get("architectures") or ["unknown"])[0]
-    return PlanInputs(source.name, source.path, config, build_index(source.path), architecture)
+    return folder_inputs(source.path, source.name)
+
+
+def folder_inputs(folder: Path, name: Optional[str] = None) -> PlanInputs:
+    """A model folder's config.json, architecture (checked against the registry) and safetensors headers."""
+    from llmrun.model.config import read_config_json
+    from llmrun.weights.index import build_index
+
+    folder = Path(folder)
+    config = read_config_json(folder)
+    architecture = _architecture(folder, config)
+    return PlanInputs(name or folder.name, folder, config, build_index(folder), architecture)
+
+
+def _architecture(where: Path, config: dict) -> str:
+    """The one rule: the first listed architecture the registry supports (else a one-line error)."""
+    from llmrun.model.registry import architecture_of
+
+    return architecture_of(where, config)
 
 
 def _gguf_inputs(gguf_file: Path) -> PlanInputs:
     """A .gguf file, planned as what its import will be: the store entry when made, else its header."""
     from llmrun.hub.gguf_header import imported_config_and_index
     from llmrun.hub.gguf_import import path_entry_name, reusable_entry
-    from llmrun.model.config import read_config_json
-    from llmrun.weights.index import build_index
 
     entry_name = path_entry_name(gguf_file)
     imported = reusable_entry(gguf_file, entry_name)
     if imported is not None:
-        config, index = read_config_json(imported.path), build_index(imported.path)
-    else:
-        config, index = imported_config_and_index(gguf_file)
-    return PlanInputs(entry_name, gguf_file, config, index, (config.get("architectures") or ["unknown"])[0])
+        return replace(folder_inputs(imported.path, entry_name), folder=gguf_file)
+    config, index = imported_config_and_index(gguf_file)
+    return PlanInputs(entry_name, gguf_file, config, index, _architecture(gguf_file, config))
 
 
 def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
@@ -84,5 +99,5 @@ def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
             start, end = info.data_offsets
             tensors[tensor_name] = TensorInfo(tensor_name, Path(file_name), info.dtype, tuple(info.shape),
                                               start, end)
-    architectures = config.get("architectures") or ["unknown"]
-    return PlanInputs(name, None, config, CheckpointIndex(Path(repo_id), tensors), architectures[0])
+    return PlanInputs(name, None, config, CheckpointIndex(Path(repo_id), tensors),
+                      _architecture(Path(repo_id), config))

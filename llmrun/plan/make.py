@@ -15,6 +15,7 @@ from llmrun.plan.devices import (
 from llmrun.plan.estimate import SpeedEstimate, estimate_speed, format_tok_s
 from llmrun.plan.model_sizes import ModelSizes, model_sizes
 from llmrun.plan.placement import Budgets, Placement, PlanError, PlanOptions, Tier, plan
+from llmrun.plan.policy import DTYPE_BYTES, context_length, dtype_name
 from llmrun.sizes import format_bytes
 from llmrun.weights.index import CheckpointIndex
 
@@ -42,8 +43,6 @@ class PlanReport:
 def make_plan(config: dict, index: CheckpointIndex, request: PlanRequest,
               folder: Optional[Path] = None) -> PlanReport:
     """Plan a model (config.json dict + safetensors header index) for this machine."""
-    from llmrun.engine.build import DTYPE_BYTES, context_length, dtype_name
-
     if request.batch < 1:
         raise PlanError(f"--batch must be at least 1, got {request.batch}")
     measured = measure_memory(folder, want_gpu=request.gpu_mem_bytes != 0)

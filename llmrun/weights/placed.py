@@ -18,6 +18,25 @@ from llmrun.weights.streamer import LayerStreamer
 HEAD = "head"
 
 
+class StepObserver:
+    """Watches a forward step layer by layer; this base one watches nothing.
+
+    An observer that watches layers (`watches_layers`) is Python a CUDA graph would skip, so the
+    engine then runs its static decode steps eagerly instead of replaying them.
+    """
+
+    watches_layers = False
+
+    def layer(self, layer_idx: int, num_layers: int, bytes_moved: int) -> None:
+        """Called before layer `layer_idx` of a step runs, with the bytes streamed so far."""
+
+    def step_done(self) -> None:
+        """Called when a step's forward has finished."""
+
+
+NO_STEP_OBSERVER = StepObserver()
+
+
 class PlacedWeights:
     """The weights provider decoders read through: embed(), layer(i), head(), globals.
 
@@ -25,7 +44,8 @@ class PlacedWeights:
     """
 
     def __init__(self, decoder, index: CheckpointIndex, placement: Placement, dtype, device,
-                 prefetch_depth: int = 1, on_layer: Optional[Callable[[int, int], None]] = None):
+                 prefetch_depth: int = 1, on_layer: Optional[Callable[[int, int], None]] = None,
+                 step_observer: StepObserver = NO_STEP_OBSERVER):
         self.device = torch.device(device)
         self.dtype = dtype
         self.element_size = torch.empty((), dtype=dtype).element_size()
@@ -43,7 +63,7 @@ class PlacedWeights:
             streamed_sources = self._load_units(reader, packs, tiers, placement.compute_tier, on_layer)
             self._embed_table, self._embed_rows = self._load_embed(reader, index, decoder, placement)
         self._row_reader: Optional[TensorFileReader] = None  # reads embedding rows left on disk
-        self.on_step_layer: Optional[Callable[[int, int, int], None]] = None  # (layer, layers, bytes moved)
+        self.step_observer = step_observer
         self.streamer = None
         if streamed_sources:
             disk_units = [u for u, source in streamed_sources.items() if source is None]
@@ -116,8 +136,8 @@ class PlacedWeights:
 
     @contextmanager
     def layer(self, layer_idx: int) -> Iterator[dict]:
-        if self.on_step_layer is not None:
-            self.on_step_layer(layer_idx, self.head_unit, self.streamer.bytes_moved if self.streamer else 0)
+        if self.step_observer.watches_layers:
+            self.step_observer.layer(layer_idx, self.head_unit, self.streamer.bytes_moved if self.streamer else 0)
         if layer_idx in self.resident:
             yield self.resident[layer_idx]
             return

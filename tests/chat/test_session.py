@@ -15,8 +15,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
 
 def fresh_tokens(engine, ids, params=GREEDY):
     """The reply of a fresh run: no kept sequence, nothing cached."""
-    list(engine.generate([ids], params))
-    return engine.results[0].tokens
+    return engine.generate([ids], params).run_to_end()[0].tokens
 
 
 def template_text(tokenizer, messages):

@@ -16,19 +16,19 @@ def make(delay_s):
 def test_fast_steps_show_nothing():
     progress = make(delay_s=60)
     for layer in range(4):
-        progress(layer, 4, layer * 10**9)
+        progress.layer(layer, 4, layer * 10**9)
     assert progress._status is None
-    progress(None)
+    progress.step_done()
 
 
 def test_slow_step_shows_layer_and_rate_then_clears():
     progress = make(delay_s=0)
-    progress(0, 4, 0)
-    progress(2, 4, 2 * 10**9)
+    progress.layer(0, 4, 0)
+    progress.layer(2, 4, 2 * 10**9)
     assert progress._status is not None
     assert "layer 3/4" in str(progress._status.renderable.text)
     assert "GB/s" in str(progress._status.renderable.text)
-    progress(None)  # end of step
+    progress.step_done()
     assert progress._status is None
 
 

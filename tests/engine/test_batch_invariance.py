@@ -25,8 +25,9 @@ def generate_with_logits(engine, prompts, steps):
         for index, row in zip(indices, rows):
             logits[index].append(row.float().clone())
 
-    list(engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=steps), on_logits=keep))
-    return [r.tokens for r in engine.results], [torch.stack(rows) for rows in logits]
+    params = SamplingParams(temperature=0, max_new_tokens=steps)
+    results = engine.generate(prompts, params, on_logits=keep).run_to_end()
+    return [r.tokens for r in results], [torch.stack(rows) for rows in logits]
 
 
 def assert_alone_equals_batched(engine, prompts, steps, batches):

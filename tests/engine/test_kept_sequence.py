@@ -28,13 +28,11 @@ def test_each_turn_prefills_only_what_is_new_and_matches_a_fresh_run(engines):
         messages.append({"role": "user", "content": turn})
         ids = chat_prompt_ids(chat.tokenizer, messages)
         reusable = common_prefix_len(kept.cached_ids, ids)
-        list(chat.generate([ids], params, kept=[kept]))
-        result = chat.results[0]
+        result = chat.generate([ids], params, kept=[kept]).run_to_end()[0]
         assert result.prefilled_tokens == len(ids) - reusable
         if previous:
             assert reusable >= len(previous)  # the whole earlier prompt came from the cache
-        list(fresh.generate([ids], params))
-        assert result.tokens == fresh.results[0].tokens
+        assert result.tokens == fresh.generate([ids], params).run_to_end()[0].tokens
         assert kept.cached_ids == (ids + result.tokens)[: len(kept.cached_ids)]
         messages.append({"role": "assistant", "content": result.text})
         previous = ids
@@ -51,8 +49,8 @@ def test_an_edited_history_falls_back_to_the_common_prefix(engines):
     first = chat_prompt_ids(chat.tokenizer, [{"role": "user", "content": TURNS[0]}])
     list(chat.generate([first], params, kept=[kept]))
     edited = chat_prompt_ids(chat.tokenizer, [{"role": "user", "content": TURNS[1]}])
-    list(chat.generate([edited], params, kept=[kept]))
-    list(fresh.generate([edited], params))
-    assert chat.results[0].tokens == fresh.results[0].tokens
-    assert chat.results[0].prefilled_tokens == len(edited) - common_prefix_len(first, edited)
+    [continued] = chat.generate([edited], params, kept=[kept]).run_to_end()
+    [alone] = fresh.generate([edited], params).run_to_end()
+    assert continued.tokens == alone.tokens
+    assert continued.prefilled_tokens == len(edited) - common_prefix_len(first, edited)
     chat.release(kept)

@@ -22,7 +22,6 @@ def test_greedy_with_a_repetition_penalty_matches_transformers(tmp_path):
     engine = build_engine(folder, EngineOptions(dtype="float32", gpu_mem_bytes=0))
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, repetition_penalty=1.8, max_new_tokens=24)
-    list(engine.generate([prompt], params))
-    assert engine.results[0].tokens == expected
-    list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=24)))
-    assert engine.results[0].tokens != expected  # the penalty changed something
+    assert engine.generate([prompt], params).run_to_end()[0].tokens == expected
+    plain = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=24)).run_to_end()
+    assert plain[0].tokens != expected  # the penalty changed something

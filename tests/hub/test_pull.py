@@ -68,7 +68,7 @@ def test_interrupted_pull_never_looks_complete(monkeypatch, tiny_checkpoint):
         pull.pull_model("org/m")
     assert "config.json" not in fake.downloaded
     with pytest.raises(ModelUnavailableError):
-        resolve_model("org/m", allow_download=False)
+        resolve_model("org/m")
 
 
 def test_already_present_touches_no_network(cached_repo, capsys):

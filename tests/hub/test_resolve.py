@@ -1,11 +1,11 @@
-"""resolve_model: local path > store > alias > HF cache > download, and its one-line errors."""
+"""resolve_model: local path > store > alias > HF cache (never a download), its one-line errors; the run path pulls."""
 
 import os
 import shutil
 
 import pytest
 
-from llmrun.errors import InvalidModelError, ModelNotFoundError, ModelUnavailableError
+from llmrun.errors import InvalidModelError, ModelNotDownloadedError, ModelNotFoundError, ModelUnavailableError
 from llmrun.hub import pull
 from llmrun.hub.resolve import resolve_model
 from llmrun.hub.source import ModelSource
@@ -69,17 +69,29 @@ def test_offline_absent_repo_id(monkeypatch):
         resolve_model("org/absent")
 
 
-def test_no_download_when_not_allowed():
-    with pytest.raises(ModelUnavailableError, match=r"not downloaded; run `llmrun pull smollm2`"):
-        resolve_model("smollm2", allow_download=False)
+def test_resolution_never_downloads(monkeypatch):
+    monkeypatch.setattr(pull, "pull_model", lambda name: pytest.fail("resolution pulled"))
+    with pytest.raises(ModelNotDownloadedError, match=r"not downloaded; run `llmrun pull smollm2`"):
+        resolve_model("smollm2")
 
 
 def test_absent_alias_is_pulled_when_online(monkeypatch, tmp_path):
+    from llmrun.runtime import present_or_pulled
+
     pulled = ModelSource(name="qwen2.5-0.5b", path=tmp_path, source="download", repo_id="Qwen/x")
     calls = []
     monkeypatch.setattr(pull, "pull_model", lambda name: calls.append(name) or pulled)
-    assert resolve_model("qwen2.5-0.5b") is pulled
+    assert present_or_pulled("qwen2.5-0.5b") is pulled
     assert calls == ["qwen2.5-0.5b"]
+
+
+def test_offline_absent_alias_is_not_pulled(monkeypatch):
+    from llmrun.runtime import present_or_pulled
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(pull, "pull_model", lambda name: pytest.fail("pulled offline"))
+    with pytest.raises(ModelUnavailableError, match=r"not available offline; run `llmrun pull phi-3-mini`"):
+        present_or_pulled("phi-3-mini")
 
 
 def test_unknown_name_suggests_aliases():
@@ -134,4 +146,4 @@ def test_relative_symlinked_snapshot_files_resolve(cached_repo):
     assert os.path.islink(snapshot / "config.json")
     shutil.rmtree(snapshot.parent.parent / "blobs")  # dangling links: the snapshot is incomplete
     with pytest.raises(ModelUnavailableError):
-        resolve_model("org/m", allow_download=False)
+        resolve_model("org/m")

@@ -57,8 +57,8 @@ def variant(request, tmp_path_factory):
 
 def run_engine(engine, prompts, steps, on_logits=None):
     engine.eos_ids = frozenset()  # compare every step even if the random model emits EOS
-    list(engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=steps), on_logits=on_logits))
-    return [r.tokens for r in engine.results]
+    params = SamplingParams(temperature=0, max_new_tokens=steps)
+    return [r.tokens for r in engine.generate(prompts, params, on_logits=on_logits).run_to_end()]
 
 
 def static_decode(engine):
@@ -134,8 +134,8 @@ def test_kept_longrope_sequence_recomputes_once_it_needs_the_long_table(variant)
     # 16 tokens (short), then 34 (past 32: the short cache is dropped), then 47 (the long cache is reused)
     for extra, can_reuse in ((prompt_ids(9, 4), False), (prompt_ids(10, 10), False), (prompt_ids(11, 5), True)):
         ids = ids + extra
-        list(chat.generate([ids], SamplingParams(temperature=0, max_new_tokens=8), kept=[kept]))
-        assert (chat.results[0].prefilled_tokens < len(ids)) == can_reuse
-        assert chat.results[0].tokens == run_engine(fresh, [ids], 8)[0]
-        ids = ids + chat.results[0].tokens
+        [turn] = chat.generate([ids], SamplingParams(temperature=0, max_new_tokens=8), kept=[kept]).run_to_end()
+        assert (turn.prefilled_tokens < len(ids)) == can_reuse
+        assert turn.tokens == run_engine(fresh, [ids], 8)[0]
+        ids = ids + turn.tokens
     chat.release(kept)

@@ -74,8 +74,8 @@ def test_chunked_prefill_matches_single_prefill(checkpoint, placement):
     prompt = prompt_ids(5, 70)
     params = SamplingParams(temperature=0, max_new_tokens=8)
     whole = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0))
-    list(whole.generate([prompt], params))
+    [alone] = whole.generate([prompt], params).run_to_end()
     chunked = build_engine(checkpoint, placement_options(placement, checkpoint))
     chunked.max_prefill_tokens = 16  # five prefill chunks, each attending to the cached ones
-    list(chunked.generate([prompt], params))
-    assert chunked.results[0].tokens == whole.results[0].tokens
+    [in_chunks] = chunked.generate([prompt], params).run_to_end()
+    assert in_chunks.tokens == alone.tokens
