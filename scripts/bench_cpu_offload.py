@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", default="Write a short poem about the sea.")
     args = parser.parse_args()
-    folder = resolve_model(args.model, allow_download=False).path
+    folder = resolve_model(args.model).path  # never downloads: `llmrun pull` first
     budget = parse_size(args.budget)
     files = sorted(folder.glob("*.safetensors"))
     for file in files:  # warm the page cache for both contenders
