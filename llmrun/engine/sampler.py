@@ -25,8 +25,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_new_tokens"):
-            check_value(key, getattr(self, key), LABELS.get(key, key.replace("_", "-")))
+        checked = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+                   "max_new_tokens": self.max_new_tokens}
+        for key, value in checked.items():
+            check_value(key, value, LABELS.get(key, key.replace("_", "-")))
 
     @property
     def is_greedy(self) -> bool:

@@ -15,12 +15,6 @@ from pathlib import Path
 from llmrun.errors import InvalidModelError
 from llmrun.weights.index import CheckpointIndex, TensorInfo
 
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-
-
 SCRATCH_BYTES = 8 * 1024 * 1024
 
 
@@ -28,7 +22,11 @@ def torch_dtype(tag: str):
     """The torch dtype for a safetensors dtype tag."""
     import torch
 
-    return getattr(torch, _TORCH_DTYPES[tag])
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }[tag]
 
 
 @dataclass(frozen=True)
