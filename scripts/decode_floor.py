@@ -50,7 +50,7 @@ def matmul_step(decoder, weights, dtype):
     for unit in sorted(weights.resident):
         for tensor in weights.resident[unit].values():
             if tensor.dim() == 2:
-                calls.append((decoder.linear, tensor, torch.randn(1, tensor.size(1)).to(dtype)))
+                calls.append((decoder.kernels.linear, tensor, torch.randn(1, tensor.size(1)).to(dtype)))
 
     def step():
         for call, weight, x in calls:
@@ -60,14 +60,14 @@ def matmul_step(decoder, weights, dtype):
 
 @contextmanager
 def matmuls_from_cache(decoder):
-    """The Llama decoder's M = 1 matmuls return their first result again (warm-cache measurement):
-    its kernel set's matmul (every matmul of a decode step with the fused kernels) and the module's
-    (without them). A float32 layer in one C call (kernels/native_layer.py) calls MKL itself, so it
-    is off here: this figure is then the fused Python path's."""
-    import llmrun.model.llama as llama
+    """The decoder's M = 1 matmuls return their first result again (warm-cache measurement): its
+    kernel set's matmul (every matmul of a decode step with the fused kernels) and the interface
+    module's (ATen's ops). A float32 layer in one C call (kernels/native_layer.py) calls MKL itself,
+    so it is off here: this figure is then the fused Python path's."""
+    import llmrun.kernels.interface as interface
 
-    real_linear, real_halves, seen = llama.linear, llama.linear_halves, {}
-    native = decoder.native
+    real_linear, real_halves, seen = interface.linear, interface.linear_halves, {}
+    kernels = decoder.kernels
 
     def cached(real):
         def call(x, weight, bias=None, **options):
@@ -78,16 +78,14 @@ def matmuls_from_cache(decoder):
             return seen[id(weight)]
         return call
 
-    llama.linear, llama.linear_halves = cached(real_linear), cached(real_halves)
-    if native is not None:
-        native.linear, layer, native.layer = cached(native.linear), native.layer, None
+    interface.linear, interface.linear_halves = cached(real_linear), cached(real_halves)
+    kernels.linear, layer, kernels.layer = cached(kernels.linear), getattr(kernels, "layer", None), None
     try:
         yield
     finally:
-        llama.linear, llama.linear_halves = real_linear, real_halves
-        if native is not None:
-            del native.linear  # the class's method again
-            native.layer = layer
+        interface.linear, interface.linear_halves = real_linear, real_halves
+        del kernels.linear  # the class's method again
+        kernels.layer = layer
 
 
 def main() -> None:

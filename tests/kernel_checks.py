@@ -16,7 +16,7 @@ from llmrun.kernels.native_layer import blas_sgemm
 from llmrun.weights.packing import pack_weight
 
 # tests.checkpoints.llama_config(): its layer, and its matmuls (out x in) one sequence's steps run
-TINY_SHAPE = LayerShape(64, 4, 2, 16, 1e-5, intermediate_size=128, silu=True)
+TINY_SHAPE = LayerShape(64, 4, 2, 16, 1e-5, intermediate_size=128)
 TINY_MATMULS = ((128, 64), (64, 64), (256, 64), (64, 128), (320, 64))  # qkv, o, gate/up, down, head
 
 

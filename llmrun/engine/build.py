@@ -1,4 +1,4 @@
-"""Building an Engine from a resolved model folder: dtype, config, weights, tokenizer, EOS ids."""
+"""Building an Engine from a model's plan inputs and its plan: dtype, decoder, weights, tokenizer, EOS ids."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from llmrun.errors import InvalidModelError, UsageError
 from llmrun.plan.make import PlanRequest
+from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
 
 if TYPE_CHECKING:
     from llmrun.engine.generate import Engine
     from llmrun.plan.inputs import PlanInputs
     from llmrun.plan.make import PlanReport
-    from llmrun.weights.placed import StepObserver
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,17 @@ def build_engine(folder: Path, options: EngineOptions,
 
 def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: EngineOptions, *,
                      on_layer: Optional[Callable[[int, int], None]] = None,
-                     step_observer: Optional["StepObserver"] = None) -> "Engine":
+                     step_observer: StepObserver = NO_STEP_OBSERVER) -> "Engine":
     """Load the model as planned into an Engine; config, architecture and index come from `inputs`
     (read once, by plan/inputs.py). `on_layer(i, bytes)` observes loading, `step_observer` each step."""
     from llmrun.engine.generate import Engine
     from llmrun.engine.tokenizer import load_tokenizer
     from llmrun.model.config import model_config
+    from llmrun.kernels.choose import kernels_for
     from llmrun.model.registry import config_family, decoder_class
     from llmrun.plan.devices import current_rss_bytes
     from llmrun.plan.placement import Tier
-    from llmrun.weights.placed import NO_STEP_OBSERVER, PlacedWeights
+    from llmrun.weights.placed import PlacedWeights
 
     architecture, raw_config, folder = inputs.architecture, inputs.config, inputs.folder
     config = model_config(raw_config, architecture, config_family(architecture, raw_config.get("model_type")))
@@ -80,12 +81,13 @@ def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: Engine
     device = "cuda" if placement.compute_tier is Tier.GPU else "cpu"
     dtype = torch_dtype(report.dtype)
     tokenizer = load_tokenizer(folder)
-    decoder = decoder_class(architecture)(config, dtype, device, max_positions=placement.ctx)
+    family = decoder_class(architecture)
+    kernels = kernels_for(family.layer_shape(config), dtype, device)  # ATen's ops, or fused ones that passed their check
+    decoder = family(config, dtype, device, max_positions=placement.ctx, kernels=kernels)
     rss_before_weights = current_rss_bytes()
-    observer = step_observer or NO_STEP_OBSERVER
     weights = PlacedWeights(decoder, inputs.index, placement, dtype, device, options.prefetch_depth, on_layer,
-                            observer)
+                            step_observer)
     return Engine(
         decoder, weights, tokenizer, eos_token_ids(folder, config.raw, tokenizer),
-        plan=report, rss_before_weights_bytes=rss_before_weights, step_observer=observer,
+        plan=report, rss_before_weights_bytes=rss_before_weights, step_observer=step_observer,
     )

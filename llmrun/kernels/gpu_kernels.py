@@ -169,7 +169,7 @@ class TritonKernels(FusedKernels):
     name = "Triton"
 
     def __init__(self, dtype: torch.dtype, device: torch.device, shape: LayerShape):
-        self.dtype, self.device, self.shape = dtype, device, shape
+        super().__init__(shape, dtype, device)
         self.fused_silu = False  # set by for_decoder once SiLU·mul gives ATen's bits
 
     @classmethod

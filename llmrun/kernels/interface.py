@@ -1,9 +1,11 @@
-"""Fused decoder kernels: the layer shape they need, their shared interface and self-check, and
-the choice of kernel set per device (C on the CPU, kernels/native.py; Triton on CUDA, gpu_kernels.py).
+"""The kernel interface: the operations a decoder layer is written in (`Kernels`, defined by ATen's
+ops), the fused sets' primitives and their self-check (`FusedKernels`), and the layer shape they need.
 
-A kernel set is used by a decoder only after `check()` ran it against the ATen ops it replaces on
-the decoder's own shape and dtype. LLMRUN_NO_NATIVE=1 keeps ATen everywhere; LLMRUN_FAIL_CHECKS
-names checks to fail on purpose (tests simulate CPUs where a kernel's sums differ).
+A decoder states its layer's math over a `Kernels` handed to it (kernels/choose.py picks one per
+device): ATen's ops, or a fused set (C on the CPU, kernels/native.py; Triton on CUDA,
+kernels/gpu_kernels.py) that passed `check()` against the ATen ops it replaces on the decoder's own
+shape and dtype. LLMRUN_FAIL_CHECKS names checks to fail on purpose (tests simulate CPUs where a
+kernel's sums differ).
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from llmrun import settings
+from llmrun.model.attention import paged_attention, write_kv
+from llmrun.model.layers import activation, gemma_rms_norm, linear, linear_halves, rms_norm
+from llmrun.model.rope import apply_rope
 
 CHECK_ROWS = (1, 3, 16)  # rows the self-check tries: decode of one and a few sequences, a full batch
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the kernels need to know of a decoder layer."""
+    """What kernels need to know of a decoder layer: its sizes, and which variant of each step of
+    the math it runs (a fused set computes only the `fusable` ones; ATen's ops compute them all)."""
 
     hidden_size: int
     num_heads: int
@@ -28,22 +35,28 @@ class LayerShape:
     head_dim: int
     eps: float
     intermediate_size: int = 0     # the MLP's width, for the fused SiLU·mul
-    silu: bool = False             # whether the MLP's activation is SiLU
+    activation: str = "silu"       # the MLP's activation (a config's hidden_act)
+    norm: str = "rms"              # "rms": x·rstd rounded, then × w (Llama); "gemma": x·rstd·(1 + w) in float32
+    qk_norm: bool = False          # per-head norms of q and k before RoPE (Qwen3, Gemma 3)
+    rotary_dim: int = 0            # dims of a head RoPE rotates (0: all)
+    softcap: Optional[float] = None  # attention scores soft-capped (Gemma 2)
+    sliding: bool = False          # some layers attend over a sliding window
+    rope_tables: int = 1           # RoPE tables the layers use (Gemma 3: one per layer type)
 
+    @property
+    def silu(self) -> bool:
+        return self.activation == "silu"
 
-def fused_kernels(dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["FusedKernels"]:
-    """The kernel set for a decoder on `device` that passed its self-check, or None (use ATen)."""
-    if settings.LLMRUN_NO_NATIVE.is_on():
-        return None
-    if device.type == "cuda":
-        from llmrun.kernels.gpu_kernels import TritonKernels
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused kernels compute this layer: Llama's RMSNorm, RoPE over whole heads, no q/k norms."""
+        return self.norm == "rms" and not self.qk_norm and self.rotary_dim in (0, self.head_dim)
 
-        return TritonKernels.for_decoder(dtype, device, shape)
-    if device.type == "cpu":
-        from llmrun.kernels.native import NativeKernels
-
-        return NativeKernels.for_decoder(dtype, device, shape)
-    return None
+    @property
+    def plain_llama(self) -> bool:
+        """Whether this is Llama's layer exactly (what a whole layer in one call computes): fusable,
+        SiLU, one RoPE table, no soft-capping or sliding windows."""
+        return self.fusable and self.silu and self.softcap is None and not self.sliding and self.rope_tables == 1
 
 
 def check_forced_to_fail(name: str) -> bool:
@@ -52,19 +65,98 @@ def check_forced_to_fail(name: str) -> bool:
     return name in settings.LLMRUN_FAIL_CHECKS.words()
 
 
-class FusedKernels:
-    """What decoders call (add_rms_norm, rope_qkv, silu_mul, attend, the matmuls, and when each may run), and
-    the self-check against ATen every kernel set passes before use. Subclasses set `dtype`,
-    `device` and `shape`, and say how close a fused norm must be (`norms_agree`)."""
+class Kernels:
+    """The operations a decoder layer is written in, for one layer shape and dtype on one device, as
+    ATen computes them: the reference every fused set is checked against, and the set a decoder
+    runs where none passed. Residual adds may be left pending: an op returns (hidden, delta) and the
+    next `add_norm`/`norm_linear` adds delta to hidden before its norm."""
 
-    name = ""  # the kind of kernels, for reports: "C", "Triton"
+    name: Optional[str] = None  # the kind of kernels, for reports: "C", "Triton"; None: ATen's ops
+
+    def __init__(self, shape: LayerShape, dtype: torch.dtype, device):
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.act = activation(shape.activation)
+        self._norm = gemma_rms_norm if shape.norm == "gemma" else rms_norm
+
+    def for_rows(self, num_rows: int) -> "Kernels":
+        """The set a forward of `num_rows` tokens runs (a fused set may leave long prompts to ATen)."""
+        return self
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._norm(x, weight, self.shape.eps)
+
+    def add_norm(self, hidden: torch.Tensor, delta: Optional[torch.Tensor],
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta, its norm × weight); without delta, hidden itself and its norm."""
+        hidden = hidden if delta is None else hidden + delta
+        return hidden, self.norm(hidden, weight)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x @ weight.T (+ bias): layers.linear, unless a kernel set has a faster matmul for it."""
+        return linear(x, weight, bias)
+
+    def norm_linear(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                    weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta, norm(hidden + delta) @ weight.T (+ bias)): the norm before a layer's input
+        projection; a kernel set may run both in one kernel."""
+        hidden, x = self.add_norm(hidden, delta, norm_weight)
+        return hidden, self.linear(x, weight, bias)
+
+    def norm_gate_up(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                     weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        """(hidden + delta, gate, up): norm_linear into a fused gate/up weight, split in its halves
+        (plain CPU weights run one matmul per half: layers.linear_halves)."""
+        hidden, x = self.add_norm(hidden, delta, norm_weight)
+        return (hidden, *linear_halves(x, weight, bias, matmul=self.linear))
+
+    def rope_and_cache(self, qkv: torch.Tensor, rope, meta, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                       q_norm: Optional[torch.Tensor] = None, k_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [num_tokens, num_heads, head_dim] from qkv [num_tokens, q + k + v], after the per-head q/k
+        norms (where the shape has them) and RoPE (q and k rotate together); k and v are written
+        at the step's slots."""
+        s, num_tokens = self.shape, qkv.shape[0]
+        qk_size = (s.num_heads + s.num_kv_heads) * s.head_dim
+        qk = qkv[:, :qk_size].view(num_tokens, -1, s.head_dim)  # [num_tokens, num_heads + num_kv_heads, head_dim]
+        v = qkv[:, qk_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            qk = torch.cat((self.norm(qk[:, : s.num_heads], q_norm), self.norm(qk[:, s.num_heads :], k_norm)), dim=1)
+        qk = apply_rope(qk, *rope)
+        write_kv(k_slots, v_slots, qk[:, s.num_heads :], v, meta)
+        return qk[:, : s.num_heads]
+
+    def attention(self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta, scale: float,
+                  softcap: Optional[float] = None) -> torch.Tensor:
+        """Attention [num_tokens, num_heads * head_dim] of q over the cached K/V (model/attention.py)."""
+        return paged_attention(q, k_slots, v_slots, meta, scale, softcap)
+
+    def act_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) · up: the gated MLP's middle."""
+        return self.act(gate) * up
+
+    def linear_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """An output projection and the residual stream: (hidden, x @ weight.T) with the add left
+        to the next norm, or (hidden + x @ weight.T, None) where a kernel set adds it in the matmul."""
+        return hidden, self.linear(x, weight, bias)
+
+    def whole_layer(self, hidden: torch.Tensor, rope, meta, scale: float, reference):
+        """A whole layer in one call for this step (kernels/native_layer.py's LayerCall), where the set
+        has one and the step is one it runs; `reference(w, hidden, delta, rope, meta, k, v)` is the
+        decoder's layer over this set, which the call must match. None: the layer runs op by op."""
+        return None
+
+    def describe(self) -> dict:
+        """What this kernel set runs, for reports (`llmrun bench`)."""
+        return {"set": self.name}
+
+
+class FusedKernels(Kernels):
+    """A set of fused kernels: add + RMSNorm, RoPE + the K/V writes, SiLU·mul and decode attention
+    (each subclass says where each may run), the layer's operations over them, and the self-check
+    against ATen every set passes before use. Subclasses say how close a fused norm must be
+    (`norms_agree`)."""
+
     layer = None  # a whole decode layer in one call where the set has one (kernels/native_layer.py)
-    dtype: torch.dtype
-    device: torch.device
-    shape: LayerShape
-
-    def usable(self, num_rows: int) -> bool:
-        return True
 
     def can_silu_mul(self, num_rows: int) -> bool:
         return False
@@ -72,32 +164,30 @@ class FusedKernels:
     def can_attend(self, meta, softcap) -> bool:
         return False
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x @ weight.T (+ bias): layers.linear, unless a kernel set has a faster matmul for it."""
-        from llmrun.model.layers import linear
+    def add_norm(self, hidden, delta, weight):
+        return self.add_rms_norm(hidden, delta, weight)
 
-        return linear(x, weight, bias)
+    def norm_gate_up(self, hidden, delta, norm_weight, weight, bias=None):
+        """One matmul over the fused gate/up weight (with its norm), split in its halves."""
+        hidden, gate_up = self.norm_linear(hidden, delta, norm_weight, weight, bias)
+        return (hidden, *gate_up.chunk(2, dim=-1))
 
-    def norm_linear(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
-                    weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden + delta, rms_norm(hidden + delta) * norm_weight @ weight.T (+ bias)): the norm
-        before a layer's input projection; a kernel set may run both in one kernel."""
-        hidden, x = self.add_rms_norm(hidden, delta, norm_weight)
-        return hidden, self.linear(x, weight, bias)
+    def rope_and_cache(self, qkv, rope, meta, k_slots, v_slots, q_norm=None, k_norm=None):
+        return self.rope_qkv(qkv, rope[0], rope[1], k_slots, v_slots, meta.slot_mapping)
 
-    def linear_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """An output projection and the residual stream: (hidden, x @ weight.T) with the add left
-        to the next norm_linear or add_rms_norm, or (hidden + x @ weight.T, None) where a kernel
-        set adds it in the matmul's kernel."""
-        return hidden, self.linear(x, weight, bias)
+    def attention(self, q, k_slots, v_slots, meta, scale, softcap=None):
+        if self.can_attend(meta, softcap):
+            return self.attend(q, k_slots, v_slots, meta, scale)
+        return super().attention(q, k_slots, v_slots, meta, scale, softcap)
+
+    def act_mul(self, gate, up):
+        return self.silu_mul(gate, up) if self.can_silu_mul(gate.shape[0]) else super().act_mul(gate, up)
 
     def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         return torch.equal(actual, expected)
 
     def describe(self) -> dict:
-        """What this kernel set runs, for reports (`llmrun bench`)."""
-        return {"set": self.name, "silu_mul": self.can_silu_mul(1)}
+        return {**super().describe(), "silu_mul": self.can_silu_mul(1)}
 
     # -- the self-check ----------------------------------------------------------------------------
     def check(self) -> bool:
@@ -111,8 +201,6 @@ class FusedKernels:
         return (torch.randn(*size, generator=generator) * scale).to(self.dtype).to(self.device)
 
     def _norm_matches(self, generator, rows: int, scale: float) -> bool:
-        from llmrun.model.layers import rms_norm
-
         size, eps = self.shape.hidden_size, self.shape.eps
         hidden, delta = self._randn(generator, rows, size, scale=scale), self._randn(generator, rows, size, scale=scale)
         weight = self._randn(generator, size, scale=0.5)
@@ -122,8 +210,6 @@ class FusedKernels:
                 and self.norms_agree(alone, rms_norm(hidden, weight, eps)))
 
     def _rope_matches(self, generator, rows: int) -> bool:
-        from llmrun.model.rope import apply_rope
-
         heads, kv_heads, dim = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
         qkv = self._randn(generator, rows, (heads + 2 * kv_heads) * dim)
         angles = torch.rand(rows, 1, dim // 2, generator=generator) * 6.3
@@ -140,8 +226,6 @@ class FusedKernels:
     def _silu_mul_matches(self) -> bool:
         """SiLU·mul bit for bit against F.silu(gate) * up, on views into one matmul's output (as
         a fused gate/up weight gives) and on contiguous halves."""
-        import torch.nn.functional as F
-
         generator = torch.Generator().manual_seed(1)
         n = self.shape.intermediate_size
         for rows in CHECK_ROWS:
@@ -159,6 +243,9 @@ class FusedKernels:
         raise NotImplementedError
 
     def silu_mul(self, gate, up):
+        raise NotImplementedError
+
+    def attend(self, q, k_slots, v_slots, meta, scale):
         raise NotImplementedError
 
 

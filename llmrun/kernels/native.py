@@ -34,8 +34,11 @@ from typing import Optional
 import torch
 
 from llmrun import settings
-from llmrun.kernels.interface import CHECK_ROWS, FusedKernels, LayerShape, check_forced_to_fail
+from llmrun.kernels.interface import CHECK_ROWS, FusedKernels, Kernels, LayerShape, check_forced_to_fail
+from llmrun.kernels.native_layer import NativeLayer, declare_layer
 from llmrun.model.layers import linear
+from llmrun.paths import cache_dir
+from llmrun.weights.packing import pack_weight
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 GEMV_SOURCE = Path(__file__).with_name("native_gemv.c")
@@ -65,8 +68,6 @@ def load_library() -> Optional[ctypes.CDLL]:
 
 
 def _build(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Optional[ctypes.CDLL]:
-    from llmrun.paths import cache_dir
-
     text = b"".join(source.read_bytes() for source in sources)
     key = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
@@ -97,9 +98,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.gemv_bf16_packed.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, i32]
         lib.gemv_bf16_packed.restype = None
     if hasattr(lib, "decode_layer_f32"):
-        from llmrun.kernels.native_layer import declare
-
-        declare(lib)
+        declare_layer(lib)
     return lib
 
 
@@ -141,8 +140,9 @@ class NativeKernels(FusedKernels):
     def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, shape: LayerShape, lanes: int):
         if not 1 <= lanes <= 16:
             raise ValueError(f"lanes must be 1..16, not {lanes}")
-        self.lib, self.dtype, self.dtype_code, self.shape, self.lanes = lib, dtype, DTYPES[dtype], shape, lanes
-        self.device = torch.device("cpu")
+        super().__init__(shape, dtype, "cpu")
+        self.lib, self.dtype_code, self.lanes = lib, DTYPES[dtype], lanes
+        self.aten = Kernels(shape, dtype, "cpu")  # what forwards of more rows than MAX_ROWS run
         self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
         self.exp_fn: Optional[int] = None  # set by for_decoder when the fused SiLU·mul checks out
         self.exp_width = 0
@@ -166,8 +166,6 @@ class NativeKernels(FusedKernels):
             kernels = cls(lib, dtype, shape, lanes)
             if kernels.check():
                 kernels.pick_silu_mul()
-                from llmrun.kernels.native_layer import NativeLayer
-
                 kernels.layer = NativeLayer.for_kernels(kernels)
                 return kernels
         return None
@@ -194,8 +192,13 @@ class NativeKernels(FusedKernels):
                           self.dtype_code, self.exp_fn, self.exp_width)
         return out
 
-    def usable(self, num_rows: int) -> bool:
-        return num_rows <= MAX_ROWS
+    def for_rows(self, num_rows: int) -> Kernels:
+        """This set for decode steps; ATen's ops for prompt chunks (their multi-threaded ops are faster)."""
+        return self if num_rows <= MAX_ROWS else self.aten
+
+    def whole_layer(self, hidden, rope, meta, scale, reference):
+        """The float32 layer in one C call for this step, where it runs (kernels/native_layer.py)."""
+        return None if self.layer is None else self.layer.call(hidden, rope, meta, scale, reference)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ weight.T (+ bias). One sequence's decode step in bf16 over a oneDNN-packed weight runs
@@ -244,8 +247,6 @@ class NativeKernels(FusedKernels):
         return torch.equal(self._gemv(x, torch.ops.mkldnn.data_ptr(weight), *weight.shape), linear(x, weight))
 
     def _gemv_matches(self, weight: torch.Tensor) -> bool:
-        from llmrun.weights.packing import pack_weight
-
         n, k = weight.shape
         if (n % GEMV_BLOCK or k % GEMV_BLOCK or torch.ops.mkldnn._nbytes(weight) != 2 * n * k
                 or check_forced_to_fail("gemv")):

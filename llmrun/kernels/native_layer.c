@@ -13,7 +13,7 @@
  *   Heads run on ATen's OpenMP threads split as `at::parallel_for` splits them, each with its own
  *   buffer at the offset ATen's would have, and MKL inside that parallel region runs one thread, as
  *   it does in ATen (called outside it, MKL's two threads sum p·v in another order).
- * kernels/native_layer.py checks the attention against SDPA, and LlamaDecoder.layer_matches a whole
+ * kernels/native_layer.py checks the attention against SDPA, and NativeLayer.agrees a whole
  * layer against the fused Python path, before use (AVX-512 CPUs with libtorch's MKL only).
  */
 #include <math.h>
@@ -197,8 +197,8 @@ long layer_scratch_floats(const struct layer_step *s) {
            aligned(s->intermediate) + aligned(attend);
 }
 
-/* hidden_out = hidden + delta (delta NULL: hidden), and through the layer: as LlamaDecoder.forward_native
- * leaves them, hidden_out holds the stream after attention and delta_out the MLP's output, not yet
+/* hidden_out = hidden + delta (delta NULL: hidden), and through the layer: as LlamaDecoder.layer over the fused
+ * kernels leaves them, hidden_out holds the stream after attention and delta_out the MLP's output, not yet
  * added. hidden and hidden_out may be the same; delta and delta_out too. */
 void decode_layer_f32(const struct layer_weights *w, const struct layer_step *s, const float *hidden,
                       const float *delta, float *hidden_out, float *delta_out) {

@@ -4,15 +4,17 @@ One sequence's float32 decode step spends ~4 ms a token outside its matmuls on a
 Python and dispatch around ~10 ops a layer and SDPA's setup. native_layer.c runs a whole Llama
 layer for one token in C, calling the same BLAS `sgemm_` ATen calls (MKL's, from libtorch) with
 the same arguments, and reproducing ATen's flash attention for one query. It runs only where
-`LlamaDecoder.forward_native` would: the plain Llama layer, no biases or sliding windows, one
-sequence whose K/V rows are contiguous. Before use it is checked against ATen: the attention on
-synthetic data over several context lengths here, and each decoder's first layer on its own
-weights against the fused Python path (LlamaDecoder.layer_matches).
+the layer shape is Llama's exactly (LayerShape.plain_llama: no q/k norms, soft-capping or sliding
+windows, one RoPE table), the layer has no biases, and the step is one sequence's whose K/V rows
+are contiguous. Before use it is checked against ATen: the attention on synthetic data over
+several context lengths here, and each decoder's first layer on its own weights against the
+decoder's layer function over the same kernel set (`NativeLayer.agrees`).
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,8 @@ from typing import Optional
 import torch
 
 from llmrun.kernels.interface import check_forced_to_fail
+from llmrun.kv.metadata import AttentionMetadata
+from llmrun.model.attention import paged_attention
 
 CHECK_LENGTHS = (1, 17, 255, 512, 513, 700, 1100, 1300)  # contexts: a vector or less, tails, blocks
 KV_SPLIT = 512  # keys per block in ATen's flash attention (and native_layer.c)
@@ -54,7 +58,8 @@ def blas_sgemm() -> Optional[int]:
         return None
 
 
-def declare(lib: ctypes.CDLL) -> None:
+def declare_layer(lib: ctypes.CDLL) -> None:
+    """The argument types of native_layer.c's functions."""
     i64, i32 = ctypes.c_long, ctypes.c_int
     lib.layer_supported.restype = i32
     lib.attend_one_f32.argtypes = [_p, _p, _p, _p, i64, i64, i32, i32, i32, _f, _p, _p, i32]
@@ -73,6 +78,7 @@ class NativeLayer:
         self.lanes, self.exp_fn, self.exp_width = kernels.lanes, kernels.exp_fn, kernels.exp_width
         self._scratch = torch.empty(0)
         self._takes: dict[int, bool] = {}  # layer index -> whether the C layer reads its tensors
+        self.verified: Optional[bool] = None  # whether it gave the decoder's layer's bits (`agrees`, once)
         self.ran = False  # whether a decode step ran a layer here (for reports)
 
     @classmethod
@@ -80,7 +86,7 @@ class NativeLayer:
         """The layer for a float32 kernel set whose SiLU·mul checked out, where the library has it,
         the CPU runs it and its attention gives ATen's bits; else None."""
         sgemm = blas_sgemm()
-        if (kernels.dtype != torch.float32 or kernels.exp_fn is None or not kernels.shape.silu or sgemm is None
+        if (kernels.dtype != torch.float32 or kernels.exp_fn is None or not kernels.shape.plain_llama or sgemm is None
                 or not kernels.avx512 or not hasattr(kernels.lib, "decode_layer_f32")
                 or not kernels.lib.layer_supported()):
             return None
@@ -91,6 +97,32 @@ class NativeLayer:
     def can_run(num_rows: int, meta) -> bool:
         """One sequence's decode step with its K/V rows contiguous (what the layer reads)."""
         return num_rows == 1 and meta.decode_span is not None
+
+    def call(self, hidden: torch.Tensor, rope, meta, scale: float, reference) -> Optional["LayerCall"]:
+        """This step's layer calls, where the step is one the layer runs and it has not failed `agrees`."""
+        if self.verified is False or not self.can_run(hidden.shape[0], meta):
+            return None
+        return LayerCall(self, self.begin(hidden, rope, meta, scale), rope, meta, scale, reference)
+
+    def agrees(self, reference, w: dict, rope, meta, scale: float) -> bool:
+        """Whether the layer gives `reference`'s bits (the decoder's layer over the same kernel set)
+        on this decoder's weights: checked once, on the first layer it meets, with random rows over
+        scratch K/V pools of one block and of two, the second ragged."""
+        if self.verified is None:
+            self.verified = all(self._agrees_at(reference, w, rope, meta, scale, length) for length in (37, 600))
+        return self.verified
+
+    def _agrees_at(self, reference, w: dict, rope, meta, scale: float, length: int) -> bool:
+        s, generator = self.shape, torch.Generator().manual_seed(length)
+        pools = [torch.randn(length + 3, s.num_kv_heads, s.head_dim, generator=generator) for _ in range(2)]
+        hidden, delta = (torch.randn(1, s.hidden_size, generator=generator) for _ in range(2))
+        trial = replace(meta, slot_mapping=torch.tensor([length + 1]), decode_span=(2, length))
+        k_copy, v_copy = pools[0].clone(), pools[1].clone()
+        expected = reference(w, hidden, delta, rope, trial, k_copy, v_copy)
+        step = self.begin(hidden, rope, trial, scale)
+        actual = self.run(step[0], w, pools[0], pools[1], hidden, delta, step[1:])
+        return (all(torch.equal(a, e) for a, e in zip(actual, expected))
+                and torch.equal(pools[0], k_copy) and torch.equal(pools[1], v_copy))
 
     def takes(self, layer_idx: int, w: dict) -> bool:
         """Whether a layer's tensors are ones the C layer reads: no biases, plain contiguous weights
@@ -141,9 +173,6 @@ class NativeLayer:
         """The C attention against paged_attention (SDPA over the pool rows in place), bit for bit,
         on random data with sharp and flat scores over contexts of one vector, tails, one and
         several blocks."""
-        from llmrun.kv.metadata import AttentionMetadata
-        from llmrun.model.attention import paged_attention
-
         if check_forced_to_fail("layer"):
             return False
         s = self.shape
@@ -160,3 +189,19 @@ class NativeLayer:
                 if not torch.equal(self.attend(q, k_pool, v_pool, 5, length, s.head_dim**-0.5), expected.flatten()):
                     return False
         return True
+
+
+class LayerCall:
+    """One decode step's whole-layer calls: the step's shared arguments and output rows, taken by
+    each layer whose tensors the C layer reads once it agreed with the decoder's layer."""
+
+    def __init__(self, layer: NativeLayer, begun, rope, meta, scale: float, reference):
+        self.layer, self.step, self.out = layer, begun[0], begun[1:]
+        self.rope, self.meta, self.scale, self.reference = rope, meta, scale, reference
+
+    def takes(self, layer_idx: int, w: dict) -> bool:
+        return self.layer.takes(layer_idx, w) and self.layer.agrees(self.reference, w, self.rope, self.meta, self.scale)
+
+    def run(self, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor, hidden: torch.Tensor,
+            delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.run(self.step, w, k_pool, v_pool, hidden, delta, self.out)

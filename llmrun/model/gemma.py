@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from llmrun.model.layers import gemma_rms_norm, linear, soft_cap
+from llmrun.kernels.interface import LayerShape
+from llmrun.model.layers import soft_cap
 from llmrun.model.llama import LlamaDecoder
 from llmrun.model.rope import RotaryTable, rotary_table
 
@@ -16,17 +19,18 @@ class Gemma2Decoder(LlamaDecoder):
     layers `layer_types` marks (every other one)."""
 
     architectures = ("Gemma2ForCausalLM",)
+    norm_kind = "gemma"
 
-    def __init__(self, config, dtype, device, max_positions: int):
-        super().__init__(config, dtype, device, max_positions)
+    def __init__(self, config, dtype, device, max_positions: int, kernels):
+        super().__init__(config, dtype, device, max_positions, kernels)
         raw = config.raw
         self.scale = float(raw.get("query_pre_attn_scalar") or config.head_dim) ** -0.5
-        self.attn_softcap = self.attention_softcap()
         self.final_softcap = raw.get("final_logit_softcapping")
         self.normalizer = torch.tensor(config.hidden_size**0.5).to(dtype=dtype, device=self.device)
 
-    def attention_softcap(self):
-        return self.config.raw.get("attn_logit_softcapping")
+    @classmethod
+    def attention_softcap(cls, config):
+        return config.raw.get("attn_logit_softcapping")
 
     def layer_layout(self, layer_idx: int) -> dict[str, tuple[str, ...]]:
         p = f"model.layers.{layer_idx}."
@@ -39,15 +43,17 @@ class Gemma2Decoder(LlamaDecoder):
     def embed(self, weights, input_ids: torch.Tensor) -> torch.Tensor:
         return weights.embed(input_ids) * self.normalizer
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return gemma_rms_norm(x, weight, self.config.rms_norm_eps)
-
-    def layer_forward(self, w, hidden, rope, meta, k_slots, v_slots) -> torch.Tensor:
-        x = self.norm(hidden, w["input_norm"])
-        attn = linear(self.attention(w, x, rope, meta, k_slots, v_slots), w["o"], w.get("o_bias"))
-        hidden = hidden + self.norm(attn, w["post_norm"])  # post_attention_layernorm
-        x = self.norm(hidden, w["pre_mlp_norm"])
-        return hidden + self.norm(self.mlp(w, x), w["post_mlp_norm"])
+    def layer(self, ops, w, hidden, delta, rope, meta, k_slots, v_slots):
+        """h = x + norm(o(attention(norm(x)))); out = h + norm(mlp(norm(h))): each sublayer's output
+        normed too (post_attention_layernorm, post_feedforward_layernorm)."""
+        hidden, qkv = ops.norm_linear(hidden, delta, w["input_norm"], w["qkv"], w.get("qkv_bias"))
+        q = ops.rope_and_cache(qkv, rope, meta, k_slots, v_slots, w.get("q_norm"), w.get("k_norm"))
+        attn = ops.attention(q, k_slots, v_slots, meta, self.scale, self.attn_softcap)
+        attn = ops.linear(attn, w["o"], w.get("o_bias"))
+        hidden, gate, up = ops.norm_gate_up(hidden, ops.norm(attn, w["post_norm"]), w["pre_mlp_norm"], w["gate_up"],
+                                            w.get("gate_up_bias"))
+        mlp = ops.linear(ops.act_mul(gate, up), w["down"], w.get("down_bias"))
+        return hidden, ops.norm(mlp, w["post_mlp_norm"])
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().logits(weights, hidden)
@@ -62,8 +68,13 @@ class Gemma3Decoder(Gemma2Decoder):
     architectures = ("Gemma3ForCausalLM",)
     qk_norm = True
 
-    def attention_softcap(self):
+    @classmethod
+    def attention_softcap(cls, config):
         return None
+
+    @classmethod
+    def layer_shape(cls, config) -> LayerShape:
+        return replace(super().layer_shape(config), rope_tables=len(set(config.raw["layer_types"])))
 
     def build_rotaries(self) -> tuple[tuple[RotaryTable, ...], tuple[int, ...]]:
         """One table per layer type ("sliding_attention", "full_attention"), from that type's RoPE."""

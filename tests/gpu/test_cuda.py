@@ -90,7 +90,7 @@ def test_cuda_decoders_use_the_triton_kernels(checkpoint):
     from llmrun.kernels.gpu_kernels import TritonKernels
 
     engine = build_engine(checkpoint, placement_options("gpu", checkpoint))
-    assert isinstance(engine.decoder.native, TritonKernels) and engine.decoder.native.can_silu_mul(1)
+    assert isinstance(engine.decoder.kernels, TritonKernels) and engine.decoder.kernels.can_silu_mul(1)
 
 
 def test_cuda_graphs_stay_off_when_layers_stream(checkpoint):

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from llmrun.engine.build import EngineOptions, build_engine  # noqa: E402
+from llmrun.kernels import choose  # noqa: E402
 from llmrun.kernels.interface import LayerShape, within_ulps  # noqa: E402
 from llmrun.kernels.gpu_kernels import TritonKernels  # noqa: E402
 from tests.checkpoints import llama_config, phi3_config, save_checkpoint  # noqa: E402
@@ -19,9 +20,9 @@ from tests.parity import greedy_with_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PHI3_MINI_ISH = LayerShape(hidden_size=192, num_heads=2, num_kv_heads=2, head_dim=96, eps=1e-5,
-                           intermediate_size=320, silu=True)
+                           intermediate_size=320)
 TINY_GQA = LayerShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, eps=1e-6,
-                      intermediate_size=128, silu=True)
+                      intermediate_size=128)
 
 
 # The interpreter rounds to bfloat16 its own way (numpy has no bfloat16): that dtype on a GPU only.
@@ -82,10 +83,16 @@ def test_decode_attention_matches_sdpa(dtype, window, table_blocks):
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+def triton_kernels_only(monkeypatch, fused: bool) -> None:
+    """Engines built next get the Triton kernels (on the CPU too: the interpreter) or, unfused, ATen's ops."""
+    monkeypatch.setattr(choose, "fused_kernels",
+                        lambda shape, dtype, device: TritonKernels.for_decoder(dtype, DEVICE, shape) if fused else None)
+
+
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static-decode"))
 @pytest.mark.parametrize("make_config", (llama_config, phi3_config), ids=("llama", "phi3"))
-def test_decoder_with_the_kernels_keeps_its_tokens(tmp_path, make_config, static):
-    """The decoder's fused path (forward_native) over the Triton kernels: greedy tokens and logits
+def test_decoder_with_the_kernels_keeps_its_tokens(tmp_path, make_config, static, monkeypatch):
+    """The decoder over the Triton kernels: greedy tokens and logits
     of the ATen path, prompt and decode steps (static decode steps: with the decode attention)."""
     from llmrun.engine.graphs import StaticDecode
 
@@ -93,21 +100,14 @@ def test_decoder_with_the_kernels_keeps_its_tokens(tmp_path, make_config, static
     prompt = prompt_ids(5, 21)
     results = []
     for fused in (False, True):
+        triton_kernels_only(monkeypatch, fused)
         engine = build_engine(folder, EngineOptions(dtype="float32", gpu_mem_bytes=0 if DEVICE.type == "cpu" else None))
         if static and DEVICE.type == "cpu":
             engine.runner.static = StaticDecode(engine.decoder, engine.runner.weights, engine.cache,
                                                 engine.max_num_seqs, engine.max_context, capture=False)
         assert (engine.runner.static is not None) == static or DEVICE.type == "cuda"
-        decoder = engine.decoder
-        decoder.native = TritonKernels.for_decoder(torch.float32, DEVICE, decoder.layer_shape()) if fused else None
-        assert (decoder.native is not None) == fused
-        engine.eos_ids = frozenset()
-        logits = []
-        from llmrun.engine.sampler import SamplingParams
-
-        list(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=8),
-                             on_logits=lambda idx, rows: logits.append(rows[0].float().cpu())))
-        results.append((engine.results[0].tokens, torch.stack(logits)))
+        assert isinstance(engine.decoder.kernels, TritonKernels) == fused
+        results.append(greedy_with_logits(engine, prompt, 8))
     assert results[0][0] == results[1][0]
     tolerance = 1e-5 if DEVICE.type == "cpu" else 1e-4  # CUDA: SDPA and the decode kernel sum in other orders
     torch.testing.assert_close(results[1][1], results[0][1], atol=tolerance, rtol=tolerance)
@@ -177,10 +177,9 @@ def test_fp16_decoder_with_the_gemv_keeps_its_tokens(tmp_path, gemv_launches, mo
     prompt = prompt_ids(5, 21)
     results = []
     for fused in (False, True):
+        triton_kernels_only(monkeypatch, fused)
         engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=0 if DEVICE.type == "cpu" else None))
-        decoder = engine.decoder
-        decoder.native = TritonKernels.for_decoder(torch.float16, DEVICE, decoder.layer_shape()) if fused else None
-        assert (decoder.native is not None) == fused
+        assert isinstance(engine.decoder.kernels, TritonKernels) == fused
         results.append(greedy_with_logits(engine, prompt, 8))
         assert bool(gemv_launches) == fused
     # the prompt's head (its last row), then 7 decode steps: in each of 3 layers qkv and gate/up

@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
 
 
 def kernels_for(dtype, hidden_size, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=0):
-    shape = LayerShape(hidden_size, num_heads, num_kv_heads, head_dim, 1e-5, intermediate_size, silu=True)
+    shape = LayerShape(hidden_size, num_heads, num_kv_heads, head_dim, 1e-5, intermediate_size)
     kernels = NativeKernels.for_decoder(dtype, torch.device("cpu"), shape)
     assert kernels is not None, "the self-check rejected the kernels on this machine"
     return kernels
@@ -107,12 +107,14 @@ def test_the_silu_check_compares_with_atens_silu(lib, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_engine_with_kernels_gives_the_aten_paths_logits_and_tokens(lib, checkpoint, dtype):
+def test_engine_with_kernels_gives_the_aten_paths_logits_and_tokens(lib, checkpoint, dtype, monkeypatch):
     engine = build_engine(checkpoint, EngineOptions(dtype=dtype, gpu_mem_bytes=0))
-    assert engine.decoder.native is not None
+    assert isinstance(engine.decoder.kernels, NativeKernels)
     prompt = list(range(5, 40))
     fused_tokens, fused_logits = greedy_with_logits(engine, prompt, 24)
-    engine.decoder.native = None
+    monkeypatch.setenv("LLMRUN_NO_NATIVE", "1")
+    engine = build_engine(checkpoint, EngineOptions(dtype=dtype, gpu_mem_bytes=0))
+    assert engine.decoder.kernels.name is None  # ATen's ops
     aten_tokens, aten_logits = greedy_with_logits(engine, prompt, 24)
     assert fused_tokens == aten_tokens
     assert torch.equal(fused_logits, aten_logits)
@@ -125,7 +127,7 @@ def test_without_a_compiler_the_aten_path_runs(checkpoint, tmp_path, monkeypatch
     try:
         assert load_library() is None
         engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0))
-        assert engine.decoder.native is None
+        assert engine.decoder.kernels.name is None
         tokens, _ = greedy_with_logits(engine, list(range(5, 20)), 4)
         assert len(tokens) == 4
     finally:
@@ -135,7 +137,7 @@ def test_without_a_compiler_the_aten_path_runs(checkpoint, tmp_path, monkeypatch
 
 def test_llmrun_no_native_turns_the_kernels_off(lib, checkpoint, monkeypatch):
     monkeypatch.setenv("LLMRUN_NO_NATIVE", "1")
-    assert build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0)).decoder.native is None
+    assert build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0)).decoder.kernels.name is None
 
 
 def test_with_aten_below_avx512_the_avx512_kernels_stay_off(lib, monkeypatch):
@@ -226,7 +228,7 @@ def test_the_gemv_check_catches_another_order_of_summation(gemv_kernels, monkeyp
 
 def test_a_bf16_engine_runs_its_matmuls_in_the_gemv(lib, checkpoint):
     engine = build_engine(checkpoint, EngineOptions(dtype="bfloat16", gpu_mem_bytes=0))
-    native = engine.decoder.native
+    native = engine.decoder.kernels
     if not native.gemv:
         pytest.skip("no AVX-512 BF16 here")
     greedy_with_logits(engine, list(range(5, 40)), 3)

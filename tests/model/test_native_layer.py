@@ -30,8 +30,7 @@ def lib():
 
 
 def layer_for(num_heads, num_kv_heads, head_dim):
-    shape = LayerShape(num_heads * head_dim, num_heads, num_kv_heads, head_dim, 1e-5, intermediate_size=128,
-                       silu=True)
+    shape = LayerShape(num_heads * head_dim, num_heads, num_kv_heads, head_dim, 1e-5, intermediate_size=128)
     kernels = NativeKernels.for_decoder(torch.float32, torch.device("cpu"), shape)
     assert kernels is not None and kernels.layer is not None, "the self-check rejected the C layer here"
     return kernels.layer
@@ -77,14 +76,16 @@ def count_runs(engine, monkeypatch) -> list:
 @pytest.mark.parametrize("prompt_len", [40, 500])  # decoding inside one block of keys, and past 512
 def test_engine_layers_in_c_give_the_fused_paths_logits_and_tokens(lib, checkpoint, monkeypatch, prompt_len):
     engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0, ctx=1024))
-    assert engine.decoder.native.layer is not None
+    assert engine.decoder.kernels.layer is not None
     prompt = torch.randint(3, 320, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     runs = count_runs(engine, monkeypatch)
     tokens, logits = greedy_with_logits(engine, prompt, 24)
-    assert engine.decoder._layer_verified is True
+    assert engine.decoder.kernels.layer.verified is True
     assert len(runs) == 2 + 23 * 2  # the check's two trials, then every decode step (the first token
     # comes from the prefill) in both layers
-    engine.decoder.native.layer = None
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "layer")  # the same C kernels without the layer
+    engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0, ctx=1024))
+    assert engine.decoder.kernels.name == "C" and engine.decoder.kernels.layer is None
     fused_tokens, fused_logits = greedy_with_logits(engine, prompt, 24)
     assert tokens == fused_tokens
     assert torch.equal(logits, fused_logits)
@@ -93,21 +94,21 @@ def test_engine_layers_in_c_give_the_fused_paths_logits_and_tokens(lib, checkpoi
 def test_a_layer_that_disagrees_with_the_fused_path_is_not_used(lib, checkpoint, monkeypatch):
     engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0))
     decoder = engine.decoder
-    real = type(decoder).fused_layer
+    real = type(decoder).layer
 
     def off_by_a_bit(self, *args):
         hidden, delta = real(self, *args)
         return hidden, delta * (1 + 2**-22)
 
     runs = count_runs(engine, monkeypatch)
-    monkeypatch.setattr(type(decoder), "fused_layer", off_by_a_bit)
+    monkeypatch.setattr(type(decoder), "layer", off_by_a_bit)
     greedy_with_logits(engine, list(range(5, 30)), 4)
-    assert decoder._layer_verified is False and len(runs) == 1  # the check's first trial, then never again
+    assert decoder.kernels.layer.verified is False and len(runs) == 1  # the check's first trial, then never again
 
 
 def test_bf16_and_batched_steps_keep_the_fused_path(lib, checkpoint, monkeypatch):
     engine = build_engine(checkpoint, EngineOptions(dtype="bfloat16", gpu_mem_bytes=0))
-    assert engine.decoder.native.layer is None  # float32 only
+    assert engine.decoder.kernels.layer is None  # float32 only
     engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0, batch=2))
     runs = count_runs(engine, monkeypatch)
     together, alone = batched_and_alone(engine, [list(range(5, 30)), list(range(40, 52))], 6)
