@@ -42,7 +42,7 @@ def open_model(name: str, options: EngineOptions, *, show_progress: bool = True)
     from llmrun.engine.build import engine_from_plan
     from llmrun.plan.inputs import folder_inputs
     from llmrun.plan.make import make_plan
-    from llmrun.weights.placed import NO_STEP_OBSERVER
+    from llmrun.weights.observer import NO_STEP_OBSERVER
 
     source = present_or_pulled(name)
     inputs = folder_inputs(source.path, source.name)

@@ -7,6 +7,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from llmrun.weights.observer import StepObserver
+
 
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
@@ -108,10 +110,10 @@ def download_progress(description: str, total_bytes: int) -> Iterator[Callable[[
         yield advance
 
 
-class SlowStepProgress:
+class SlowStepProgress(StepObserver):
     """Shows "layer k/L, x GB/s" on stderr while one forward step takes longer than ~1 s (TTY only).
 
-    A step observer (weights/placed.py's StepObserver): it watches layers, so CUDA graphs do not replay.
+    It watches layers, so CUDA graphs do not replay while it is shown (ModelRunner.replay_graphs).
     """
 
     watches_layers = True

@@ -17,7 +17,7 @@ from llmrun.engine.sequence import FinishReason, Sequence
 from llmrun.errors import ContextOverflowError
 from llmrun.kv.block_allocator import BlockAllocator
 from llmrun.plan.make import PlanReport
-from llmrun.weights.placed import NO_STEP_OBSERVER, StepObserver
+from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from llmrun.kernels.row_check import rows_alone
 from llmrun.kv.block_allocator import BlockAllocator
 from llmrun.kv.metadata import SeqStep, build_metadata
 from llmrun.kv.paged_cache import PagedKVCache
-from llmrun.weights.placed import StepObserver
+from llmrun.weights.observer import StepObserver
 
 MAX_DECODE_ROWS = CHECK_ROWS[-1]  # decode rows one forward takes at most (the fused CPU kernels' checked rows)
 

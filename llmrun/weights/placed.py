@@ -10,31 +10,13 @@ import torch.nn.functional as F
 
 from llmrun.plan.placement import Placement, Tier
 from llmrun.weights.index import CheckpointIndex
+from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
 from llmrun.weights.offload import offloaded
 from llmrun.weights.packing import can_pack, pack_matmul_weights
 from llmrun.weights.loader import PackedTensor, TensorFileReader, pack_layout, packed_elements, views_into
 from llmrun.weights.streamer import LayerStreamer
 
 HEAD = "head"
-
-
-class StepObserver:
-    """Watches a forward step layer by layer; this base one watches nothing.
-
-    An observer that watches layers (`watches_layers`) is Python a CUDA graph would skip, so the
-    engine then runs its static decode steps eagerly instead of replaying them.
-    """
-
-    watches_layers = False
-
-    def layer(self, layer_idx: int, num_layers: int, bytes_moved: int) -> None:
-        """Called before layer `layer_idx` of a step runs, with the bytes streamed so far."""
-
-    def step_done(self) -> None:
-        """Called when a step's forward has finished."""
-
-
-NO_STEP_OBSERVER = StepObserver()
 
 
 class PlacedWeights:

@@ -6,7 +6,7 @@ import pytest
 
 from llmrun.engine.build import EngineOptions
 from llmrun.engine.sampler import SamplingParams
-from llmrun.weights.placed import StepObserver
+from llmrun.weights.observer import StepObserver
 from tests.checkpoints import llama_config, save_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=4)
