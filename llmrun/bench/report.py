@@ -19,9 +19,8 @@ def speedups(ours: CaseResult, ref: CaseResult) -> dict:
 def kernels_json(engine) -> dict:
     """Which decode kernels ran: the fused set (C on the CPU, Triton on CUDA; none: ATen's ops),
     its GEMV, and whether CUDA graphs replayed the decode steps."""
-    native, static = engine.decoder.native, engine.runner.static
-    return {**(native.describe() if native is not None else {"set": None}),
-            "cuda_graphs": bool(static is not None and static.capture)}
+    static = engine.runner.static
+    return {**engine.decoder.kernels.describe(), "cuda_graphs": bool(static is not None and static.capture)}
 
 
 def bench_json(name: str, engine, facts: dict, ours: dict, refs: dict, compare: str, reps: int,

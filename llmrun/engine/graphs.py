@@ -14,7 +14,7 @@ real ones. Graphs are captured on first need (a warm-up forward, then the captur
 and share one memory pool, as only one replays at a time.
 
 Every decode step on CUDA runs this static-shape forward, so that all GPU placements compute
-attention alike (model/gpu_kernels.py reads the pools through these slots and masks) and give the
+attention alike (kernels/gpu_kernels.py reads the pools through these slots and masks) and give the
 same tokens; it is captured and replayed where every weight is resident on the GPU, unless
 LLMRUN_NO_CUDA_GRAPHS=1 (streamed layers run Python between layers: their steps stay eager).
 On the CPU, `StaticDecode(capture=False)` is how tests check the static forward against the

@@ -39,7 +39,7 @@ class ModelRunner:
         Every scheduled sequence's `num_cached` advances by its `num_new`. A sequence's bits do not
         depend on the step's other sequences: each prompt chunk runs in a forward of its own, and
         decode rows share a forward only where the matmuls give each row its bits alone
-        (model/row_check.py); elsewhere they too run one by one.
+        (kernels/row_check.py); elsewhere they too run one by one.
         """
         if self.static is not None and self.static.handles(steps):
             tables = [self.allocator.block_table(step.seq.seq_id) for step in steps]

@@ -58,11 +58,6 @@ class LlamaDecoder:
         factor = rope_parameters.get("partial_rotary_factor") or config.raw.get("partial_rotary_factor")
         return int(config.head_dim * float(factor or 1.0))
 
-    @property
-    def native(self) -> Kernels:
-        """The kernel set, under the name bench/report.py reads (ATen's ops describe themselves as no set)."""
-        return self.kernels
-
     def build_rotaries(self) -> tuple[tuple[RotaryTable, ...], tuple[int, ...]]:
         """The RoPE tables and, per layer, the index of the one it uses (one table here)."""
         params = self.config.rope_parameters
