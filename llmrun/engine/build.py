@@ -66,6 +66,7 @@ def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: Engine
     (read once, by plan/inputs.py). `on_layer(i, bytes)` observes loading, `step_observer` each step."""
     from llmrun.engine.generate import Engine
     from llmrun.engine.tokenizer import load_tokenizer
+    from llmrun.kernels.choose import kernels_for
     from llmrun.model.config import model_config
     from llmrun.model.registry import config_family, decoder_class
     from llmrun.plan.devices import current_rss_bytes
@@ -80,7 +81,9 @@ def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: Engine
     device = "cuda" if placement.compute_tier is Tier.GPU else "cpu"
     dtype = torch_dtype(report.dtype)
     tokenizer = load_tokenizer(folder)
-    decoder = decoder_class(architecture)(config, dtype, device, max_positions=placement.ctx)
+    family = decoder_class(architecture)
+    kernels = kernels_for(family.layer_shape(config), dtype, device)  # ATen's ops, or fused ones that passed their check
+    decoder = family(config, dtype, device, max_positions=placement.ctx, kernels=kernels)
     rss_before_weights = current_rss_bytes()
     weights = PlacedWeights(decoder, inputs.index, placement, dtype, device, options.prefetch_depth, on_layer,
                             step_observer)
