@@ -58,6 +58,20 @@ def write_tiny_gguf(checkpoint: Path, out_file: Path, *, with_vocab_size: bool =
     return out_file
 
 
+def write_unknown_architecture_gguf(out_file: Path) -> Path:
+    """A valid GGUF whose architecture ("fancyarch") no one supports, with one small tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(out_file), "fancyarch")
+    writer.add_tensor("x.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
 def _add_tokenizer(writer, checkpoint: Path) -> None:
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
     vocab = dict(tokenizer["model"]["vocab"])

@@ -10,7 +10,7 @@ from llmrun.hub import gguf_import, store
 from llmrun.hub.resolve import resolve_model
 from llmrun.hub.source import validate_model_folder
 from tests.checkpoints import CHAT_TEMPLATE, llama_config, save_checkpoint
-from tests.hub.gguf_files import write_tiny_gguf
+from tests.hub.gguf_files import write_tiny_gguf, write_unknown_architecture_gguf
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +134,7 @@ def test_import_is_quiet_off_a_tty(tiny_gguf, capfd):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "fancyarch")
-    writer.add_tensor("x.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_unknown_architecture_gguf(tmp_path / "odd.gguf")
     with pytest.raises(InvalidModelError) as caught:
         gguf_import.import_gguf(tmp_path / "odd.gguf")
     assert str(caught.value) == (

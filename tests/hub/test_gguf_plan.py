@@ -11,7 +11,7 @@ from llmrun.plan.inputs import plan_inputs
 from llmrun.weights.index import build_index
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.cli.helpers import assert_one_line_error, run_cli
-from tests.hub.gguf_files import write_tiny_gguf
+from tests.hub.gguf_files import write_tiny_gguf, write_unknown_architecture_gguf
 
 PLAN_ARGS = ["--json", "--gpu-mem", "0", "--cpu-mem", "1GB", "--ctx", "64", "--dtype", "float32"]
 COMPARED = ("model", "dtype", "ctx", "kv_cache", "reservations", "layer_tiers", "head_tier", "embed_tier",
@@ -63,15 +63,7 @@ def test_plan_command_imports_nothing_and_plans_like_the_import(tmp_path, tiny_c
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "fancyarch")
-    writer.add_tensor("x.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_unknown_architecture_gguf(tmp_path / "odd.gguf")
     with pytest.raises(InvalidModelError, match=r"^cannot read odd.gguf's header: .*fancyarch"):
         plan_inputs(str(tmp_path / "odd.gguf"))
     assert_one_line_error(run_cli(["plan", tmp_path / "odd.gguf"], tmp_path), "odd.gguf's header")

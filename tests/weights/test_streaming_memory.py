@@ -37,7 +37,7 @@ def poll_peak_rss(proc: subprocess.Popen, peak: list) -> None:
 def test_peak_rss_stays_within_budget_while_streaming(medium, tmp_path):
     budget = 150 * MB
     args = [sys.executable, "-m", "llmrun", "run", str(medium), "Hello there", "--raw", "-t", "0",
-            "-n", "12", "--dtype", "float32", "--ctx", "256", "--cpu-mem", str(budget), "--gpu-mem", "0", "--json"]
+            "-n", "12", "--dtype", "float32", "--ctx", "256", "--cpu-mem", f"{budget}B", "--gpu-mem", "0", "--json"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path))
     polled = [0]
     poller = threading.Thread(target=poll_peak_rss, args=(proc, polled))
