@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,7 +12,9 @@ from llmrun.cli_options import (
     Ctx, CpuMem, DefaultModelArg, Dtype, GpuMem, MinP, ModelArg, Quiet, RepeatPenalty, Seed, Stop, System,
     Temperature, TopK, TopP, batch_option, checked, flag, json_option, max_tokens_option,
 )
+from llmrun.cli_store import store_commands
 from llmrun.errors import LlmrunError
+from llmrun.streams import end_quietly, fail, flush_std_streams, lenient_stdin
 
 class _Commands(TyperGroup):
     """llmrun's command group: a command's own failures end here as one line on stderr (Typer's
@@ -23,12 +24,12 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except LlmrunError as err:
-            _fail(err)
+            fail(err)
         except KeyboardInterrupt:
             print("llmrun: interrupted", file=sys.stderr)
             sys.exit(130)
         except BrokenPipeError:
-            _silence_broken_pipe()
+            end_quietly()
 
 
 app = typer.Typer(
@@ -176,12 +177,8 @@ def chat_command(
     request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     opened = open_model(_default_model(model), request)
-    try:
-        with opened.engine:
-            status = run_chat(opened, params, system=system, quiet=quiet)
-    except BrokenPipeError:
-        _silence_broken_pipe()
-        return
+    with opened.engine:
+        status = run_chat(opened, params, system=system, quiet=quiet)
     if status:  # piped input with a refused line: each was reported as it came
         raise typer.Exit(status)
 
@@ -247,138 +244,22 @@ def bench_command(
     _report(data, as_json, render_bench)
 
 
-@app.command("pull")
-def pull_command(
-    name: str = typer.Argument(..., help="Alias (smollm2, phi-3-mini, ...) or Hub repo id (org/name)."),
-) -> None:
-    """Download a model (config, tokenizer, safetensors) into the local cache.
-
-    Example: llmrun pull smollm2
-    """
-    from llmrun.hub.pull import pull_model
-
-    source = pull_model(name)
-    print(f"{source.name}: ready at {source.path}", file=sys.stderr)
-
-
-@app.command("import")
-def import_command(
-    file: Path = typer.Argument(..., help="A .gguf file to convert."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name in llmrun's store (default: file name)."),
-    force: bool = typer.Option(False, "--force", help="Replace a different model stored under that name."),
-) -> None:
-    """Convert a GGUF file into safetensors + config + tokenizer in llmrun's store.
-
-    A file imported before is reused; a different model of the same name is kept unless --force.
-
-    Example: llmrun import ./SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2
-    """
-    from llmrun.hub.gguf_import import import_gguf
-
-    source = import_gguf(file, name, force=force)
-    print(f"{source.name}: ready at {source.path}", file=sys.stderr)
-
-
-@app.command("models")
-def models_command(
-    as_json: Annotated[bool, json_option("Print a JSON list instead of a table.")] = False,
-    remove: Optional[str] = typer.Option(None, "--rm", help="Delete this entry of llmrun's store."),
-) -> None:
-    """List local models: llmrun's store and the Hugging Face cache; --rm NAME deletes a store entry.
-
-    Example: llmrun models --json
-    """
-    import json
-
-    from llmrun.hub.listing import list_local_models
-
-    if remove is not None:
-        from llmrun.hub.store import remove_entry
-
-        print(f"removed {remove_entry(remove)}", file=sys.stderr)
-        return
-    models = list_local_models()
-    if as_json:
-        print(json.dumps([m.to_json() for m in models], indent=2))
-        return
-    from llmrun.display import render_models
-
-    render_models(models)
-
-
-@app.command("cache")
-def cache_command(
-    clear: bool = typer.Option(False, "--clear", help="Remove every entry (rebuilt when next needed)."),
-) -> None:
-    """Show the offload cache (disk-streamed layers kept in the run dtype), or empty it.
-
-    Example: llmrun cache --clear
-    """
-    from llmrun.weights import offload_cache
-
-    print(offload_cache.clear_report() if clear else offload_cache.cache_report())
+for _name, _command in store_commands().items():
+    app.command(_name)(_command)
 
 
 def main() -> None:
     """Console-script entry point. Typer's standalone run handles usage errors itself (its one-line
     message and usage hint, exit 2); a command's own failures are turned into one line by
-    `_Commands.invoke`."""
-    _lenient_stdin()
+    `_Commands.invoke`; the standard streams' handling is in streams.py."""
+    lenient_stdin()
     try:
         app(prog_name="llmrun")
     except LlmrunError as err:  # raised outside a command (in a callback that runs before it)
-        _fail(err)
+        fail(err)
     except SystemExit as done:
         if isinstance(done.__context__, BrokenPipeError):  # Rich and Typer end a closed pipe with status 1
-            _silence_broken_pipe()
+            end_quietly()
         raise
     finally:
-        _flush_std_streams()  # now, not at interpreter exit, where a closed pipe means status 120
-
-
-def _fail(err: LlmrunError) -> None:
-    print(f"llmrun: error: {err}", file=sys.stderr)
-    sys.exit(err.exit_code)
-
-
-def _lenient_stdin() -> None:
-    """stdin bytes that are not UTF-8 become U+FFFD, with one note on stderr, instead of a
-    UnicodeDecodeError in the middle of a run or a chat."""
-    import codecs
-
-    noted = []
-
-    def replace(err: UnicodeDecodeError):
-        if not noted:
-            noted.append(True)
-            print("llmrun: note: stdin is not valid UTF-8; undecodable bytes were replaced by U+FFFD",
-                  file=sys.stderr)
-        return "\ufffd", err.end
-
-    codecs.register_error("llmrun-stdin", replace)
-    if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(encoding="utf-8", errors="llmrun-stdin")
-
-
-def _silence_broken_pipe() -> None:
-    """The reader went away (`| head`): a normal end, status 0, without a second error at exit."""
-    _flush_std_streams()
-    sys.exit(0)
-
-
-def _flush_std_streams() -> None:
-    """Flush stdout and stderr; one whose reader went away is pointed at /dev/null, so what its
-    buffer still holds cannot fail again at interpreter exit ("Exception ignored ...", status 120)."""
-    import os
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        except (AttributeError, OSError, ValueError):  # no stream, or one already closed
-            pass
+        flush_std_streams()  # now, not at interpreter exit, where a closed pipe means status 120
