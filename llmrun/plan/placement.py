@@ -253,8 +253,10 @@ def _longest_fitting_ctx(sizes: ModelSizes, budgets: Budgets, options: PlanOptio
     return lo // step * step
 
 
-def _smallest_budget(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> int:
-    """The smallest fast-tier budget (bytes) in which options.ctx plans."""
+def smallest_budget(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> int:
+    """The floor: the smallest fast-tier budget (bytes) in which options.ctx and options.batch plan.
+
+    Found by planning (`_place`), so it follows the placement's own reservations and staging rule."""
     lo, hi = 0, 1 << 20
     while not _fits(sizes, _with_budget(budgets, hi), options):
         lo, hi = hi, hi * 2
@@ -268,7 +270,7 @@ def _advice(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> str:
     """Why the plan does not fit and what would, each suggestion checked by planning with it."""
     where, flag = ("GPU", "--gpu-mem") if budgets.has_gpu else ("CPU", "--cpu-mem")
     budget = budgets.gpu_bytes if budgets.has_gpu else budgets.cpu_bytes
-    needed = _smallest_budget(sizes, budgets, options)
+    needed = smallest_budget(sizes, budgets, options)
     parts = "KV cache, workspace, staging buffers" + (", CUDA runtime" if budgets.has_gpu else "")
     head = (f"a {options.ctx}-token context x {options.batch} sequence(s) needs at least {format_bytes(needed)} "
             f"of {where} memory ({parts}), more than the {format_bytes(budget)} budget")
@@ -279,5 +281,5 @@ def _advice(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> str:
     smallest = min(options.block_size, options.ctx)
     if smallest == options.ctx:
         return f"the model cannot run: {head}; it fits {bigger}"
-    least = size_option_text(_smallest_budget(sizes, budgets, replace(options, ctx=smallest)))
+    least = size_option_text(smallest_budget(sizes, budgets, replace(options, ctx=smallest)))
     return f"the model cannot run: {head}; it fits {bigger}, or with --ctx {smallest} {flag} {least}"
