@@ -45,3 +45,11 @@ class StorageError(LlmrunError):
 
 class StoreConflictError(LlmrunError):
     """An import would replace a different model of the same name in llmrun's store."""
+
+
+class QueueFullError(LlmrunError):
+    """The engine loop's waiting queue is full (the server answers 429): try again later."""
+
+
+class EngineStoppedError(LlmrunError):
+    """The engine loop is shutting down, or a step failed, so the request cannot be served."""

@@ -58,6 +58,7 @@ RULES = {
     "repetition_penalty": Rule(low=0, low_open=True),
     "max_new_tokens": Rule(low=1, integer=True),
     "seed": Rule(low=0, high=SEED_MAX, integer=True),
+    "logprobs": Rule(low=0, high=20, integer=True),  # most likely tokens reported beside each sampled one
     "ctx": Rule(low=2, integer=True),  # one prompt token and one generated
     "batch": Rule(low=1, integer=True),
     "reps": Rule(low=1, integer=True),

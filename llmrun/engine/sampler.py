@@ -23,11 +23,12 @@ class SamplingParams:
     seed: Optional[int] = None
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # report each token's log probability and this many most likely (0-20)
 
     def __post_init__(self) -> None:
         checked = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
                    "repetition_penalty": self.repetition_penalty, "seed": self.seed,
-                   "max_new_tokens": self.max_new_tokens}
+                   "max_new_tokens": self.max_new_tokens, "logprobs": self.logprobs}
         for key, value in checked.items():
             check_value(key, value, LABELS.get(key, key.replace("_", "-")))
 
@@ -74,6 +75,16 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     return logits
+
+
+def token_logprobs(logits_row: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The log probability of `token` under a [vocab] row of raw logits (float32 log-softmax), and
+    the `top` most likely (token, log probability) pairs, most likely first."""
+    logprobs = logits_row.float().log_softmax(-1)
+    if not top:
+        return float(logprobs[token]), ()
+    best = torch.topk(logprobs, min(top, logprobs.numel()))
+    return float(logprobs[token]), tuple(zip(best.indices.tolist(), best.values.tolist()))
 
 
 def sample_next(logits: torch.Tensor, rows: list, device) -> list[int]:

@@ -13,9 +13,10 @@ class FinishReason(str, Enum):
     STOP = "stop"      # a stop string appeared
     LENGTH = "length"  # max new tokens or the context window reached
     EOS = "eos"        # the model produced an end-of-sequence token
+    ABORT = "abort"    # cancelled by its client (EngineLoop: RequestHandle.abort or shutdown)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the scheduler's lists hold the objects themselves
 class Sequence:
     seq_id: int
     prompt_ids: list[int]
