@@ -53,3 +53,7 @@ class QueueFullError(LlmrunError):
 
 class EngineStoppedError(LlmrunError):
     """The engine loop is shutting down, or a step failed, so the request cannot be served."""
+
+
+class ServerError(LlmrunError):
+    """`llmrun serve` cannot start (its address is taken), or a server `run --url` talks to fails."""

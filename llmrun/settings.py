@@ -46,6 +46,8 @@ LLMRUN_CACHE = Setting("LLMRUN_CACHE", "rebuildable files, the compiled CPU kern
                        "cache folder)")
 LLMRUN_MODEL = Setting("LLMRUN_MODEL", "the model `chat`, `plan` and `bench` use when none is named (default: "
                        "smollm2)")
+LLMRUN_API_KEY = Setting("LLMRUN_API_KEY", "the key `llmrun serve` requires (`Authorization: Bearer KEY`) unless "
+                         "--api-key is given, and the one `llmrun run --url` sends")
 LLMRUN_NO_NATIVE = Setting("LLMRUN_NO_NATIVE", "`1` turns llmrun's C and Triton decode kernels off (the plain "
                            "ATen path, same tokens, slower)")
 LLMRUN_FAIL_CHECKS = Setting("LLMRUN_FAIL_CHECKS", "for tests: kernel checks to fail on purpose, e.g. `gemv,layer` "
@@ -72,8 +74,8 @@ XDG_CACHE_HOME = Setting("XDG_CACHE_HOME", "Linux: the user cache folder (LLMRUN
 LOCALAPPDATA = Setting("LOCALAPPDATA", "Windows: the folder LLMRUN_HOME and LLMRUN_CACHE default into",
                        owner="Windows")
 
-SETTINGS = (LLMRUN_HOME, LLMRUN_CACHE, LLMRUN_MODEL, LLMRUN_NO_NATIVE, LLMRUN_FAIL_CHECKS, LLMRUN_NO_CUDA_GRAPHS,
-            LLMRUN_NO_PACK, CC, TRITON_INTERPRET, HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE,
+SETTINGS = (LLMRUN_HOME, LLMRUN_CACHE, LLMRUN_MODEL, LLMRUN_API_KEY, LLMRUN_NO_NATIVE, LLMRUN_FAIL_CHECKS,
+            LLMRUN_NO_CUDA_GRAPHS, LLMRUN_NO_PACK, CC, TRITON_INTERPRET, HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE,
             TRANSFORMERS_OFFLINE, XDG_DATA_HOME, XDG_CACHE_HOME, LOCALAPPDATA)
 
 
