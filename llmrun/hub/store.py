@@ -34,6 +34,7 @@ class StoreMetadata:
     created: str  # ISO 8601, UTC
     original_size_bytes: int | None = None
     original_mtime_ns: int | None = None
+    quant: dict | None = None  # quantized weights: their summary (a GGUF's kept, or llmrun's); None: float
 
 
 def store_name(name: str) -> str:
