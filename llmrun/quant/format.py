@@ -17,8 +17,8 @@ On disk (safetensors; tensors named after the float weight "<name>" they replace
 from __future__ import annotations
 
 import json
+import math
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -26,10 +26,10 @@ from typing import Callable, Mapping
 import torch
 
 from llmrun.errors import InvalidModelError
+from llmrun.quant.spec import INT4_GROUPS
 
 FORMAT_VERSION = 1
 METADATA_KEY = "llmrun.quant"
-INT4_GROUPS = (32, 64, 128)
 PARTS = ("qweight", "scales", "mins", "scale_codes", "min_codes", "super_scales", "super_mins")
 
 
@@ -91,6 +91,38 @@ def layout_problem(bits: int, group_size: int, out_features: int, in_features: i
         if tensor is not None and (tensor.dtype != torch.float32 or tuple(tensor.shape) != grouped):
             return f"{part} is {tensor.dtype} {list(tensor.shape)}, wants torch.float32 {list(grouped)}"
     return ""
+
+
+def concat_quant(weights: list[QuantWeight]) -> QuantWeight:
+    """Weights of the same inputs stacked along the outputs (q/k/v into one qkv). Alike formats are
+    concatenated as they are; mixed ones (a GGUF's Q4_K beside Q6_K) become int8 with the common
+    group and zero mins where one had none: every q * scale + min is unchanged, so nothing is lost."""
+    first = weights[0]
+    if len({w.in_features for w in weights}) != 1:
+        raise ValueError("stacked weights must share their inputs")
+    if len(weights) == 1:
+        return first
+    alike = all((w.bits, w.group_size, w.mins is None) == (first.bits, first.group_size, first.mins is None)
+                for w in weights)
+    if not alike:
+        group = math.gcd(*(w.group_size for w in weights))
+        with_mins = any(w.mins is not None for w in weights)
+        weights = [_as_int8(w, group, with_mins) for w in weights]
+        first = weights[0]
+    mins = None if first.mins is None else torch.cat([w.mins for w in weights])
+    return QuantWeight(first.bits, first.group_size, sum(w.out_features for w in weights), first.in_features,
+                       torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]), mins)
+
+
+def _as_int8(qw: QuantWeight, group: int, with_mins: bool) -> QuantWeight:
+    """The same values as int8 in groups of `group` (which divides qw's group): exact."""
+    q = unpack_int4(qw.qweight).to(torch.int8) if qw.bits == 4 else qw.qweight
+    repeat = qw.group_size // group
+    scales = qw.scales.repeat_interleave(repeat, dim=1)
+    mins = qw.mins.repeat_interleave(repeat, dim=1) if qw.mins is not None else None
+    if with_mins and mins is None:
+        mins = torch.zeros_like(scales)
+    return QuantWeight(8, group, qw.out_features, qw.in_features, q, scales, mins)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -156,9 +188,12 @@ class QuantMetadata:
 
     def describe(self) -> str:
         """One phrase for the run's notice, e.g. 'int4 g64 (quantized by llmrun)'."""
-        bits = "/".join(f"int{b}" for b in sorted({f.bits for f in self.tensors.values()}, reverse=True))
-        groups = "/".join(str(g) for g in sorted({f.group_size for f in self.tensors.values()}))
-        return f"{bits} g{groups} ({self.source})"
+        formats = list(self.tensors.values())
+        bits = "/".join(f"int{b}" for b in sorted({f.bits for f in formats}, reverse=True))
+        grouped = sorted({f.group_size for f in formats if f.group_size != f.in_features})
+        per_channel = any(f.group_size == f.in_features for f in formats)
+        groups = ([f"g{'/'.join(map(str, grouped))}"] if grouped else []) + (["per channel"] if per_channel else [])
+        return f"{bits} {' + '.join(groups)} ({self.source})"
 
     @classmethod
     def from_json(cls, text: str | None, where: str) -> "QuantMetadata":
@@ -289,7 +324,7 @@ def save_quantized(path: Path, tensors: Mapping[str, torch.Tensor], meta: QuantM
 
     path = Path(path)
     check_consistent(meta, set(tensors), str(path))
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a dead writer's leftover is recognised by its pid
     try:
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(temp), metadata={METADATA_KEY: meta.to_json()})
         os.replace(temp, path)

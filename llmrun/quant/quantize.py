@@ -1,0 +1,118 @@
+"""llmrun's quantizer: float weights -> QuantWeight (int8 symmetric; int4 asymmetric groups, fitted by
+least squares), and a checkpoint's compressed tensors written as one quantized safetensors file.
+
+Scales and minimums are rounded to float16 first where float16 holds them as normal numbers (as GGUF
+stores its d and m), and the integers are chosen against the rounded values: the file then stores
+them in float16 exactly, and what is loaded is what was measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmrun.quant.format import QuantMetadata, QuantWeight, TensorFormat, pack_int4, save_quantized, stored_tensors
+from llmrun.quant.spec import QuantSpec, check_groups, quantizable
+from llmrun.weights.index import CheckpointIndex
+from llmrun.weights.loader import PackedTensor, TensorFileReader
+
+_HALF_NORMAL = 2.0**-14  # smallest normal float16: below it float16 would lose bits
+_HALF_MAX = 65504.0
+FIT_ROUNDS = 4  # least-squares rounds of the int4 fit (0: the plain min/max grid)
+QUANTIZER_VERSION = 2  # names quantize-on-load cache entries: bump when the values chosen change
+
+
+def _half_rounded(values: torch.Tensor) -> torch.Tensor:
+    """Each value rounded to float16 where that is a normal float16 (else kept): float32 out."""
+    magnitude = values.abs()
+    representable = (magnitude >= _HALF_NORMAL) & (magnitude <= _HALF_MAX)
+    return torch.where(representable, values.to(torch.float16).to(torch.float32), values)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantWeight:
+    """Quantize a float [out, in] weight; the group must divide `in` (check_groups says so first)."""
+    out_features, in_features = weight.shape
+    group = spec.group_for(in_features)
+    w = weight.to(torch.float32).reshape(out_features, in_features // group, group)  # [out, groups, group]
+    if spec.bits == 8:
+        scales = _half_rounded(w.abs().amax(dim=-1) / 127.0)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+        q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8).reshape(out_features, in_features)
+        return QuantWeight(8, group, out_features, in_features, q, scales, None)
+    scales, mins = _fit_int4(w)
+    scales, mins = _half_rounded(scales), _half_rounded(mins)
+    q = _nearest(w, scales, mins)
+    return QuantWeight(4, group, out_features, in_features, pack_int4(q.reshape(out_features, in_features)),
+                       scales, mins)
+
+
+def _nearest(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Each weight's nearest of the 16 levels min + q * scale (q = 0 where a group's scale is 0)."""
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+    q = torch.round((w - mins.unsqueeze(-1)) / safe).clamp_(0, 15)
+    return torch.where(scales.unsqueeze(-1) > 0, q, torch.zeros_like(q)).to(torch.uint8)
+
+
+def _fit_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and minimum per group [out, groups] of w [out, groups, group]: the min/max grid, then
+    rounds of least squares (each group's best scale and min for its levels, then the nearest levels
+    again), keeping each group's fit of least squared error. Outliers then cost their group less."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales, mins = (high - low) / 15.0, low
+    best = (scales, mins, _squared_error(w, scales, mins))
+    n = w.shape[-1]
+    for _ in range(FIT_ROUNDS):
+        q = _nearest(w, scales, mins).to(torch.float32)
+        sum_q, sum_qq = q.sum(-1), (q * q).sum(-1)
+        sum_w, sum_qw = w.sum(-1), (q * w).sum(-1)
+        det = n * sum_qq - sum_q * sum_q
+        fitted = det > 0
+        det = torch.where(fitted, det, torch.ones_like(det))
+        new_scales = (n * sum_qw - sum_q * sum_w) / det
+        fitted &= new_scales > 0
+        scales = torch.where(fitted, new_scales, scales)
+        mins = torch.where(fitted, (sum_w - scales * sum_q) / n, mins)
+        error = _squared_error(w, scales, mins)
+        better = error < best[2]
+        best = (torch.where(better, scales, best[0]), torch.where(better, mins, best[1]),
+                torch.where(better, error, best[2]))
+    return best[0], best[1]
+
+
+def _squared_error(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    q = _nearest(w, scales, mins).to(torch.float32)
+    return ((q * scales.unsqueeze(-1) + mins.unsqueeze(-1) - w) ** 2).sum(-1)
+
+
+def quantize_index(index: CheckpointIndex, spec: QuantSpec, path: Path, *, keep_floats: bool,
+                   on_tensor: Callable[[int, int], None] = lambda done, total: None) -> QuantMetadata:
+    """Write `path`: every compressed tensor of `index` quantized (and, with `keep_floats`, the other
+    tensors as they are), atomically. `on_tensor(done, total)` reports progress."""
+    check_groups(index, spec)
+    names = [n for n, info in index.tensors.items() if quantizable(n, info.shape)]
+    kept = tuple(sorted(n for n in index.tensors if n not in set(names)))
+    tensors: dict[str, torch.Tensor] = {}
+    formats: dict[str, TensorFormat] = {}
+    with TensorFileReader() as reader:
+        for done, name in enumerate(names, 1):
+            weight = _read(reader, index, name)
+            qw = quantize_weight(weight, spec)
+            tensors.update(stored_tensors(name, qw))
+            formats[name] = TensorFormat(qw.bits, qw.group_size, qw.out_features, qw.in_features)
+            on_tensor(done, len(names))
+        if keep_floats:
+            for name in kept:  # in 16 bits: a float32 checkpoint's kept tensors become bfloat16
+                tensor = _read(reader, index, name)
+                tensors[name] = tensor.to(torch.bfloat16) if tensor.dtype == torch.float32 else tensor
+    meta = QuantMetadata(formats, kept)
+    save_quantized(path, tensors, meta)
+    return meta
+
+
+def _read(reader: TensorFileReader, index: CheckpointIndex, name: str) -> torch.Tensor:
+    from llmrun.weights.loader import torch_dtype
+
+    info = index[name]
+    return reader.load_packed(PackedTensor(name, (info,), info.shape), torch_dtype(info.dtype))
