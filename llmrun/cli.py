@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 from llmrun.cli_options import (
     Ctx, CpuMem, DefaultModelArg, Dtype, GpuMem, MinP, ModelArg, Quiet, RepeatPenalty, Seed, Stop, System,
     Temperature, TopK, TopP, batch_option, checked, flag, json_option, max_tokens_option,
+    ApiKey, Host, MaxBodySize, MaxWaiting, Port, ShutdownGrace, Url,
 )
 from llmrun.cli_store import store_commands
 from llmrun.errors import LlmrunError
@@ -120,11 +121,23 @@ def run_command(
     each_line: Annotated[bool, flag("--each-line", help="Every stdin line is its own prompt; JSON Lines out.")] = False,
     as_json: Annotated[bool, json_option("Print one JSON object instead of streamed text.")] = False,
     quiet: Quiet = False,
+    url: Url = None,
 ) -> None:
     """Answer one prompt and exit; only the model's text goes to stdout.
 
     Example: echo "Some text" | llmrun run smollm2 "Summarise this." -t 0
     """
+    if url is not None:  # a running server answers: nothing loads here
+        from llmrun.oneshot import read_prompt
+        from llmrun.serve.client import refuse_local_options, run_remote
+
+        refuse_local_options({"--each-line": each_line, "--ctx": ctx is not None, "--dtype": dtype != "auto",
+                              "--gpu-mem": gpu_mem is not None, "--cpu-mem": cpu_mem is not None,
+                              "--batch": batch != 1})
+        params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
+        run_remote(url, model, read_prompt(prompt, raw=raw), params, system=system, raw=raw, as_json=as_json,
+                   quiet=quiet)
+        return
     from dataclasses import replace
 
     from llmrun.engine.prompt import prompt_ids
@@ -242,6 +255,37 @@ def bench_command(
     from llmrun.display import render_bench
 
     _report(data, as_json, render_bench)
+
+
+@app.command("serve")
+def serve_command(
+    model: DefaultModelArg = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    api_key: ApiKey = None,
+    max_waiting: MaxWaiting = 256,
+    max_body_size: MaxBodySize = "4MB",
+    shutdown_grace: ShutdownGrace = 5.0,
+    batch: Annotated[int, batch_option("Sequences decoded together (the KV cache is planned for them).")] = 16,
+    ctx: Ctx = None,
+    dtype: Dtype = "auto",
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+) -> None:
+    """Serve a model over HTTP: OpenAI's API under /v1 (completions, chat, streaming) and Ollama's /api.
+
+    Ctrl-C or SIGTERM stops it (running requests get --shutdown-grace seconds). docs/serve.md has more.
+
+    Example: llmrun serve smollm2 --port 8000   (then: curl http://127.0.0.1:8000/v1/models)
+    """
+    from llmrun import settings
+    from llmrun.serve.app import ServeConfig
+    from llmrun.serve.server import serve
+
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    config = ServeConfig(api_key=api_key or settings.LLMRUN_API_KEY.text(), max_body_bytes=max_body_size)
+    serve(_default_model(model), request, config, host=host, port=port, max_waiting=max_waiting,
+          grace_s=shutdown_grace)
 
 
 for _name, _command in store_commands().items():

@@ -102,3 +102,20 @@ def json_option(help: str):
 
 
 Quiet = Annotated[bool, flag("-q", "--quiet", help="No stats line on stderr.")]
+
+# The server (serve) and talking to one (run --url)
+Host = Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface; give an "
+                                   "--api-key).", metavar="ADDR")]
+Port = Annotated[int, typer.Option("--port", help="Port to listen on (0: one the system picks).",
+                                   callback=checked("port"), metavar="N")]
+ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 and /api "
+                                               "(default: $LLMRUN_API_KEY).", metavar="KEY", show_default=False)]
+MaxWaiting = Annotated[int, typer.Option("--max-waiting", help="Requests that may wait for a place in the batch "
+                                         "(beyond: 429).", callback=checked("max_waiting"), metavar="N")]
+ShutdownGrace = Annotated[float, typer.Option("--shutdown-grace", help="Seconds running requests may finish "
+                                              "after Ctrl-C or SIGTERM, before they are cancelled.",
+                                              callback=checked("shutdown_grace"), metavar="SECONDS")]
+MaxBodySize = Annotated[str, typer.Option("--max-body-size", help="Largest request body accepted (beyond: 413).",
+                                          callback=size_in_bytes, metavar="SIZE")]
+Url = Annotated[Optional[str], typer.Option("--url", help="Send the prompt to a running `llmrun serve` "
+                                            "(http://HOST:PORT) instead of loading the model.", metavar="URL")]

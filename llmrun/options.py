@@ -61,6 +61,9 @@ RULES = {
     "logprobs": Rule(low=0, high=20, integer=True),  # most likely tokens reported beside each sampled one
     "ctx": Rule(low=2, integer=True),  # one prompt token and one generated
     "batch": Rule(low=1, integer=True),
+    "port": Rule(low=0, high=65535, integer=True),
+    "max_waiting": Rule(low=1, integer=True),
+    "shutdown_grace": Rule(low=0),
     "reps": Rule(low=1, integer=True),
     "new_tokens": Rule(low=1, integer=True),
 }

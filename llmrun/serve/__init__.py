@@ -1,0 +1,1 @@
+"""`llmrun serve`: an OpenAI- and Ollama-compatible HTTP server over the engine loop."""
