@@ -36,6 +36,7 @@ import torch
 from llmrun import settings
 from llmrun.kernels.interface import CHECK_ROWS, FusedKernels, Kernels, LayerShape, check_forced_to_fail
 from llmrun.kernels.native_layer import NativeLayer, declare_layer
+from llmrun.kernels.verdicts import store_beside
 from llmrun.model.layers import linear
 from llmrun.paths import cache_dir
 from llmrun.weights.packing import pack_weight
@@ -239,8 +240,17 @@ class NativeKernels(FusedKernels):
         oneDNN's bits for every row count."""
         shape = tuple(weight.shape)
         if shape not in self._gemv_shapes:
-            self._gemv_shapes[shape] = self._gemv_matches(weight) and self._gemv_reads(weight)
+            self._gemv_shapes[shape] = self._gemv_matches_remembered(weight) and self._gemv_reads(weight)
         return self._gemv_shapes[shape]
+
+    def _gemv_matches_remembered(self, weight: torch.Tensor) -> bool:
+        """`_gemv_matches` for this shape, its verdict remembered per machine and library build
+        (kernels/verdicts.py): the check's probes cost ~0.2 s of every start otherwise."""
+        if check_forced_to_fail("gemv"):
+            return False
+        n, k = weight.shape
+        return store_beside(self.lib._name).verdict("gemv_matches", f"{n}x{k}", torch.get_num_threads(),
+                                                    lambda: self._gemv_matches(weight))
 
     def _gemv_reads(self, weight: torch.Tensor) -> bool:
         x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
