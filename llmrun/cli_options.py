@@ -119,3 +119,8 @@ MaxBodySize = Annotated[str, typer.Option("--max-body-size", help="Largest reque
                                           callback=size_in_bytes, metavar="SIZE")]
 Url = Annotated[Optional[str], typer.Option("--url", help="Send the prompt to a running `llmrun serve` "
                                             "(http://HOST:PORT) instead of loading the model.", metavar="URL")]
+
+# The store (import, pull): what becomes of a GGUF's quantized weights
+KeepQuant = Annotated[bool, typer.Option(
+    "--keep-quant/--dequantize",
+    help="Keep a GGUF's quantized weights (exact, in llmrun's int4/int8 format), or dequantize them to float32.")]

