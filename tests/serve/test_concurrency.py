@@ -28,7 +28,7 @@ def wait_until_idle(server, timeout_s=30):
 def test_64_concurrent_streams_each_equal_its_own_run_and_the_pool_is_whole(server):
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
     prompts = [prompt(i) for i in range(64)]
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
              for p in prompts]
     before = wait_until_idle(server)
     texts, finishes, errors = [None] * 64, [None] * 64, []
@@ -38,7 +38,7 @@ def test_64_concurrent_streams_each_equal_its_own_run_and_the_pool_is_whole(serv
         try:
             start.wait()
             pieces = []
-            for chunk in client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0,
+            for chunk in client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0,
                                                    stream=True, stream_options={"include_usage": True}):
                 if chunk.choices:
                     pieces.append(chunk.choices[0].text)
