@@ -1,6 +1,6 @@
 """CPU layer streaming vs accelerate's disk offload: same model, budget, prompt, in one run.
 
-    PYTHONPATH=$PWD python scripts/bench_cpu_offload.py --model smollm2 --budget 150MB
+    PYTHONPATH=$PWD python scripts/bench_cpu_offload.py --model smollm2 --budget 150MB [--dtype float32]
 
 llmrun: `--gpu-mem 0 --cpu-mem BUDGET` (layers that do not fit stream from disk, one ahead).
 accelerate: `from_pretrained(device_map="auto", max_memory={"cpu": BUDGET}, offload_folder=...)`.
@@ -45,13 +45,13 @@ def cached_fraction(paths: list[Path]) -> float:
     return resident / total if total else 0.0
 
 
-def llmrun_run(folder: Path, budget: int, prompt: str, new_tokens: int) -> dict:
+def llmrun_run(folder: Path, budget: int, prompt: str, new_tokens: int, dtype: str) -> dict:
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.engine.prompt import prompt_ids
     from llmrun.engine.sampler import SamplingParams
     from llmrun.plan.placement import Tier
 
-    options = EngineOptions(dtype="bfloat16", ctx=512, gpu_mem_bytes=0, cpu_mem_bytes=budget)
+    options = EngineOptions(dtype=dtype, ctx=512, gpu_mem_bytes=0, cpu_mem_bytes=budget)
     with build_engine(folder, options) as engine:
         ids = prompt_ids(engine.tokenizer, prompt)
         engine.eos_ids = frozenset()
@@ -64,13 +64,13 @@ def llmrun_run(folder: Path, budget: int, prompt: str, new_tokens: int) -> dict:
                 "tokens": result.tokens}
 
 
-def accelerate_run(folder: Path, budget: int, prompt: str, new_tokens: int) -> dict:
+def accelerate_run(folder: Path, budget: int, prompt: str, new_tokens: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with tempfile.TemporaryDirectory(prefix="accelerate-offload-") as offload:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="auto",
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map="auto",
                                                      max_memory={"cpu": budget}, offload_folder=offload)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--budget", default="150MB")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--prompt", default="Write a short poem about the sea.")
     args = parser.parse_args()
     folder = resolve_model(args.model).path  # never downloads: `llmrun pull` first
@@ -105,10 +106,10 @@ def main() -> None:
         with open(file, "rb") as handle:
             while handle.read(1 << 24):
                 pass
-    ours = llmrun_run(folder, budget, args.prompt, args.new_tokens)
-    theirs = accelerate_run(folder, budget, args.prompt, args.new_tokens)
+    ours = llmrun_run(folder, budget, args.prompt, args.new_tokens, args.dtype)
+    theirs = accelerate_run(folder, budget, args.prompt, args.new_tokens, args.dtype)
     report = {
-        "model": args.model, "budget_bytes": budget, "new_tokens": args.new_tokens,
+        "model": args.model, "dtype": args.dtype, "budget_bytes": budget, "new_tokens": args.new_tokens,
         "checkpoint_cached_fraction": round(cached_fraction(files), 3),
         "llmrun": {k: v for k, v in ours.items() if k != "tokens"},
         "accelerate": {k: v for k, v in theirs.items() if k != "tokens"},

@@ -47,15 +47,24 @@ def streaming_budget(folder, slow: Tier, *, gpu=None, head_slow: bool = False, *
     return budget
 
 
+def floor_budget(folder, *, gpu: int = 0, **kwargs) -> int:
+    """The smallest CPU budget (to 256 bytes) in which the checkpoint plans (GPU budget `gpu`)."""
+    return _search(0, TOP, lambda budget: _placement(folder, gpu, budget, **kwargs) is not None)
+
+
 def placement_options(name: str, folder, dtype="float32", **kwargs) -> EngineOptions:
     """EngineOptions for a named placement.
 
-    CPU compute: resident | disk | disk-head. GPU compute: gpu | gpu-cpu (layers streamed from pinned
-    memory) | gpu-disk (from disk through pinned buffers).
+    CPU compute: resident | disk | disk-head | disk-floor (the smallest budget that plans: layers
+    staged matrix by matrix, the head in chunks). GPU compute: gpu | gpu-cpu (layers streamed from
+    pinned memory) | gpu-disk (from disk through pinned buffers).
     """
     plan_kwargs = {"dtype": dtype, **{k: kwargs[k] for k in ("ctx", "batch") if k in kwargs}}
     if name == "resident":
         return EngineOptions(dtype=dtype, gpu_mem_bytes=0, **kwargs)
+    if name == "disk-floor":
+        budget = floor_budget(folder, **plan_kwargs)
+        return EngineOptions(dtype=dtype, gpu_mem_bytes=0, cpu_mem_bytes=budget, **kwargs)
     if name in ("disk", "disk-head"):
         budget = streaming_budget(folder, Tier.DISK, head_slow=name == "disk-head", **plan_kwargs)
         return EngineOptions(dtype=dtype, gpu_mem_bytes=0, cpu_mem_bytes=budget, **kwargs)

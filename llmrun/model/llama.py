@@ -14,8 +14,10 @@ from llmrun.model.rope import RotaryTable, rotary_table
 class LlamaDecoder:
     """Pre-norm decoder: x + attn(norm(x)), then x + mlp(norm(x)); weights by their HF names.
 
-    Weights arrive from a provider (weights/placed.py): `weights.layer(i)` and `weights.head()` are
-    context managers yielding tensors on the compute device, so every placement runs this code.
+    Weights arrive from a provider (weights/placed.py): `weights.layer(i)` yields a layer's tensors
+    on the compute device and `weights.head_chunks()` the head's vocabulary chunks in turn, so every
+    placement runs this code. A streamed layer may hold one matrix at a time: a layer uses its
+    matrices in its layout's order.
     The operations arrive as a kernel set (kernels/choose.py picks one for `layer_shape`): ATen's
     ops or fused kernels that passed their check. Families override the layout, the shape's
     variants (norm kind, q/k norms, soft-capping) and, where the math differs, `layer`.
@@ -125,7 +127,7 @@ class LlamaDecoder:
             rope, layer_meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
             with weights.layer(layer_idx) as w:
                 k_slots, v_slots = cache.layer(layer_idx)
-                if whole is not None and whole.takes(layer_idx, w):
+                if whole is not None and isinstance(w, dict) and whole.takes(layer_idx, w):  # all at once
                     hidden, delta = whole.run(w, k_slots, v_slots, hidden, delta)
                 else:
                     hidden, delta = self.layer(ops, w, hidden, delta, rope, layer_meta, k_slots, v_slots)
@@ -149,6 +151,7 @@ class LlamaDecoder:
         return weights.embed(input_ids)
 
     def logits(self, weights, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, vocab] for the given final hidden rows."""
-        with weights.head() as head:
-            return self.kernels.linear(hidden, head)
+        """Logits [rows, vocab] for the given final hidden rows, a chunk of the vocabulary at a time
+        as the head's rows arrive (the whole head at once when it is resident)."""
+        chunks = [self.kernels.linear(hidden, head) for head in weights.head_chunks()]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)

@@ -27,6 +27,16 @@ class ModelSizes:
     num_attention_heads: int
     max_context: int
     dtype_bytes: int                  # bytes per element of the run dtype
+    layer_matrix_bytes: tuple[int, ...] = ()  # per layer, its largest matrix as staged (q/k/v, gate/up fused)
+    layer_vector_bytes: tuple[int, ...] = ()  # per layer, its norms (resident when it streams matrix by matrix)
+
+    def matrix_bytes(self, layer: int) -> int:
+        """The largest piece layer `layer` streams in when staged matrix by matrix (the whole layer
+        when its matrices are not known)."""
+        return self.layer_matrix_bytes[layer] if self.layer_matrix_bytes else self.layer_bytes[layer]
+
+    def vector_bytes(self, layer: int) -> int:
+        return self.layer_vector_bytes[layer] if self.layer_vector_bytes else 0
 
     @property
     def num_parameters(self) -> int:
@@ -51,16 +61,38 @@ def tensor_bytes_in(tag: str, num_elements: int, dtype_bytes: int) -> int:
     return num_elements * (dtype_bytes if tag in _FLOAT_TAGS else DTYPE_BYTES[tag])
 
 
+def _piece_name(name: str) -> str:
+    """The staged piece a layer's tensor travels in when the layer streams matrix by matrix
+    (weights/pieces.py): its module, q/k/v and gate/up together as decoders fuse them."""
+    module = name.rsplit(".", 1)[0]
+    return re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", module))
+
+
+def _matrix_and_vector_bytes(pieces: dict, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per layer: its largest piece holding a matrix, and its pieces of vectors only (norms)."""
+    matrices, vectors = [0] * num_layers, [0] * num_layers
+    for (layer, _), (size, is_matrix) in pieces.items():
+        if is_matrix:
+            matrices[layer] = max(matrices[layer], size)
+        else:
+            vectors[layer] += size
+    return tuple(matrices), tuple(vectors)
+
+
 def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> ModelSizes:
     """Group the index's tensors by decoder layer and convert sizes to `dtype_bytes` per element."""
     num_layers = int(config["num_hidden_layers"])
     layer_bytes = [0] * num_layers
     embed = lm_head = other = 0
+    pieces: dict[tuple[int, str], tuple[int, bool]] = {}  # (layer, piece) -> (bytes, holds a matrix)
     for name, info in index.tensors.items():
         size = tensor_bytes_in(info.dtype, info.num_elements, dtype_bytes)
         match = _LAYER_RE.search(name)
         if match and int(match.group(1)) < num_layers:
-            layer_bytes[int(match.group(1))] += size
+            layer = int(match.group(1))
+            layer_bytes[layer] += size
+            piece_bytes, is_matrix = pieces.get((layer, _piece_name(name)), (0, False))
+            pieces[layer, _piece_name(name)] = (piece_bytes + size, is_matrix or len(info.shape) > 1)
         elif "embed_tokens" in name or name.endswith("wte.weight"):
             embed += size
         elif name.startswith("lm_head"):
@@ -71,6 +103,7 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
     num_heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // num_heads)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+    layer_matrix_bytes, layer_vector_bytes = _matrix_and_vector_bytes(pieces, num_layers)
     return ModelSizes(
         layer_bytes=tuple(layer_bytes),
         embed_bytes=embed,
@@ -84,4 +117,6 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
         num_attention_heads=num_heads,
         max_context=int(config.get("max_position_embeddings") or 2048),
         dtype_bytes=dtype_bytes,
+        layer_matrix_bytes=layer_matrix_bytes,
+        layer_vector_bytes=layer_vector_bytes,
     )

@@ -70,6 +70,7 @@ class Placement:
     reservations: tuple[Reservation, ...]
     budgets: Budgets
     sizes: ModelSizes
+    staging_piece_bytes: int = 0       # the most one staged piece holds (weights/pieces.py); 0: nothing streams
 
     def weight_bytes(self, tier: Tier) -> int:
         sizes = self.sizes
@@ -178,42 +179,72 @@ def _place(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placeme
     head = sizes.head_bytes + sizes.other_bytes
     embed = 0 if sizes.tied_embeddings else sizes.embed_bytes
     num_layers = sizes.num_layers
+    piece_bytes = 0
     if head + sum(sizes.layer_bytes) + embed <= room:
         layer_tiers, head_tier, embed_tier = [fast] * num_layers, fast, fast
     else:
-        staging = 2 * max(sizes.layer_bytes)
-        head_tier = fast
-        if head + staging > room:  # the output layer streams too: staging must hold it
-            head_tier, staging = _slow_tiers(fast)[0], 2 * max(sizes.layer_bytes + (head,))
-        if staging > room:
-            raise _NoRoom()
-        reservations.append(Reservation("staging", fast, staging, "double buffer for the largest streamed layer"))
-        room -= staging + (head if head_tier is fast else 0)
+        staging = _staging(sizes, room, head)
+        head_tier = fast if staging.head_fast else _slow_tiers(fast)[0]
+        piece_bytes = staging.piece_bytes
+        reservations.append(Reservation("staging", fast, staging.num_bytes, staging.detail))
+        room -= staging.num_bytes + (head if head_tier is fast else 0)
         num_fast = _prefix_fit(sizes.layer_bytes, 0, max(room, 0))
         layer_tiers = [fast] * num_fast
-        layer_tiers += _place_slow(sizes, budgets, options, fast, num_fast, embed, head_tier, reservations)
+        layer_tiers += _place_slow(sizes, budgets, fast, num_fast, embed, head_tier, piece_bytes, reservations)
         embed_tier = Tier.CPU if fast is Tier.GPU else Tier.DISK
         if fast is Tier.GPU and _cpu_left(sizes, budgets, layer_tiers, head_tier, reservations) < embed:
             embed_tier = Tier.DISK
     if sizes.tied_embeddings:
         embed_tier = head_tier
     return Placement(tuple(layer_tiers), head_tier, embed_tier, fast, options.ctx, options.batch,
-                     options.block_size, num_blocks, tuple(reservations), budgets, sizes)
+                     options.block_size, num_blocks, tuple(reservations), budgets, sizes, piece_bytes)
+
+
+@dataclass(frozen=True)
+class _Staging:
+    piece_bytes: int
+    num_bytes: int
+    head_fast: bool
+    detail: str
+
+
+def _staging(sizes: ModelSizes, room: int, head: int) -> _Staging:
+    """Two staging slots (one computing, one filling) of whole layers or, when that leaves more
+    layers in the fast tier, of single matrices (the streamed layers' norms then resident). The
+    head stays in the fast tier when any choice leaves room for it, else it streams in chunks of a
+    slot's size."""
+    whole = max(sizes.layer_bytes)
+    by_matrix = max(sizes.matrix_bytes(i) for i in range(sizes.num_layers))
+    vectors = sum(sizes.vector_bytes(i) for i in range(sizes.num_layers))
+    choices = [_Staging(piece, 2 * piece + extra, head_fast, f"double buffer for the largest streamed {what}"
+                        + ("" if head_fast else ", the head streamed in chunks of its size"))
+               for head_fast in (True, False)
+               for piece, extra, what in ((whole, 0, "layer"), (by_matrix, vectors, "matrix, norms of streamed layers"))]
+    fitting = [c for c in choices if c.num_bytes + (head if c.head_fast else 0) <= room]
+    if not fitting:
+        raise _NoRoom()
+
+    def resident_bytes(choice: _Staging) -> int:
+        left = room - choice.num_bytes - (head if choice.head_fast else 0)
+        return (head if choice.head_fast else 0) + sum(sizes.layer_bytes[:_prefix_fit(sizes.layer_bytes, 0, left)])
+
+    return max(fitting, key=lambda c: (c.head_fast, resident_bytes(c)))  # the first of equals: whole layers
 
 
 def _slow_tiers(fast: Tier) -> list[Tier]:
     return [Tier.CPU, Tier.DISK] if fast is Tier.GPU else [Tier.DISK]
 
 
-def _place_slow(sizes, budgets, options, fast, num_fast, embed, head_tier, reservations) -> list[Tier]:
-    """Tiers of layers num_fast.. : pinned CPU memory while it lasts (GPU plans), then disk."""
+def _place_slow(sizes, budgets, fast, num_fast, embed, head_tier, piece_bytes, reservations) -> list[Tier]:
+    """Tiers of layers num_fast.. : pinned CPU memory while it lasts (GPU plans), then disk, read
+    through two pinned slots of a piece each."""
     rest = sizes.layer_bytes[num_fast:]
     if fast is Tier.CPU or not rest:
         return [Tier.DISK] * len(rest)
     cpu_room = budgets.cpu_bytes - (sizes.head_bytes + sizes.other_bytes if head_tier is Tier.CPU else 0)
     if sum(rest) + embed <= cpu_room:
         return [Tier.CPU] * len(rest)
-    pinned = 2 * max(rest)
+    pinned = 2 * min(piece_bytes, max(rest))
     reservations.append(Reservation("pinned_staging", Tier.CPU, pinned, "pinned buffers for disk reads"))
     num_cpu = _prefix_fit(sizes.layer_bytes, num_fast, max(cpu_room - pinned, 0))
     return [Tier.CPU] * num_cpu + [Tier.DISK] * (len(rest) - num_cpu)

@@ -42,6 +42,22 @@ class PackedTensor:
         return math.prod(self.shape)
 
 
+FLOAT_TAGS = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def dtype_tag(dtype) -> str:
+    """The safetensors tag of a torch dtype (the run dtype's, for staged tensors)."""
+    import torch
+
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}[dtype]
+
+
+def staged_tag(tag: str, run_tag: str) -> str:
+    """The dtype a tensor is used in: a float tensor in the run dtype, any other (int8 or uint8
+    packed weights) as stored."""
+    return run_tag if tag in FLOAT_TAGS else tag
+
+
 def pack_layout(index: CheckpointIndex, layout: dict[str, tuple[str, ...]]) -> list[PackedTensor]:
     """Resolve a layout against the index; a missing tensor is an InvalidModelError."""
     packed = []
@@ -55,8 +71,19 @@ def pack_layout(index: CheckpointIndex, layout: dict[str, tuple[str, ...]]) -> l
     return packed
 
 
-def packed_elements(packed: list[PackedTensor]) -> int:
-    return sum(p.num_elements for p in packed)
+def row_range(packed: PackedTensor, first: int, last: int) -> PackedTensor:
+    """Rows [first, last) of a packed tensor, its parts pointing into the same files."""
+    parts, row = [], 0
+    for part in packed.parts:
+        rows = part.shape[0]
+        lo, hi = max(first, row), min(last, row + rows)
+        if lo < hi:
+            row_bytes = part.num_bytes // rows
+            start = part.start + (lo - row) * row_bytes
+            parts.append(TensorInfo(part.name, part.file, part.dtype, (hi - lo, *part.shape[1:]),
+                                    start, start + (hi - lo) * row_bytes))
+        row += rows
+    return PackedTensor(packed.key, tuple(parts), (last - first, *packed.shape[1:]))
 
 
 class TensorFileReader:
@@ -134,11 +161,3 @@ class TensorFileReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def views_into(flat, packed: list[PackedTensor]) -> dict:
-    """Views of a flat buffer laid out as the packed tensors, in order."""
-    views, offset = {}, 0
-    for p in packed:
-        views[p.key] = flat[offset : offset + p.num_elements].view(p.shape)
-        offset += p.num_elements
-    return views

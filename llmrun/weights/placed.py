@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -13,16 +14,19 @@ from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
 from llmrun.weights.offload import offloaded
 from llmrun.weights.packing import can_pack, pack_matmul_weights
-from llmrun.weights.loader import PackedTensor, TensorFileReader, pack_layout, packed_elements, views_into
-from llmrun.weights.streamer import LayerStreamer
+from llmrun.weights.loader import (PackedTensor, TensorFileReader, dtype_tag, pack_layout, row_range, staged_tag,
+                                   torch_dtype)
+from llmrun.weights.pieces import Piece, cut_layer, cut_rows
+from llmrun.weights.streamer import Held, LayerStreamer
 
 HEAD = "head"
 
 
 class PlacedWeights:
-    """The weights provider decoders read through: embed(), layer(i), head(), globals.
+    """The weights provider decoders read through: embed(), layer(i), head_chunks(), globals.
 
-    Unit ids: decoder layers are 0..L-1; the output head is unit L.
+    Unit ids: decoder layers are 0..L-1; the output head is unit L. A streamed unit is staged in
+    pieces (weights/pieces.py) no larger than the plan's `staging_piece_bytes`.
     """
 
     def __init__(self, decoder, index: CheckpointIndex, placement: Placement, dtype, device,
@@ -30,7 +34,7 @@ class PlacedWeights:
                  step_observer: StepObserver = NO_STEP_OBSERVER):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.element_size = torch.empty((), dtype=dtype).element_size()
+        self.run_tag = dtype_tag(dtype)
         num_layers = decoder.config.num_hidden_layers
         self.head_unit = num_layers
         packs = {i: pack_layout(index, decoder.layer_layout(i)) for i in range(num_layers)}
@@ -39,58 +43,83 @@ class PlacedWeights:
         tiers[self.head_unit] = placement.head_tier
         self.resident: dict[int, dict] = {}
         self.packed = can_pack(dtype, self.device)
+        self.unit_pieces: dict[int, list[int]] = {}  # a streamed unit's pieces, by index in the cycle
+        self.vectors: dict[int, dict] = {}  # resident norms of layers streamed matrix by matrix
+        self.streamer = None
         with TensorFileReader() as reader:
-            self.globals = {p.key: reader.load_packed(p, dtype, self.device)
-                            for p in pack_layout(index, decoder.global_layout())}
-            streamed_sources = self._load_units(reader, packs, tiers, placement.compute_tier, on_layer)
+            self.globals = {p.key: self._load(reader, p) for p in pack_layout(index, decoder.global_layout())}
+            streamed = self._load_resident(reader, packs, tiers, placement.compute_tier, on_layer)
             self._embed_table, self._embed_rows = self._load_embed(reader, index, decoder, placement)
+            if streamed:
+                disk_units = [u for u in streamed if tiers[u] is Tier.DISK]
+                packs.update(offloaded(packs, disk_units, dtype))  # read disk layers in the run dtype
+                pieces, sources = self._cut(reader, packs, streamed, tiers, placement.staging_piece_bytes)
+                self.streamer = LayerStreamer(pieces, sources, self.device, prefetch_depth)
         self._row_reader: Optional[TensorFileReader] = None  # reads embedding rows left on disk
         self.step_observer = step_observer
-        self.streamer = None
-        if streamed_sources:
-            disk_units = [u for u, source in streamed_sources.items() if source is None]
-            packs.update(offloaded(packs, disk_units, dtype))  # read disk layers in the run dtype
-            self.streamer = LayerStreamer({u: packs[u] for u in streamed_sources}, streamed_sources,
-                                          dtype, self.device, prefetch_depth)
 
-    def _load_units(self, reader: TensorFileReader, packs: dict, tiers: dict, compute: Tier,
-                    on_layer: Optional[Callable[[int, int], None]]) -> dict[int, Optional[torch.Tensor]]:
-        """Load each unit where its tier says: resident units into self.resident (packed for
-        oneDNN where that applies), CPU-tier units into one pinned buffer each; returns the
-        streamed units' sources (that buffer, or None for a disk unit, read when it runs)."""
-        streamed_sources: dict[int, Optional[torch.Tensor]] = {}
+    def _load(self, reader: TensorFileReader, packed: PackedTensor, device=None) -> torch.Tensor:
+        dtype = torch_dtype(staged_tag(packed.parts[0].dtype, self.run_tag))
+        return reader.load_packed(packed, dtype, self.device if device is None else device)
+
+    def _load_resident(self, reader: TensorFileReader, packs: dict, tiers: dict, compute: Tier,
+                       on_layer: Optional[Callable[[int, int], None]]) -> list[int]:
+        """Load the units of the compute tier into self.resident (packed for oneDNN where that
+        applies); returns the streamed units, in order."""
+        streamed = []
         for unit in sorted(packs):
             if tiers[unit] is compute:
-                tensors = {p.key: reader.load_packed(p, self.dtype, self.device) for p in packs[unit]}
+                tensors = {p.key: self._load(reader, p) for p in packs[unit]}
                 self.resident[unit] = pack_matmul_weights(tensors) if self.packed else tensors
-            elif tiers[unit] is Tier.CPU:
-                streamed_sources[unit] = self._pinned_unit(reader, packs[unit])
             else:
-                streamed_sources[unit] = None
+                streamed.append(unit)
             if on_layer is not None and unit < self.head_unit:
                 placed = tiers[unit] is not Tier.DISK  # disk layers are read when they run
-                on_layer(unit, packed_elements(packs[unit]) * self.element_size if placed else 0)
-        return streamed_sources
+                on_layer(unit, sum(p.num_elements for p in packs[unit]) * self.dtype.itemsize if placed else 0)
+        return streamed
 
-    def _pinned_unit(self, reader: TensorFileReader, packed: list[PackedTensor]) -> torch.Tensor:
-        flat = torch.empty(packed_elements(packed), dtype=self.dtype, pin_memory=True)
-        for p, view in zip(packed, views_into(flat, packed).values()):
-            reader.fill_packed(p, view)
-        return flat
+    def _cut(self, reader: TensorFileReader, packs: dict, streamed: list[int], tiers: dict,
+             piece_bytes: int) -> tuple[list[Piece], list[Optional[torch.Tensor]]]:
+        """Streamed units as pieces in cycle order, with their sources: for a CPU-tier unit its
+        pieces' bytes in one pinned buffer, for a disk unit None (read when it runs)."""
+        pieces: list[Piece] = []
+        sources: list[Optional[torch.Tensor]] = []
+        for unit in streamed:
+            if unit == self.head_unit:
+                unit_pieces = cut_rows(unit, packs[unit][0], self.run_tag, piece_bytes)
+            else:
+                unit_pieces, vectors = cut_layer(unit, packs[unit], self.run_tag, piece_bytes)
+                if vectors:
+                    self.vectors[unit] = {p.key: self._load(reader, p) for p in vectors}
+            self.unit_pieces[unit] = list(range(len(pieces), len(pieces) + len(unit_pieces)))
+            pieces += unit_pieces
+            sources += self._pinned(reader, unit_pieces) if tiers[unit] is Tier.CPU else [None] * len(unit_pieces)
+        return pieces, sources
+
+    def _pinned(self, reader: TensorFileReader, unit_pieces: list[Piece]) -> list[torch.Tensor]:
+        """One pinned buffer holding the unit's pieces one after another; a view of it per piece."""
+        flat = torch.empty(sum(p.num_bytes for p in unit_pieces), dtype=torch.uint8, pin_memory=True)
+        views, offset = [], 0
+        for piece in unit_pieces:
+            view = flat[offset : offset + piece.num_bytes]
+            piece.fill(reader, view)
+            views.append(view)
+            offset += piece.num_bytes
+        return views
 
     def _load_embed(self, reader, index, decoder, placement):
-        """The embedding table: resident tensor, or (for disk) the tensor info to read rows from."""
+        """The embedding table: resident tensor, or (for disk) the packed tensor to read rows from."""
         (packed,) = pack_layout(index, {"embed": (decoder.embed_name(),)})
         if placement.embed_tier is placement.compute_tier:
             head = self.resident.get(self.head_unit, {}).get(HEAD)
             if decoder.embed_name() == decoder.head_name() and head is not None:
                 if head.is_mkldnn:  # tied and packed for the head: look rows up in the file instead
-                    return None, packed.parts[0]
+                    return None, packed
                 return head, None  # tied: the same tensor
-            return reader.load_packed(packed, self.dtype, self.device), None
+            return self._load(reader, packed), None
         if placement.embed_tier is Tier.CPU:
-            return reader.load_packed(packed, self.dtype, "cpu"), None
-        return None, packed.parts[0]
+            return self._load(reader, packed, "cpu"), None
+        return None, packed
 
     def fully_resident(self) -> bool:
         """Whether every weight, embeddings included, lives on the compute device (nothing streams)."""
@@ -104,35 +133,43 @@ class PlacedWeights:
             table = self._embed_table
             rows = F.embedding(input_ids.to(table.device), table)
             return rows.to(self.device, non_blocking=True)
-        info = self._embed_rows  # disk: read just the rows these tokens need
-        hidden = info.shape[1]
-        out = torch.empty((input_ids.numel(), hidden), dtype=self.dtype)
-        row_bytes = info.num_bytes // info.shape[0]
+        packed = self._embed_rows  # not resident: read just the rows of these tokens
+        out = torch.empty((input_ids.numel(), packed.shape[1]), dtype=self.dtype)
         if self._row_reader is None:  # kept open: this runs every step
             self._row_reader = TensorFileReader()
         for row, token in enumerate(input_ids.tolist()):
-            start = info.start + token * row_bytes
-            one = type(info)(info.name, info.file, info.dtype, (hidden,), start, start + row_bytes)
-            self._row_reader.read_into(one, out[row])
+            self._row_reader.fill_packed(row_range(packed, token, token + 1), out[row : row + 1])
         return out.to(self.device)
 
     @contextmanager
-    def layer(self, layer_idx: int) -> Iterator[dict]:
+    def layer(self, layer_idx: int) -> Iterator[Mapping]:
+        """The layer's tensors by layout key: a dict when resident or staged whole, a StagedLayer
+        (one matrix at a time, in layout order) when it streams matrix by matrix."""
         if self.step_observer.watches_layers:
             self.step_observer.layer(layer_idx, self.head_unit, self.streamer.bytes_moved if self.streamer else 0)
         if layer_idx in self.resident:
             yield self.resident[layer_idx]
             return
-        with self.streamer.resident(layer_idx) as tensors:
-            yield tensors
+        pieces = self.unit_pieces[layer_idx]
+        if layer_idx not in self.vectors:
+            with self.streamer.staged(pieces[0]) as tensors:
+                yield tensors
+            return
+        staged = StagedLayer(self.streamer, pieces, self.vectors[layer_idx])
+        try:
+            yield staged
+        finally:
+            staged.release()
 
-    @contextmanager
-    def head(self) -> Iterator[torch.Tensor]:
+    def head_chunks(self) -> Iterator[torch.Tensor]:
+        """The output head [vocab rows, hidden] in vocabulary order: whole when resident, else its
+        runs of rows as they arrive, each valid until the next is asked for."""
         if self.head_unit in self.resident:
             yield self.resident[self.head_unit][HEAD]
             return
-        with self.streamer.resident(self.head_unit) as tensors:
-            yield tensors[HEAD]
+        for index in self.unit_pieces[self.head_unit]:
+            with self.streamer.staged(index) as tensors:
+                yield tensors[HEAD]
 
     def close(self) -> None:
         if self.streamer is not None:
@@ -140,3 +177,44 @@ class PlacedWeights:
         if self._row_reader is not None:
             self._row_reader.close()
             self._row_reader = None
+
+
+class StagedLayer(Mapping):
+    """A layer staged matrix by matrix: each piece is valid until the layer asks for a later one.
+
+    The streamer stages a layer's matrices in its layout's order, so a layer's code must first ask
+    for them in that order (a matrix asked for after a later one is an error, never stale data).
+    Its norms stay resident and can be asked for at any time."""
+
+    def __init__(self, streamer: LayerStreamer, pieces: list[int], vectors: dict):
+        self._streamer, self._pieces, self._vectors = streamer, pieces, vectors
+        self._position = {key: position for position, index in enumerate(pieces)
+                          for key in streamer.pieces[index].keys}
+        self._held: Optional[Held] = None
+        self._held_position = -1
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._vectors:
+            return self._vectors[key]
+        position = self._position[key]
+        if position < self._held_position or (position == self._held_position and self._held is None):
+            raise RuntimeError(f"a streamed layer's {key!r} was asked for after a later matrix: a layer "
+                               f"must use its matrices in its layout's order")
+        if position > self._held_position:
+            self.release()  # before taking the next: that slot is what the reader fills next
+            self._held, self._held_position = self._streamer.take(self._pieces[position]), position
+        return self._held.tensors[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._vectors or key in self._position
+
+    def __iter__(self):
+        return iter([*self._vectors, *self._position])
+
+    def __len__(self) -> int:
+        return len(self._vectors) + len(self._position)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None

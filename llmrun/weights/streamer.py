@@ -1,9 +1,10 @@
-"""LayerStreamer: brings non-resident layers to the compute device just in time, with prefetch.
+"""LayerStreamer: brings non-resident pieces of the weights to the compute device just in time, with prefetch.
 
-It alone owns the staging ring, the background disk reader, CUDA copy streams and their events.
-Streamed units (decoder layers, and the output head when it is not resident) are consumed in a
-fixed cyclic order, so the reader can run ahead across steps: while unit i computes, units
-i+1..i+depth are being read (disk) or copied (pinned host -> GPU).
+It alone owns the staging slots, the background disk reader, CUDA copy streams and their events.
+Streamed pieces (weights/pieces.py: whole layers, a layer's matrices, runs of the head's rows) are
+consumed in a fixed cyclic order, so the reader can run ahead across layers and steps: while piece
+i computes, pieces i+1..i+depth are being read (disk) or copied (pinned host -> GPU). Slots are
+byte buffers sized for the largest piece; a piece's tensors are views of any dtype into them.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import threading
 import weakref
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from llmrun.weights.loader import PackedTensor, TensorFileReader, packed_elements, views_into
+from llmrun.weights.loader import TensorFileReader
+from llmrun.weights.pieces import Piece
 
 
 class _Slot:
     def __init__(self, flat: torch.Tensor):
-        self.flat = flat
-        self.unit: int | None = None
+        self.flat = flat  # uint8
+        self.piece: int | None = None
         self.ready = threading.Event()
         self.free = threading.Event()
         self.free.set()
@@ -32,8 +35,8 @@ class _Slot:
 class _ReaderState:
     """Everything the reader thread touches (not the DiskReader, so that can be collected)."""
 
-    def __init__(self, order, packs, slots):
-        self.order, self.packs, self.slots = order, packs, slots
+    def __init__(self, order: list[int], pieces: list[Piece], slots: list[_Slot]):
+        self.order, self.pieces, self.slots = order, pieces, slots
         self.reader = TensorFileReader()
         self.stop = False
         self.error: BaseException | None = None
@@ -50,10 +53,9 @@ class _ReaderState:
                     slot.copied.synchronize()
                     slot.copied = None
                 slot.free.clear()
-                unit = self.order[position % len(self.order)]
-                for packed, view in zip(self.packs[unit], views_into(slot.flat, self.packs[unit]).values()):
-                    self.reader.fill_packed(packed, view)
-                slot.unit = unit
+                index = self.order[position % len(self.order)]
+                self.pieces[index].fill(self.reader, slot.flat)
+                slot.piece = index
                 slot.ready.set()
                 position += 1
         except BaseException as err:  # surfaced to the consumer, which raises it
@@ -71,28 +73,27 @@ class _ReaderState:
 
 
 class DiskReader:
-    """A background thread filling a ring of host buffers with disk units, in cyclic order."""
+    """A background thread filling a ring of host byte buffers with disk pieces, in cyclic order."""
 
-    def __init__(self, order: list[int], packs: dict[int, list[PackedTensor]], num_slots: int,
-                 dtype, pin: bool):
-        size = max(packed_elements(packs[u]) for u in order)
-        self.slots = [_Slot(torch.empty(size, dtype=dtype, pin_memory=pin)) for _ in range(num_slots)]
-        self._state = _ReaderState(order, packs, self.slots)
+    def __init__(self, order: list[int], pieces: list[Piece], num_slots: int, pin: bool):
+        size = max(pieces[i].num_bytes for i in order)
+        self.slots = [_Slot(torch.empty(size, dtype=torch.uint8, pin_memory=pin)) for _ in range(num_slots)]
+        self._state = _ReaderState(order, pieces, self.slots)
         self._consumed = 0
         thread = threading.Thread(target=self._state.run, name="llmrun-disk-reader", daemon=True)
         thread.start()
         # Stop the thread when this reader is dropped or the interpreter exits (before torch unloads).
         self._finalizer = weakref.finalize(self, self._state.shutdown, thread)
 
-    def take(self, unit: int) -> _Slot:
-        """The slot holding `unit`, skipping (and releasing) units the consumer did not use."""
+    def take(self, index: int) -> _Slot:
+        """The slot holding piece `index`, skipping (and releasing) pieces the consumer did not use."""
         while True:
             slot = self.slots[self._consumed % len(self.slots)]
             slot.ready.wait()
             if self._state.error is not None:
                 raise self._state.error
             self._consumed += 1
-            if slot.unit == unit:
+            if slot.piece == index:
                 return slot
             self.give_back(slot)
 
@@ -105,52 +106,60 @@ class DiskReader:
         self._finalizer()
 
 
-class LayerStreamer:
-    """Yields streamed units on the compute device.
+@dataclass(frozen=True)
+class Held:
+    """A staged piece's tensors on the compute device, valid until `release()`."""
 
-    `sources[u]` is either a pinned host flat tensor (CPU tier) or None (disk tier).
+    tensors: dict
+    release: Callable[[], None]
+
+
+class LayerStreamer:
+    """Stages pieces on the compute device, in their cyclic order.
+
+    `sources[i]` is piece i's bytes in pinned host memory (CPU tier) or None (disk tier).
     """
 
-    def __init__(self, packs: dict[int, list[PackedTensor]], sources: dict, dtype, device,
-                 prefetch_depth: int = 1, on_unit: Callable[[int, int], None] | None = None):
+    def __init__(self, pieces: list[Piece], sources: list, device, prefetch_depth: int = 1):
         self.device = torch.device(device)
-        self.packs = packs
+        self.pieces = pieces
         self.sources = sources
-        self.order = sorted(packs)
+        self.order = list(range(len(pieces)))
         self.num_slots = prefetch_depth + 1
-        self.on_unit = on_unit
         self.bytes_moved = 0
-        self.element_size = torch.empty((), dtype=dtype).element_size()
-        disk_units = [u for u in self.order if sources[u] is None]
+        disk_pieces = [i for i in self.order if sources[i] is None]
         gpu = self.device.type == "cuda"
-        self.disk = DiskReader(disk_units, packs, self.num_slots, dtype, pin=gpu) if disk_units else None
+        self.disk = DiskReader(disk_pieces, pieces, self.num_slots, pin=gpu) if disk_pieces else None
         self._gpu = None
         if gpu:
-            size = max(packed_elements(packs[u]) for u in self.order)
-            self._gpu = _GpuRing(size, self.num_slots, dtype, self.device)
+            self._gpu = _GpuRing(max(p.num_bytes for p in pieces), self.num_slots, self.device)
+
+    def take(self, index: int) -> Held:
+        """Piece `index` on the compute device; pieces before it in the cycle that were not taken
+        are skipped (the head in a prefill chunk that samples nothing)."""
+        piece = self.pieces[index]
+        self.bytes_moved += piece.num_bytes
+        if self._gpu is None:
+            slot = self.disk.take(index)
+            return Held(piece.views(slot.flat), lambda: self.disk.give_back(slot))
+        buffer_slot = self._gpu.acquire(index, self)
+        return Held(piece.views(self._gpu.buffers[buffer_slot]), lambda: self._gpu.release(buffer_slot, self))
 
     @contextmanager
-    def resident(self, unit: int) -> Iterator[dict]:
-        """The unit's tensors on the compute device, valid inside the block."""
-        self.bytes_moved += packed_elements(self.packs[unit]) * self.element_size
-        if self.on_unit is not None:
-            self.on_unit(unit, self.bytes_moved)
-        if self._gpu is None:
-            slot = self.disk.take(unit)
-            try:
-                yield views_into(slot.flat, self.packs[unit])
-            finally:
-                self.disk.give_back(slot)
-            return
-        with self._gpu.use(unit, self) as flat:
-            yield views_into(flat, self.packs[unit])
+    def staged(self, index: int) -> Iterator[dict]:
+        """Piece `index`'s tensors on the compute device, valid inside the block."""
+        held = self.take(index)
+        try:
+            yield held.tensors
+        finally:
+            held.release()
 
-    def host_source(self, unit: int):
-        """(host flat tensor, release callback) for a GPU copy of `unit`."""
-        source = self.sources[unit]
+    def host_source(self, index: int):
+        """(host uint8 tensor, release callback) for a GPU copy of piece `index`."""
+        source = self.sources[index]
         if source is not None:
             return source, lambda event: None
-        slot = self.disk.take(unit)
+        slot = self.disk.take(index)
         return slot.flat, lambda event: self.disk.give_back(slot, copied=event)
 
     def close(self) -> None:
@@ -159,24 +168,24 @@ class LayerStreamer:
 
 
 class _GpuRing:
-    """GPU staging buffers filled on a side stream; events order copies against compute."""
+    """GPU staging byte buffers filled on a side stream; events order copies against compute."""
 
-    def __init__(self, size: int, num_slots: int, dtype, device):
-        self.buffers = [torch.empty(size, dtype=dtype, device=device) for _ in range(num_slots)]
+    def __init__(self, size: int, num_slots: int, device):
+        self.buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(num_slots)]
         self.ready = [torch.cuda.Event() for _ in range(num_slots)]
         self.free = [None] * num_slots
         self.stream = torch.cuda.Stream(device=device)
-        self.pending: deque[tuple[int, int]] = deque()  # (unit, slot) copies issued, not consumed
+        self.pending: deque[tuple[int, int]] = deque()  # (piece, slot) copies issued, not consumed
         self.next_slot = 0
-        self.next_unit_pos = 0
+        self.next_position = 0
 
     def _issue(self, streamer: LayerStreamer) -> None:
-        unit = streamer.order[self.next_unit_pos % len(streamer.order)]
+        index = streamer.order[self.next_position % len(streamer.order)]
         slot = self.next_slot
-        self.next_unit_pos += 1
+        self.next_position += 1
         self.next_slot = (slot + 1) % len(self.buffers)
-        host, release = streamer.host_source(unit)
-        count = packed_elements(streamer.packs[unit])
+        host, release = streamer.host_source(index)
+        count = streamer.pieces[index].num_bytes
         with torch.cuda.stream(self.stream):
             if self.free[slot] is not None:
                 self.stream.wait_event(self.free[slot])
@@ -185,24 +194,24 @@ class _GpuRing:
         done = torch.cuda.Event()
         done.record(self.stream)
         release(done)
-        self.pending.append((unit, slot))
+        self.pending.append((index, slot))
 
-    @contextmanager
-    def use(self, unit: int, streamer: LayerStreamer):
+    def acquire(self, index: int, streamer: LayerStreamer) -> int:
+        """The slot piece `index` is copied into, the compute stream ordered after the copy."""
         while len(self.pending) < len(self.buffers):
             self._issue(streamer)
-        while self.pending[0][0] != unit:  # a unit the step did not use (the head in a prefill chunk)
+        while self.pending[0][0] != index:  # a piece the step did not use (the head in a prefill chunk)
             _, skipped = self.pending.popleft()
             self._mark_free(skipped)
             self._issue(streamer)
         _, slot = self.pending.popleft()
-        compute = torch.cuda.current_stream(self.buffers[slot].device)
-        compute.wait_event(self.ready[slot])
-        try:
-            yield self.buffers[slot]
-        finally:
-            self._mark_free(slot)
-            self._issue(streamer)
+        torch.cuda.current_stream(self.buffers[slot].device).wait_event(self.ready[slot])
+        return slot
+
+    def release(self, slot: int, streamer: LayerStreamer) -> None:
+        """The slot is free once the compute queued so far is done; the next copy goes into it."""
+        self._mark_free(slot)
+        self._issue(streamer)
 
     def _mark_free(self, slot: int) -> None:
         event = torch.cuda.Event()

@@ -11,7 +11,7 @@ from tests.checkpoints import (
     gemma2_config, gemma3_config, longrope_parameters, mistral_config, phi3_config, qwen2_config, qwen3_config,
     save_checkpoint,
 )
-from tests.model.test_llama_parity import prompt_ids
+from tests.model.test_llama_parity import assert_staged_by_matrix, prompt_ids
 from tests.placements import placement_options
 
 LONGROPE = dict(original_max_position_embeddings=32, rope_scaling=longrope_parameters(16))
@@ -72,7 +72,7 @@ def static_decode(engine):
     return engine
 
 
-@pytest.mark.parametrize("placement", ("resident", "disk", "static-decode"))
+@pytest.mark.parametrize("placement", ("resident", "disk", "disk-floor", "static-decode"))
 def test_logits_and_greedy_tokens_match_transformers(variant, placement):
     _, folder, prompt, ref_tokens, ref_logits = variant
     if placement == "static-decode":
@@ -81,6 +81,8 @@ def test_logits_and_greedy_tokens_match_transformers(variant, placement):
         engine = build_engine(folder, placement_options(placement, folder))
     if placement == "disk":
         assert Tier.DISK in engine.plan.placement.layer_tiers
+    if placement == "disk-floor":  # every family's layer asks for its matrices in its layout's order
+        assert_staged_by_matrix(engine)
     ours = []
     tokens = run_engine(engine, [prompt], DECODE_STEPS, lambda idx, logits: ours.append(logits[0].clone()))
     assert tokens == [ref_tokens]

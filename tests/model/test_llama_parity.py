@@ -21,7 +21,7 @@ VARIANTS = {
     ),
 }
 PROMPT_LEN, DECODE_STEPS = 40, 24
-PLACEMENTS = ("resident", "disk", "disk-head")
+PLACEMENTS = ("resident", "disk", "disk-head", "disk-floor")
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -42,6 +42,13 @@ def reference(folder, prompt, steps):
     return tokens, logits
 
 
+def assert_staged_by_matrix(engine):
+    placement, weights = engine.plan.placement, engine.weights
+    assert placement.head_tier is Tier.DISK
+    assert placement.staging_piece_bytes < max(placement.sizes.layer_bytes)
+    assert weights.vectors and len(weights.unit_pieces[weights.head_unit]) > 1
+
+
 def prompt_ids(seed, length, vocab=320):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=gen).tolist()
@@ -54,6 +61,8 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, placement):
     engine = build_engine(checkpoint, placement_options(placement, checkpoint))
     if placement != "resident":
         assert Tier.DISK in engine.plan.placement.layer_tiers
+    if placement == "disk-floor":  # layers staged matrix by matrix, the head in vocabulary chunks
+        assert_staged_by_matrix(engine)
     tokens, logits = greedy_with_logits(engine, prompt, DECODE_STEPS)
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
