@@ -52,6 +52,7 @@ def llmrun_case(engine, case: Case, reps: int, on_logits=None) -> CaseResult:
     engine.eos_ids = frozenset()
 
     def once():
+        engine.allocator.reset_prefix_cache()  # every repetition prefills its prompts in full
         started = time.perf_counter()
         first = None
         generation = engine.generate(prompts, params, on_logits=on_logits)

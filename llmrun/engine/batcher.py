@@ -79,13 +79,13 @@ class Batcher:
                 f"{params.max_new_tokens} new) but the KV cache holds {allocator.capacity_tokens}; "
                 f"lower max_tokens or shorten the prompt")
 
-    def add(self, index: int, prompt_ids: Seq[int], params: SamplingParams,
+    def add(self, index: int, prompt_ids: Seq[int], params: SamplingParams, result: RequestResult,
             sink: Callable[[TokenEvent], None], *, kept: Optional[KeptSequence] = None,
             on_logits: LogitsObserver = ignore_logits) -> Request:
-        """Queue a request (checked with check_fits); it joins the running batch at a later step."""
+        """Queue a request (checked with check_fits); it joins the running batch at a later step.
+        `result` (made by the caller, its clock started) fills in as it runs; `sink` gets its events."""
         self.check_fits(prompt_ids, params)
         seq = self._new_sequence(list(prompt_ids), params, kept)
-        result = RequestResult(len(prompt_ids), started_s=time.perf_counter())
         request = Request(index, seq, TextStream(self.engine.tokenizer, params.stop), result, sink, on_logits)
         self.requests[seq.seq_id] = request
         self.scheduler.add(seq)
@@ -133,6 +133,8 @@ class Batcher:
     def _sample(self, sampling: list[Sequence], logits: torch.Tensor) -> None:
         requests = [self.requests[seq.seq_id] for seq in sampling]
         for observer in {id(r.on_logits): r.on_logits for r in requests}.values():
+            if observer is ignore_logits:
+                continue
             rows = [row for row, r in enumerate(requests) if r.on_logits is observer]
             observer([requests[row].index for row in rows], logits[rows])
         vocab = logits.shape[-1]

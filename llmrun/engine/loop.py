@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Optional, Sequence as Seq
 
@@ -50,7 +51,7 @@ class RequestHandle:
         self.prompt_ids = prompt_ids
         self.params = params
         self.prompt_tokens = len(prompt_ids)
-        self.result = RequestResult(len(prompt_ids))
+        self.result = RequestResult(len(prompt_ids), started_s=time.perf_counter())
         self._loop = loop
         self._cond = threading.Condition()
         self._events: list[TokenEvent] = []
@@ -218,11 +219,11 @@ class EngineLoop:
 
     def _join(self, handle: RequestHandle) -> None:
         try:
-            handle._request = self._batcher.add(handle.serial, handle.prompt_ids, handle.params, handle._push)
+            handle._request = self._batcher.add(handle.serial, handle.prompt_ids, handle.params, handle.result,
+                                                handle._push)
         except LlmrunError as err:  # checked at submit already; the pool cannot have shrunk since
             handle._close(err)
             return
-        handle.result = handle._request.result
         self._handles[handle.serial] = handle
 
     def _leave(self, handle: RequestHandle) -> None:

@@ -34,32 +34,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, steps: list[ScheduledSeq]) -> torch.Tensor:
-        """Run a step; returns logits [num_sampling_seqs, vocab] for the steps that complete a prompt.
+        """Run a step; returns logits [num_sampling_seqs, vocab] for the steps that complete a
+        prompt, in the order of `steps`.
 
         Every scheduled sequence's `num_cached` advances by its `num_new`. A sequence's bits do not
         depend on the step's other sequences: each prompt chunk runs in a forward of its own, and
         decode rows share a forward only where the matmuls give each row its bits alone
-        (kernels/row_check.py); elsewhere they too run one by one.
+        (kernels/row_check.py); elsewhere they too run one by one. On CUDA the decode rows run
+        the static-shape step (engine/graphs.py) whatever prompt chunks run beside them.
         """
-        if self.static is not None and self.static.handles(steps):
-            tables = [self.allocator.block_table(step.seq.seq_id) for step in steps]
-            return self.static.run(steps, tables, replay=self.replay_graphs)
-        parts = [self._forward(group) for group in self._groups(steps)]
-        self.step_observer.step_done()
-        sampled = [logits for logits in parts if logits.numel()]
-        if len(sampled) < 2:
-            return sampled[0] if sampled else parts[0]
-        return torch.cat(sampled)
+        rows = [step for step in steps if step.num_new == 1]
+        chunks = [step for step in steps if step.num_new > 1]
+        parts: list[tuple[list[ScheduledSeq], torch.Tensor]] = []
+        if rows and self.static is not None and self.static.handles(rows):
+            tables = [self.allocator.block_table(step.seq.seq_id) for step in rows]
+            parts.append((rows, self.static.run(rows, tables, replay=self.replay_graphs)))
+            rows = []
+        forwards = self._groups(rows) + [[chunk] for chunk in chunks]
+        for group in forwards:
+            sampling = [step for step in group if step.completes_prompt]  # before the forward advances them
+            parts.append((sampling, self._forward(group)))
+        if forwards:
+            self.step_observer.step_done()
+        return self._in_step_order(steps, parts)
 
-    def _groups(self, steps: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
-        """The step's sequences in forwards of their own: a prompt chunk alone (its matmuls then
-        see the rows they see alone), decode rows together up to MAX_DECODE_ROWS where that many
-        rows pass the row check, else one by one."""
-        if len(steps) == 1:
-            return [steps]
-        if any(step.num_new > 1 for step in steps):
-            return [[step] for step in steps]
-        groups = [steps[i : i + MAX_DECODE_ROWS] for i in range(0, len(steps), MAX_DECODE_ROWS)]
+    @staticmethod
+    def _in_step_order(steps, parts) -> torch.Tensor:
+        sampled = [(step, row) for group, logits in parts if logits.numel()
+                   for step, row in zip(group, logits.split(1))]  # row: [1, vocab]
+        if not sampled:
+            return parts[0][1]
+        order = {id(step): index for index, step in enumerate(steps)}
+        sampled.sort(key=lambda pair: order[id(pair[0])])
+        return torch.cat([logits for _, logits in sampled]) if len(sampled) > 1 else sampled[0][1]
+
+    def _groups(self, rows: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+        """Decode rows (one token each) in forwards of their own: together up to MAX_DECODE_ROWS
+        where that many rows pass the row check, else one by one."""
+        if len(rows) <= 1:
+            return [rows] if rows else []
+        groups = [rows[i : i + MAX_DECODE_ROWS] for i in range(0, len(rows), MAX_DECODE_ROWS)]
         return [part for group in groups for part in ([group] if self._rows_alone(len(group)) else
                                                       [[step] for step in group])]
 

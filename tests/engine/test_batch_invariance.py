@@ -19,6 +19,7 @@ SMOLLM2_TEXTS = ["one", "two", "The capital of France is", "def fib(n):", "Why i
 def generate_with_logits(engine, prompts, steps):
     """Greedy tokens and each step's logits (a list of [vocab] rows) per prompt, decoded together."""
     engine.eos_ids = frozenset()  # compare every step even if a model emits EOS
+    engine.allocator.reset_prefix_cache()  # company alone: a prefix-cache hit changes the chunks (tests/engine/test_loop.py)
     logits = [[] for _ in prompts]
 
     def keep(indices, rows):

@@ -3,7 +3,7 @@
 import pytest
 
 from llmrun.engine.build import EngineOptions, build_engine
-from llmrun.engine.generate import common_prefix_len
+from llmrun.engine.batcher import common_prefix_len
 from llmrun.engine.prompt import chat_prompt_ids
 from llmrun.engine.sampler import SamplingParams
 from tests.checkpoints import llama_config, save_checkpoint
