@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c $(CONSTRAINTS) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	# llmrun's own bytecode, written once: an editable install leaves it to the first imports, which
+	# never write it where PYTHONDONTWRITEBYTECODE is set (then every start compiles ~0.1 s of source)
+	$(BIN)/python -m compileall -q llmrun
 	touch $@
 
 # Re-resolve every dependency to the newest release pyproject.toml allows, in a scratch venv, and

@@ -15,7 +15,7 @@ from llmrun.cli_options import (
 )
 from llmrun.cli_store import store_commands
 from llmrun.errors import LlmrunError
-from llmrun.streams import end_quietly, fail, flush_std_streams, lenient_stdin
+from llmrun.streams import end_quietly, exit_now, fail, flush_std_streams, lenient_stdin
 
 class _Commands(TyperGroup):
     """llmrun's command group: a command's own failures end here as one line on stderr (Typer's
@@ -307,3 +307,14 @@ def main() -> None:
         raise
     finally:
         flush_std_streams()  # now, not at interpreter exit, where a closed pipe means status 120
+
+
+def entry() -> None:
+    """The `llmrun` console script and `python -m llmrun`: main(), then the process ends at once with
+    its status (streams.exit_now: no interpreter teardown). main() itself raises SystemExit, for
+    callers in the same process."""
+    try:
+        main()
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)
