@@ -114,6 +114,7 @@ def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
 
     from llmrun.display import ReplyView, print_stats
     from llmrun.interrupt import StopOnInterrupt, keys_not_echoed
+    from llmrun.plan.make import record_run
 
     engine = opened.engine
     engine.check_prompt(ids)  # fail before anything is written to stdout
@@ -135,11 +136,13 @@ def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
         if should_stop():
             raise KeyboardInterrupt  # after the final render: "llmrun: interrupted", status 130
     result = generation.results[0]
+    record_run(engine.plan, result.decode_tok_s, len(result.tokens))  # the next plan's estimate learns
     if as_json:
         print(json.dumps({
             "model": opened.name, "dtype": engine.plan.dtype, "text": result.text, "tokens": result.tokens,
             "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
             "ttft_s": round(result.ttft_s, 4), "decode_tok_s": round(result.decode_tok_s, 2),
+            "decode_read_bytes_s": round(result.decode_tok_s * engine.plan.estimate.read_bytes_per_token),
             "finish_reason": result.finish_reason.value,
             "memory": memory_json(engine),
         }))

@@ -7,7 +7,7 @@ from llmrun import settings
 
 
 def llmrun_home() -> Path:
-    """The root of llmrun's files (store, history, calibration); not created here."""
+    """The root of llmrun's files (store, history, offload cache); not created here."""
     override = settings.LLMRUN_HOME.path()
     if override:
         return override
@@ -30,9 +30,6 @@ def history_file() -> Path:
     return llmrun_home() / "history"
 
 
-def calibration_file() -> Path:
-    """Cached bandwidth measurements used by the planner."""
-    return llmrun_home() / "calibration.json"
 
 
 def cache_dir() -> Path:
@@ -46,3 +43,9 @@ def cache_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "llmrun"
     return (settings.XDG_CACHE_HOME.path() or Path.home() / ".cache") / "llmrun"
+
+
+def calibration_file() -> Path:
+    """This machine's speed figures the planner reads (plan/calibration.py): measured once, refreshed
+    by runs, shared by every LLMRUN_HOME on the machine."""
+    return cache_dir() / "calibration.json"

@@ -40,9 +40,9 @@ class Setting:
         return tuple(word for word in (self.text() or "").replace(" ", "").split(",") if word)
 
 
-LLMRUN_HOME = Setting("LLMRUN_HOME", "llmrun's own files: the store, chat history, calibration, the offload cache "
+LLMRUN_HOME = Setting("LLMRUN_HOME", "llmrun's own files: the store, chat history, the offload cache "
                       "(default: the platform's user data folder)")
-LLMRUN_CACHE = Setting("LLMRUN_CACHE", "rebuildable files, the compiled CPU kernels (default: the platform's user "
+LLMRUN_CACHE = Setting("LLMRUN_CACHE", "rebuildable files: the compiled CPU kernels, the speed calibration (default: the platform's user "
                        "cache folder)")
 LLMRUN_MODEL = Setting("LLMRUN_MODEL", "the model `chat`, `plan` and `bench` use when none is named (default: "
                        "smollm2)")

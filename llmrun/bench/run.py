@@ -155,8 +155,12 @@ def run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
 def _measure_llmrun(engine, cases, reps, step):
     """llmrun's results, its KV waste and its peaks (RSS, GPU), before any reference is loaded."""
     from llmrun.plan.devices import peak_rss_bytes
+    from llmrun.plan.make import record_run
 
     ours, waste = run_llmrun(engine, cases, reps, step)
+    for result in ours.values():  # one sequence's decode refreshes the plan's figures
+        if result.case.batch == 1:
+            record_run(engine.plan, result.decode_tok_s.median, result.case.new_tokens)
     peak_gpu = 0
     if engine.decoder.device.type == "cuda":
         import torch

@@ -86,13 +86,34 @@ def render_plan(plan_json: dict) -> None:
     console.print(f"Streamed per token: {format_bytes(streamed['total'])} "
                   f"(from CPU {format_bytes(streamed['cpu'])}, from disk {format_bytes(streamed['disk'])})",
                   highlight=False)
-    bandwidths = ", ".join(f"{name} {v['bytes_per_s'] / 1e9:.1f} GB/s ({'measured' if v['measured'] else 'assumed'})"
-                           for name, v in est["bandwidths"].items())
-    decode = format_tok_s(est["decode_tok_s"]["low"], est["decode_tok_s"]["high"])
-    console.print(f"Estimate: decode {decode} tok/s "
-                  f"per sequence, prefill ~{est['prefill_tok_s']:.0f} tok/s; {bandwidths}", highlight=False)
+    floor = plan_json["floor"]
+    console.print(f"Runs from {format_bytes(floor['bytes'])} of {floor['tier'].upper()} memory "
+                  f"at this context and batch", highlight=False)
+    console.print(_estimate_text(est, plan_json["ctx"], format_tok_s), highlight=False)
     for warning in plan_json["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+_SOURCE_WORDS = {"probe": "measured", "runs": "measured by runs", "assumed": "assumed"}
+
+
+def _estimate_text(est: dict, ctx: int, format_tok_s) -> str:
+    """The estimate's line: decode at a short and the full context, prefill, each figure and its source."""
+    decode = est["decode_tok_s"]
+    figures = [f"{name} {v['bytes_per_s'] / 1e9:.1f} GB/s ({_SOURCE_WORDS[v['source']]})"
+               for name, v in est["bandwidths"].items()]
+    step = est["layer_step_s"]
+    figures.append(f"layer step {step['seconds'] * 1e3:.3g} ms ({_SOURCE_WORDS[step['source']]})")
+    text = (f"Estimate: decode {format_tok_s(decode['low'], decode['high'])} tok/s per sequence "
+            f"({format_tok_s(decode['full_ctx'], decode['full_ctx'])} at the full {ctx}-token context), "
+            f"prefill ~{est['prefill_tok_s']:.0f} tok/s; {', '.join(figures)}")
+    cache = est["page_cache"]
+    if cache["first_read_s"]:
+        held = ("not known" if cache["resident_fraction"] is None
+                else f"{cache['resident_fraction']:.0%} in the page cache now")
+        after = "from the page cache" if cache["warm_after_first_pass"] else "from disk (too large for the page cache)"
+        text += (f"\nDisk tier: first pass ~{cache['first_read_s']:.2g} s ({held}), then read {after}")
+    return text
 
 
 def _kernels_text(kernels: dict) -> str:

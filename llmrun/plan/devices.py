@@ -1,27 +1,25 @@
-"""Measuring the machine: free GPU memory, available RAM, free disk, copy bandwidths, our RSS.
+"""Measuring the machine: free GPU memory, available RAM, free disk, read and copy bandwidths, our RSS.
 
-The only caller of torch.cuda.mem_get_info, psutil and shutil.disk_usage. CUDA is never
-initialised when no NVIDIA driver is present.
+The only caller of torch.cuda.mem_get_info, psutil and shutil.disk_usage, and the home of the
+short bandwidth probes plan/calibration.py runs on first use. CUDA is never initialised when no
+NVIDIA driver is present.
 """
 
 from __future__ import annotations
 
-import json
-import platform
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from llmrun.paths import calibration_file
+from llmrun.plan.residency import drop_from_page_cache, resident_fraction
 from llmrun.storage import atomic_write_bytes
 
-ASSUMED_DISK_READ_BYTES_S = 1.4e9      # uncached NVMe-class reads (ARCHITECTURE.md reference figure)
-ASSUMED_CPU_READ_BYTES_S = 20e9         # RAM read bandwidth a small machine reaches in practice
-ASSUMED_GPU_READ_BYTES_S = 2.0e12       # HBM-class read bandwidth
-ASSUMED_HOST_TO_GPU_BYTES_S = 20e9      # pinned PCIe copies
+MiB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -30,12 +28,6 @@ class MeasuredMemory:
     gpu_name: Optional[str]
     cpu_available_bytes: int
     disk_free_bytes: Optional[int]
-
-
-@dataclass(frozen=True)
-class Bandwidth:
-    bytes_per_s: float
-    measured: bool
 
 
 def has_cuda() -> bool:
@@ -62,41 +54,68 @@ def measure_memory(model_folder: Optional[Path] = None, *, want_gpu: bool = True
     return MeasuredMemory(gpu_free, gpu_name, psutil.virtual_memory().available, disk_free)
 
 
-def _calibration_key() -> str:
-    return f"{platform.node()}|{platform.processor() or platform.machine()}"
+def probe_memory_read(num_bytes: int, repeats: int = 3) -> float:
+    """Bytes/s of one pass over `num_bytes` of RAM, split over this process's CPUs (best of `repeats`)."""
+    import numpy as np
+
+    data = np.ones(num_bytes // 8, dtype=np.uint64)
+    num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    parts = np.array_split(data, num_threads)
+    best = float("inf")
+    with ThreadPoolExecutor(num_threads) as pool:  # numpy's reductions let go of the GIL
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = min(best, time.perf_counter() - started)
+    return data.nbytes / best
 
 
-def _load_calibration() -> dict:
+def probe_file_reads(file: Path, num_bytes: int, chunk_bytes: int = 4 * MiB) -> tuple[float | None, float | None]:
+    """(cold, page cache) read rates in bytes/s of a scratch file llmrun keeps under its cache folder,
+    read with pread as the disk reader reads. Cold is None where the page cache would not let go of
+    the file (so nothing cold could be timed); both None where the file cannot be written."""
     try:
-        return json.loads(calibration_file().read_text()).get(_calibration_key(), {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def _save_calibration(values: dict) -> None:
-    path = calibration_file()
-    try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        data = {}
-    data[_calibration_key()] = {**data.get(_calibration_key(), {}), **values}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(data, indent=2).encode())  # a full disk leaves no temp file
+        if not file.exists() or file.stat().st_size != num_bytes:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(file, (bytes(range(256)) * (num_bytes // 256 + 1))[:num_bytes])
+        fd = os.open(file, os.O_RDONLY)
     except OSError:
-        pass  # calibration is an optimisation; a read-only home only costs a re-measure
+        return None, None
+    try:
+        os.fsync(fd)  # dirty pages stay in the page cache; written back, they can be dropped
+        drop_from_page_cache(fd)
+        left = resident_fraction([(file, 0, num_bytes)])
+        cold_s = _time_reads(fd, num_bytes, chunk_bytes)
+        warm_s = min(_time_reads(fd, num_bytes, chunk_bytes) for _ in range(2))
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+    cold = num_bytes / cold_s if left is not None and left < 0.05 else None
+    return cold, num_bytes / warm_s
 
 
-def host_to_gpu_bandwidth(calibrate: bool = True) -> Bandwidth:
-    """Pinned host->GPU copy bandwidth: cached calibration, else measured (256 MiB copies)."""
-    cached = _load_calibration().get("host_to_gpu_bytes_s")
-    if cached:
-        return Bandwidth(float(cached), True)
-    if not (calibrate and has_cuda()):
-        return Bandwidth(ASSUMED_HOST_TO_GPU_BYTES_S, False)
-    value = measure_host_to_gpu(256 * 1024**2, repeats=4)
-    _save_calibration({"host_to_gpu_bytes_s": value})
-    return Bandwidth(value, True)
+def _time_reads(fd: int, num_bytes: int, chunk_bytes: int) -> float:
+    buffer = memoryview(bytearray(chunk_bytes))
+    started = time.perf_counter()
+    for offset in range(0, num_bytes, chunk_bytes):
+        os.preadv(fd, [buffer[:min(chunk_bytes, num_bytes - offset)]], offset)
+    return time.perf_counter() - started
+
+
+def measure_gpu_read(num_bytes: int, repeats: int) -> float:
+    """GPU memory read bandwidth in bytes/s: device-to-device copies (each reads and writes the bytes)."""
+    import torch
+
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * repeats * num_bytes / (time.perf_counter() - started)
 
 
 def measure_host_to_gpu(num_bytes: int, repeats: int) -> float:
@@ -112,26 +131,6 @@ def measure_host_to_gpu(num_bytes: int, repeats: int) -> float:
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     return repeats * num_bytes / (time.perf_counter() - started)
-
-
-def compute_read_bandwidth(gpu: bool) -> Bandwidth:
-    """Read bandwidth of the compute device's memory (assumed; `llmrun bench` measures real speed)."""
-    cached = _load_calibration().get("gpu_read_bytes_s" if gpu else "cpu_read_bytes_s")
-    if cached:
-        return Bandwidth(float(cached), True)
-    return Bandwidth(ASSUMED_GPU_READ_BYTES_S if gpu else ASSUMED_CPU_READ_BYTES_S, False)
-
-
-def disk_read_bandwidth() -> Bandwidth:
-    cached = _load_calibration().get("disk_read_bytes_s")
-    if cached:
-        return Bandwidth(float(cached), True)
-    return Bandwidth(ASSUMED_DISK_READ_BYTES_S, False)
-
-
-def record_bandwidth(name: str, bytes_per_s: float) -> None:
-    """Cache a bandwidth that a run or benchmark measured (e.g. disk_read_bytes_s)."""
-    _save_calibration({name: bytes_per_s})
 
 
 def current_rss_bytes() -> int:

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from llmrun.plan.devices import (
-    MeasuredMemory, compute_read_bandwidth, disk_read_bandwidth, host_to_gpu_bandwidth, measure_memory,
-)
-from llmrun.plan.estimate import SpeedEstimate, estimate_speed, format_tok_s
-from llmrun.plan.model_sizes import ModelSizes, model_sizes
-from llmrun.plan.placement import Budgets, Placement, PlanError, PlanOptions, Tier, plan
-from llmrun.plan.policy import DTYPE_BYTES, context_length, dtype_name
+from llmrun.plan.calibration import machine_figures, record_figures
+from llmrun.plan.devices import MeasuredMemory, measure_memory
+from llmrun.plan.estimate import PageCacheOutlook, SpeedEstimate, estimate_speed, format_tok_s, learnt_figures
+from llmrun.plan.model_sizes import ModelSizes, model_sizes, tensor_layer
+from llmrun.plan.placement import Budgets, Placement, PlanError, PlanOptions, Tier, plan, smallest_budget
+from llmrun.plan.policy import DTYPE_BYTES, DTYPE_TAGS, context_length, dtype_name
+from llmrun.plan.residency import resident_fraction
 from llmrun.sizes import format_bytes
 from llmrun.weights.index import CheckpointIndex
 
@@ -38,6 +38,12 @@ class PlanReport:
     request: PlanRequest
     dtype: str                            # the concrete run dtype
     warnings: tuple[str, ...]
+    floor_bytes: int                      # the smallest fast-tier budget this context and batch run in
+
+    @property
+    def floor_tier(self) -> Tier:
+        return self.placement.compute_tier
+
 
 
 def make_plan(config: dict, index: CheckpointIndex, request: PlanRequest,
@@ -56,10 +62,39 @@ def make_plan(config: dict, index: CheckpointIndex, request: PlanRequest,
     options = PlanOptions(ctx=ctx, dtype_bytes=DTYPE_BYTES[dtype], batch=request.batch,
                           block_size=request.block_size)
     placement = plan(sizes, budgets, options)
-    estimate = estimate_speed(placement, compute_read_bandwidth(budgets.has_gpu),
-                              host_to_gpu_bandwidth(calibrate=budgets.has_gpu), disk_read_bandwidth())
+    estimate = estimate_speed(placement, machine_figures(budgets.has_gpu), dtype,
+                              _page_cache_outlook(index, placement, dtype, measured))
     warnings = _warnings(placement, estimate, sizes, budgets, options, measured.gpu_free_bytes)
-    return PlanReport(placement, estimate, measured, request, dtype, warnings)
+    return PlanReport(placement, estimate, measured, request, dtype, warnings,
+                      smallest_budget(sizes, budgets, options))
+
+
+LEARN_MIN_TOKENS = 16   # fewer decode steps than this time too little to learn from
+
+
+def record_run(report: PlanReport, decode_tok_s: float, num_tokens: int) -> None:
+    """Refresh the calibration from what one sequence run on this plan achieved: `decode_tok_s`
+    over `num_tokens` generated tokens (the first, the prefill's, not counted in the rate)."""
+    if decode_tok_s > 0 and num_tokens >= LEARN_MIN_TOKENS:
+        record_figures(learnt_figures(report.placement, report.estimate, report.dtype, 1.0 / decode_tok_s))
+
+
+def _page_cache_outlook(index: CheckpointIndex, placement: Placement, dtype: str,
+                        measured: MeasuredMemory) -> PageCacheOutlook:
+    """How much of the disk tier the page cache holds now (mincore over its byte ranges) and may
+    hold: the available memory less what the plan itself takes. Layers read from the offload cache
+    (converted to the run dtype) are not the checkpoint's bytes: their residency is not asked."""
+    room = max(measured.cpu_available_bytes - placement.total_bytes(Tier.CPU), 0)
+    if not placement.streamed_bytes_per_token(Tier.DISK):
+        return PageCacheOutlook(None, room)
+    disk_layers = {i for i, tier in enumerate(placement.layer_tiers) if tier is Tier.DISK}
+    ranges, converted = [], False
+    for name, info in index.tensors.items():
+        layer = tensor_layer(name, placement.sizes.num_layers)
+        if (layer in disk_layers) or (layer is None and placement.head_tier is Tier.DISK):
+            ranges.append((info.file, info.start, info.end))
+            converted |= info.dtype in DTYPE_TAGS.values() and info.dtype != DTYPE_TAGS[dtype]
+    return PageCacheOutlook(None if converted else resident_fraction(ranges), room)
 
 
 def _warnings(placement: Placement, estimate: SpeedEstimate, sizes: ModelSizes, budgets: Budgets,

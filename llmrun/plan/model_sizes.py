@@ -79,6 +79,12 @@ def _matrix_and_vector_bytes(pieces: dict, num_layers: int) -> tuple[tuple[int, 
     return tuple(matrices), tuple(vectors)
 
 
+def tensor_layer(name: str, num_layers: int) -> int | None:
+    """The decoder layer a tensor belongs to; None for the embeddings, head and final norm."""
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match and int(match.group(1)) < num_layers else None
+
+
 def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> ModelSizes:
     """Group the index's tensors by decoder layer and convert sizes to `dtype_bytes` per element."""
     num_layers = int(config["num_hidden_layers"])
@@ -87,9 +93,8 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
     pieces: dict[tuple[int, str], tuple[int, bool]] = {}  # (layer, piece) -> (bytes, holds a matrix)
     for name, info in index.tensors.items():
         size = tensor_bytes_in(info.dtype, info.num_elements, dtype_bytes)
-        match = _LAYER_RE.search(name)
-        if match and int(match.group(1)) < num_layers:
-            layer = int(match.group(1))
+        layer = tensor_layer(name, num_layers)
+        if layer is not None:
             layer_bytes[layer] += size
             piece_bytes, is_matrix = pieces.get((layer, _piece_name(name)), (0, False))
             pieces[layer, _piece_name(name)] = (piece_bytes + size, is_matrix or len(info.shape) > 1)

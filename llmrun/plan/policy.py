@@ -8,6 +8,7 @@ from llmrun.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}   # safetensors' names for them
 DEFAULT_MAX_CONTEXT = 4096
 
 

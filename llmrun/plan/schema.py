@@ -58,12 +58,22 @@ def plan_to_json(report: PlanReport, name: str, path: str, architecture: str) ->
         "embed_tier": p.embed_tier.value,
         "tiers": tiers,
         "streamed_bytes_per_token": {**streamed, "total": sum(streamed.values())},
-        "estimate": {
-            "decode_tok_s": {"low": round(est.decode_tok_s_low, 3), "high": round(est.decode_tok_s_high, 3)},
-            "prefill_tok_s": round(est.prefill_tok_s, 1),
-            "bytes_per_token": est.bytes_per_token,
-            "bandwidths": {k: {"bytes_per_s": round(v.bytes_per_s), "measured": v.measured}
-                           for k, v in est.bandwidths.items()},
-        },
+        "floor": {"tier": report.floor_tier.value, "bytes": report.floor_bytes},
+        "estimate": _estimate_json(est),
         "warnings": list(report.warnings),
+    }
+
+
+def _estimate_json(est) -> dict:
+    step = est.figures["layer_step"]
+    return {
+        "decode_tok_s": {"low": round(est.decode_tok_s_low, 3), "high": round(est.decode_tok_s_high, 3),
+                         "full_ctx": round(est.decode_tok_s_full_ctx, 3)},
+        "prefill_tok_s": round(est.prefill_tok_s, 1),
+        "bytes_per_token": est.bytes_per_token,
+        "bandwidths": {k: {"bytes_per_s": round(v.value), "measured": v.measured, "source": v.source}
+                       for k, v in est.figures.items() if k != "layer_step"},
+        "layer_step_s": {"seconds": step.value, "measured": step.measured, "source": step.source},
+        "page_cache": {"resident_fraction": est.resident_fraction, "warm_after_first_pass": est.disk_warm,
+                       "first_read_s": round(est.first_read_s, 3)},
     }
