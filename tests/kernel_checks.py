@@ -13,6 +13,7 @@ import torch
 from llmrun.kernels.interface import check_forced_to_fail
 from llmrun.kernels.native import LayerShape, NativeKernels, aten_runs_avx512, load_library
 from llmrun.kernels.native_layer import blas_sgemm
+from llmrun.kernels.quant_cpu import CpuQuantMatmul, load_quant_library
 from llmrun.weights.packing import pack_weight
 
 # tests.checkpoints.llama_config(): its layer, and its matmuls (out x in) one sequence's steps run
@@ -73,3 +74,17 @@ def layer_should_pass() -> bool:
     lib = load_library()
     return (lib is not None and hasattr(lib, "decode_layer_f32") and aten_runs_avx512()
             and blas_sgemm() is not None and not check_forced_to_fail("layer"))
+
+
+def quant_kernel_passes(bits: int = 4, group_size: int = 32, in_features: int = 576,
+                        dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the CPU's quantized decode kernel (VNNI, kernels/quant_cpu.py) passed its check on this format."""
+    return CpuQuantMatmul().kernel_checked(bits, group_size, in_features, dtype)
+
+
+def quant_kernel_should_pass() -> bool:
+    """Where that check must pass: the library built, the CPU has AVX-512 VNNI (the library's own
+    answer), ATen runs AVX-512, and the check is not failed on purpose."""
+    lib = load_quant_library()
+    return (lib is not None and bool(lib.quant_supported()) and aten_runs_avx512()
+            and not check_forced_to_fail("quant"))

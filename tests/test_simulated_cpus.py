@@ -1,8 +1,9 @@
 """The CPU-dependent tests on simulated machines: AMX, AVX-512, the kernels' checks or the C compiler
 taken away in a subprocess, so CI on one kind of x86-64 machine covers the others.
 
-Each case first shows that what it takes away is really gone (oneDNN's kernel, the GEMV's and the
-layer's checks, the library), then runs a small set of tests there: the C kernels against ATen, a
+Each case first shows that what it takes away is really gone (oneDNN's kernel, the GEMV's, the
+layer's and the int8-activation kernel's checks, the library), then runs a small set of tests there:
+the C kernels against ATen, the quantized matmuls against their reference, a
 request's bits alone and batched (oneDNN's kernel per row count differs), the bench report of which
 kernels ran, and the real SmolLM2's greedy tokens against transformers. Those
 tests follow what the checks decided (tests/kernel_checks.py), so they pass on every machine.
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # on a copy of that cache neither uses a cached build nor adds one.
 CASES = {
     "no_amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},  # an AMD EPYC: AVX-512 BF16, no AMX
-    "checks_fail": {"LLMRUN_FAIL_CHECKS": "gemv,layer"},  # the GEMV's and the float32 layer's
+    "checks_fail": {"LLMRUN_FAIL_CHECKS": "gemv,layer,quant"},  # the GEMV's, the float32 layer's, the quantized kernel's
     "no_avx512": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
     "no_compiler": {"CC": "{tmp}/no-such-cc", "LLMRUN_CACHE": "{tmp}/cache"},
 }
@@ -36,6 +37,7 @@ TESTS = [
     "tests/model/test_native.py::test_engine_with_kernels_gives_the_aten_paths_logits_and_tokens",
     "tests/model/test_native.py::test_a_bf16_engine_runs_its_matmuls_in_the_gemv",
     "tests/model/test_native_layer.py::test_the_layer_is_used_where_its_check_should_pass",
+    "tests/model/test_quant_kernels.py",
     "tests/engine/test_batch_invariance.py::test_tiny_alone_equals_batched_over_many_rows_and_chunks[bfloat16]",
     "tests/bench/test_bench_cli.py::test_bench_reports_the_kernels_whose_checks_passed[bfloat16]",
     "tests/test_smollm2_end_to_end.py::test_greedy_tokens_equal_transformers[None]",
@@ -44,9 +46,9 @@ TESTS = [
 CHILD = """
 import json, sys, pytest, torch
 from llmrun.kernels.native import load_library
-from tests.kernel_checks import TINY_MATMULS, gemv_passes, layer_passes, onednn_bf16_kernel
+from tests.kernel_checks import TINY_MATMULS, gemv_passes, layer_passes, onednn_bf16_kernel, quant_kernel_passes
 print(json.dumps({"onednn": onednn_bf16_kernel(), "aten": torch.backends.cpu.get_cpu_capability(),
-                  "library": load_library() is not None, "layer": layer_passes(),
+                  "library": load_library() is not None, "layer": layer_passes(), "quant": quant_kernel_passes(),
                   "gemv": any(gemv_passes(*shape) for shape in TINY_MATMULS)}), flush=True)
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))
 """
@@ -55,6 +57,7 @@ sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))
 def assert_taken_away(case: str, found: dict) -> None:
     """What the case takes away is gone (on any machine: a case only takes away)."""
     assert not found["gemv"] and (found["layer"] is False or case == "no_amx"), found
+    assert not found["quant"] or case == "no_amx", found  # VNNI needs no AMX: only that case keeps it
     if case == "no_amx":
         assert "amx" not in found["onednn"], found
     if case == "no_avx512":

@@ -64,8 +64,9 @@ if triton is not None:
 
 
 def gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether the GEMV takes x @ weight.T: one row of x, a 16-bit row-major weight, no bias."""
-    return (bias is None and x.shape[0] == 1 and x.dim() == 2 and weight.dim() == 2
+    """Whether the GEMV takes x @ weight.T: one row of x, a 16-bit row-major weight tensor, no bias."""
+    return (isinstance(weight, torch.Tensor) and bias is None and x.shape[0] == 1 and x.dim() == 2
+            and weight.dim() == 2
             and weight.dtype in GEMV_DTYPES and x.dtype == weight.dtype and x.stride(1) == 1
             and weight.stride(1) == 1 and weight.stride(0) == weight.shape[1])
 

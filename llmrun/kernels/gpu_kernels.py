@@ -24,6 +24,7 @@ import torch
 from llmrun import settings
 from llmrun.kernels.interface import FusedKernels, LayerShape, within_ulps
 from llmrun.kernels.gpu_gemv import GEMV_DTYPES, gemv, gemv_fits
+from llmrun.kernels.quant import PLAIN, QuantMatmul
 from llmrun.model.layers import linear
 
 try:  # CUDA builds of torch depend on triton; CPU builds usually lack it
@@ -168,15 +169,16 @@ class TritonKernels(FusedKernels):
 
     name = "Triton"
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, shape: LayerShape):
-        super().__init__(shape, dtype, device)
+    def __init__(self, dtype: torch.dtype, device: torch.device, shape: LayerShape, quant: QuantMatmul = PLAIN):
+        super().__init__(shape, dtype, device, quant)
         self.fused_silu = False  # set by for_decoder once SiLU·mul gives ATen's bits
 
     @classmethod
-    def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["TritonKernels"]:
+    def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape,
+                    quant: QuantMatmul = PLAIN) -> Optional["TritonKernels"]:
         if triton is None:
             return None
-        kernels = cls(dtype, device, shape)
+        kernels = cls(dtype, device, shape, quant)
         try:
             if not kernels.check():
                 return None
@@ -257,7 +259,7 @@ class TritonKernels(FusedKernels):
     def norms_agree(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         return within_ulps(actual, expected, NORM_ULPS)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ weight.T (+ bias). One sequence's decode step over a 16-bit weight runs the Triton
         GEMV (kernels/gpu_gemv.py: on an H100 it read a Phi-3-mini step's weights in 2.94 ms against
         cuBLAS's 3.28, scripts/gpu_gemv_probe.py);

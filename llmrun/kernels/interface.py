@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from llmrun import settings
+from llmrun.kernels.quant import PLAIN, QuantMatmul
 from llmrun.model.attention import paged_attention, write_kv
 from llmrun.model.layers import activation, gemma_rms_norm, linear, linear_halves, rms_norm
 from llmrun.model.rope import apply_rope
+from llmrun.quant.format import QuantWeight
 
 CHECK_ROWS = (1, 3, 16)  # rows the self-check tries: decode of one and a few sequences, a full batch
 
@@ -69,12 +71,14 @@ class Kernels:
     """The operations a decoder layer is written in, for one layer shape and dtype on one device, as
     ATen computes them: the reference every fused set is checked against, and the set a decoder
     runs where none passed. Residual adds may be left pending: an op returns (hidden, delta) and the
-    next `add_norm`/`norm_linear` adds delta to hidden before its norm."""
+    next `add_norm`/`norm_linear` adds delta to hidden before its norm. A matmul weight may be a
+    QuantWeight (compressed int8/int4): `quant`, the device's quantized matmul, runs those."""
 
     name: Optional[str] = None  # the kind of kernels, for reports: "C", "Triton"; None: ATen's ops
 
-    def __init__(self, shape: LayerShape, dtype: torch.dtype, device):
+    def __init__(self, shape: LayerShape, dtype: torch.dtype, device, quant: QuantMatmul = PLAIN):
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.quant = quant
         self.act = activation(shape.activation)
         self._norm = gemma_rms_norm if shape.norm == "gemma" else rms_norm
 
@@ -91,8 +95,14 @@ class Kernels:
         hidden = hidden if delta is None else hidden + delta
         return hidden, self.norm(hidden, weight)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x @ weight.T (+ bias): layers.linear, unless a kernel set has a faster matmul for it."""
+    def linear(self, x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x @ weight.T (+ bias) for a weight tensor or a QuantWeight (run by `quant`)."""
+        if isinstance(weight, QuantWeight):
+            return self.quant.linear(x, weight, bias)
+        return self.dense_linear(x, weight, bias)
+
+    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x @ weight.T (+ bias) for a weight tensor: layers.linear, unless a kernel set has a faster matmul."""
         return linear(x, weight, bias)
 
     def norm_linear(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
@@ -105,8 +115,10 @@ class Kernels:
     def norm_gate_up(self, hidden: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor,
                      weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
         """(hidden + delta, gate, up): norm_linear into a fused gate/up weight, split in its halves
-        (plain CPU weights run one matmul per half: layers.linear_halves)."""
+        (plain CPU weights run one matmul per half: layers.linear_halves; a QuantWeight one matmul)."""
         hidden, x = self.add_norm(hidden, delta, norm_weight)
+        if isinstance(weight, QuantWeight):
+            return (hidden, *self.linear(x, weight, bias).chunk(2, dim=-1))
         return (hidden, *linear_halves(x, weight, bias, matmul=self.linear))
 
     def rope_and_cache(self, qkv: torch.Tensor, rope, meta, k_slots: torch.Tensor, v_slots: torch.Tensor,
@@ -147,7 +159,7 @@ class Kernels:
 
     def describe(self) -> dict:
         """What this kernel set runs, for reports (`llmrun bench`)."""
-        return {"set": self.name}
+        return {"set": self.name, **self.quant.describe()}
 
 
 class FusedKernels(Kernels):

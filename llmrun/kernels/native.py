@@ -36,6 +36,7 @@ import torch
 from llmrun import settings
 from llmrun.kernels.interface import CHECK_ROWS, FusedKernels, Kernels, LayerShape, check_forced_to_fail
 from llmrun.kernels.native_layer import NativeLayer, declare_layer
+from llmrun.kernels.quant import PLAIN, QuantMatmul
 from llmrun.kernels.verdicts import store_beside
 from llmrun.model.layers import linear
 from llmrun.paths import cache_dir
@@ -56,19 +57,25 @@ def load_library() -> Optional[ctypes.CDLL]:
     """The compiled kernels (built once per source version), or None where they cannot be built.
     With the bf16 GEMV (native_gemv.c) and the float32 layer (native_layer.c) where the compiler has
     OpenMP (the GEMV alone where the layer does not build), else without them."""
-    compiler = settings.CC.text() or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         return None
     builds = (((SOURCE, GEMV_SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS), ((SOURCE, GEMV_SOURCE), FLAGS + GEMV_FLAGS),
               ((SOURCE,), FLAGS))
     for sources, flags in builds:
-        lib = _build(compiler, sources, flags)
+        lib = build_library(compiler, sources, flags)
         if lib is not None:
             return _declare(lib)
     return None
 
 
-def _build(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Optional[ctypes.CDLL]:
+def c_compiler() -> Optional[str]:
+    """The C compiler the kernels are built with ($CC, else cc or gcc on PATH), or None."""
+    return settings.CC.text() or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_library(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Optional[ctypes.CDLL]:
+    """The library built from `sources` with `flags` (cached by their hash), or None where it fails."""
     text = b"".join(source.read_bytes() for source in sources)
     key = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
@@ -138,12 +145,13 @@ class NativeKernels(FusedKernels):
 
     name = "C"
 
-    def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, shape: LayerShape, lanes: int):
+    def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, shape: LayerShape, lanes: int,
+                 quant: QuantMatmul = PLAIN):
         if not 1 <= lanes <= 16:
             raise ValueError(f"lanes must be 1..16, not {lanes}")
-        super().__init__(shape, dtype, "cpu")
+        super().__init__(shape, dtype, "cpu", quant)
         self.lib, self.dtype_code, self.lanes = lib, DTYPES[dtype], lanes
-        self.aten = Kernels(shape, dtype, "cpu")  # what forwards of more rows than MAX_ROWS run
+        self.aten = Kernels(shape, dtype, "cpu", quant)  # what forwards of more rows than MAX_ROWS run
         self._scratch = torch.empty(2 * shape.hidden_size, dtype=torch.float32)  # h, then h * h
         self.exp_fn: Optional[int] = None  # set by for_decoder when the fused SiLU·mul checks out
         self.exp_width = 0
@@ -154,9 +162,11 @@ class NativeKernels(FusedKernels):
         self._gemv_weights: dict[int, tuple[torch.Tensor, Optional[int]]] = {}  # id -> (weight, its data or None)
         self._gemv_scratch = torch.empty(0, dtype=torch.float32)
         self.layer = None  # the float32 layer in one C call (kernels/native_layer.py), set by for_decoder
+        self.quant_layer = None  # a bf16 layer over quantized weights in one C call (quant_layer.py), likewise
 
     @classmethod
-    def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape) -> Optional["NativeKernels"]:
+    def for_decoder(cls, dtype: torch.dtype, device: torch.device, shape: LayerShape,
+                    quant: QuantMatmul = PLAIN) -> Optional["NativeKernels"]:
         """Kernels that passed the self-check on this shape and dtype, or None (use ATen)."""
         if device.type != "cpu" or dtype not in DTYPES:
             return None
@@ -164,10 +174,11 @@ class NativeKernels(FusedKernels):
         if lib is None:
             return None
         for lanes in (8, 16):  # the vector width of ATen's sum kernel on this CPU
-            kernels = cls(lib, dtype, shape, lanes)
+            kernels = cls(lib, dtype, shape, lanes, quant)
             if kernels.check():
                 kernels.pick_silu_mul()
                 kernels.layer = NativeLayer.for_kernels(kernels)
+                kernels.quant_layer = quant.layer_for(kernels)
                 return kernels
         return None
 
@@ -198,10 +209,13 @@ class NativeKernels(FusedKernels):
         return self if num_rows <= MAX_ROWS else self.aten
 
     def whole_layer(self, hidden, rope, meta, scale, reference):
-        """The float32 layer in one C call for this step, where it runs (kernels/native_layer.py)."""
-        return None if self.layer is None else self.layer.call(hidden, rope, meta, scale, reference)
+        """The float32 layer (kernels/native_layer.py), or a bf16 layer over quantized weights
+        (kernels/quant_layer.py), in one C call for this step, where it runs."""
+        if self.layer is not None:
+            return self.layer.call(hidden, rope, meta, scale, reference)
+        return None if self.quant_layer is None else self.quant_layer.call(hidden, rope, meta, scale, reference)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ weight.T (+ bias). One sequence's decode step in bf16 over a oneDNN-packed weight runs
         the C GEMV (native_gemv.c: oneDNN's sums in oneDNN's order, read at the memory's pace) where
         that weight's shape passed the GEMV self-check; anything else runs layers.linear. From two
@@ -219,10 +233,13 @@ class NativeKernels(FusedKernels):
 
     def describe(self) -> dict:
         """The kernel set, the weight shapes (out x in) one sequence's steps ran in the GEMV, and
-        whether one sequence's float32 steps ran each layer in one C call."""
+        whether one sequence's float32 steps ran each layer in one C call (and, once a bf16 step over
+        quantized weights did, that it ran its layers in one C call)."""
         shapes = [f"{n}x{k}" for (n, k), usable in self._gemv_shapes.items() if usable]
+        ran_quant_layer = self.quant_layer is not None and self.quant_layer.ran
         return {**super().describe(), "gemv_shapes": shapes if self.gemv else None,
-                "layer": self.layer is not None and self.layer.ran}
+                "layer": self.layer is not None and self.layer.ran,
+                **({"quant_layer": True} if ran_quant_layer else {})}
 
     def _gemv(self, x: torch.Tensor, weight_ptr: int, n: int, k: int) -> torch.Tensor:
         rows = x.shape[0]

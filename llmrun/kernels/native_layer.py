@@ -125,13 +125,14 @@ class NativeLayer:
                 and torch.equal(pools[0], k_copy) and torch.equal(pools[1], v_copy))
 
     def takes(self, layer_idx: int, w: dict) -> bool:
-        """Whether a layer's tensors are ones the C layer reads: no biases, plain contiguous weights
+        """Whether a layer's tensors are ones the C layer reads: no biases, plain contiguous weight tensors
         (a layer's structure, so looked at once per layer, whether its weights stream or not)."""
         known = self._takes.get(layer_idx)
         if known is None:
             known = self._takes[layer_idx] = (
                 not any(key.endswith("bias") for key in w)
-                and all(not w[key].is_mkldnn and w[key].is_contiguous() for key in ("qkv", "o", "gate_up", "down")))
+                and all(isinstance(w[key], torch.Tensor) and not w[key].is_mkldnn and w[key].is_contiguous()
+                        for key in ("qkv", "o", "gate_up", "down")))
         return known
 
     def begin(self, hidden: torch.Tensor, rope, meta, scale: float) -> tuple[LayerStep, torch.Tensor, torch.Tensor]:

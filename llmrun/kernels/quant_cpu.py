@@ -1,0 +1,135 @@
+"""Quantized matmuls on the CPU (kernels/quant_kernels.c): decode steps in C over the packed weights, prompt
+chunks as a GEMM over the weight dequantized once per call.
+
+Decode steps (up to DECODE_ROWS rows) quantize the activations to int8 per block of 32 inputs and take
+integer dot products with AVX-512 VNNI straight from the packed int4/int8 weight, so a token reads
+the compressed bytes once (docs/performance.md: against ATen's `_weight_int4pack_mm_for_cpu` and
+`_weight_int8pack_mm` on this machine's shapes, this was faster; those were dropped). Each weight format
+and input size is checked against the reference (kernels/quant.py) before the kernel takes it; a
+failed check, a CPU without AVX-512 VNNI (or ATen held below AVX-512), no compiler, or a format the
+kernel does not read (an int8 group that is not 16, 32 or a multiple of 64) runs the prompt path.
+
+Longer forwards dequantize the weight once (in C, one pass, to the run dtype) and run ATen's GEMM over
+it (oneDNN's AMX kernel for bf16): from a few dozen rows the GEMM's throughput outweighs the pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from llmrun.kernels.native import FLAGS, GEMV_FLAGS, aten_runs_avx512, build_library, c_compiler
+from llmrun.kernels.quant import QuantMatmul, quant_linear, quant_parts
+from llmrun.kernels.quant_check import checked_on
+from llmrun.kernels.quant_layer import QuantLayer, declare_quant_layer
+from llmrun.model.layers import linear
+from llmrun.quant.format import QuantWeight
+
+SOURCE = Path(__file__).with_name("quant_kernels.c")
+LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DECODE_ROWS = 16  # forwards of up to this many rows run the integer kernel; more dequantize for a GEMM
+CHUNK = 64  # inputs per step of the kernel's inner loop
+
+
+@lru_cache(maxsize=1)
+def load_quant_library() -> Optional[ctypes.CDLL]:
+    """quant_kernels.c built (once per source version, cached like native.py's library), or None."""
+    compiler = c_compiler()
+    lib = None if compiler is None else build_library(compiler, (SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS)
+    if lib is None or not hasattr(lib, "quant_matmul"):  # (a non-x86-64 build has no kernels)
+        return None
+    declare_quant_layer(lib)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.quant_supported.restype = i32
+    lib.quant_row_scratch_bytes.argtypes = [i64, i64]
+    lib.quant_row_scratch_bytes.restype = i64
+    lib.quant_matmul.argtypes = [p, i64, i32, i64, i64, p, p, p, i64, i32, i64, p, i64, p, i32]
+    lib.quant_matmul.restype = None
+    lib.quant_dequantize.argtypes = [p, p, p, i64, i64, i32, i64, p, i32, i32]
+    lib.quant_dequantize.restype = None
+    return lib
+
+
+def kernel_reads(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the C kernel reads this format: inputs in steps of 64, groups that tile those steps."""
+    return in_features % CHUNK == 0 and (group_size in (16, 32) or group_size % CHUNK == 0)
+
+
+class CpuQuantMatmul(QuantMatmul):
+    """quant_linear on the CPU: the VNNI kernel for decode steps where its check passed, a GEMM over
+    the weight dequantized in C for prompt chunks (the reference where the library is absent)."""
+
+    name = "C int8-activation VNNI"
+
+    def __init__(self, load_library: Callable[[], Optional[ctypes.CDLL]] = load_quant_library):
+        self._load_library = load_library  # called on the first quantized matmul: float runs never build it
+        self._checked: dict[tuple, bool] = {}  # (bits, group, in, dtype) -> the kernel passed its check
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self.ran = False  # whether a decode step ran the kernel (for reports)
+
+    @cached_property
+    def lib(self) -> Optional[ctypes.CDLL]:
+        return self._load_library()
+
+    @cached_property
+    def vnni(self) -> bool:
+        """Whether the VNNI kernel may run here: built, the CPU has the instructions, ATen runs AVX-512."""
+        return self.lib is not None and aten_runs_avx512() and bool(self.lib.quant_supported())
+
+    def linear(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not (x.dtype in DTYPES and x.dim() == 2 and x.stride(1) == 1 and self.lib is not None
+                and all(t.is_contiguous() and t.device.type == "cpu" for t in quant_parts(qw))):
+            return quant_linear(x, qw, bias)
+        if x.shape[0] <= DECODE_ROWS and self.kernel_checked(qw.bits, qw.group_size, qw.in_features, x.dtype):
+            out = self.matmul(x, qw)
+            self.ran = True
+            return out if bias is None else out + bias
+        return linear(x, self.dequantized(qw, x.dtype), bias)
+
+    def kernel_checked(self, bits: int, group_size: int, in_features: int, dtype: torch.dtype) -> bool:
+        """Whether the VNNI kernel runs this format, input size and dtype: checked once each."""
+        key = (bits, group_size, in_features, dtype)
+        if key not in self._checked:
+            self._checked[key] = (self.vnni and kernel_reads(bits, group_size, in_features)
+                                  and checked_on(self.matmul, bits, group_size, in_features, dtype,
+                                                 act_quantized=dtype == torch.bfloat16, name="quant"))
+        return self._checked[key]
+
+    def matmul(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+        """x [rows, in] @ W.T in x's dtype: bf16 rows by the VNNI kernel (int8 activations per block
+        of 32), float32 rows with the weight dequantized in registers (float32 throughout)."""
+        rows, k = x.shape
+        row_bytes = max(self.lib.quant_row_scratch_bytes(k, qw.group_size), 4 * k)  # int8 form, or k floats
+        if self._scratch.numel() < rows * row_bytes:
+            self._scratch = torch.empty(max(rows, DECODE_ROWS) * row_bytes, dtype=torch.uint8)
+        out = torch.empty((rows, qw.out_features), dtype=x.dtype)
+        mins = None if qw.mins is None else qw.mins.data_ptr()
+        self.lib.quant_matmul(x.data_ptr(), x.stride(0), DTYPES[x.dtype], rows, k, qw.qweight.data_ptr(),
+                              qw.scales.data_ptr(), mins, qw.out_features, qw.bits, qw.group_size, out.data_ptr(),
+                              out.stride(0), self._scratch.data_ptr(), torch.get_num_threads())
+        return out
+
+    def dequantized(self, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype`: format.dequantize's float32 values (rounded once to bf16)."""
+        out = torch.empty((qw.out_features, qw.in_features), dtype=dtype)
+        mins = None if qw.mins is None else qw.mins.data_ptr()
+        self.lib.quant_dequantize(qw.qweight.data_ptr(), qw.scales.data_ptr(), mins, qw.out_features,
+                                  qw.in_features, qw.bits, qw.group_size, out.data_ptr(), DTYPES[dtype],
+                                  torch.get_num_threads())
+        return out
+
+    def layer_for(self, kernels) -> Optional[QuantLayer]:
+        """A bf16 layer over quantized weights in one C call, for this C kernel set (quant_layer.py)."""
+        return QuantLayer.for_kernels(kernels, self)
+
+    def describe(self) -> dict:
+        if not self._checked:
+            return {}
+        formats = sorted(f"int{bits} g{group} k{k}" for (bits, group, k, _), ok in self._checked.items() if ok)
+        return {"quant_matmul": self.name if self.vnni else "dequantize+GEMM", "quant_formats": formats,
+                "quant_decode_kernel": self.ran}

@@ -1,0 +1,146 @@
+/* One bf16 Llama layer over quantized weights for one token in one C call (kernels/quant_layer.py).
+ *
+ * At SmolLM2's size a token's int4 weights take ~3 ms to read, and the Python, dispatch and SDPA
+ * set-up around a layer's ~10 ops cost as much again. Here the layer runs in C: the norms, RoPE with
+ * the K/V writes and SiLU·mul are native_kernels.c's own functions (their addresses handed in, so the
+ * same code as the fused Python path), the matmuls quant_kernels.c's `quant_matmul`, and attention
+ * for the one query over the sequence's contiguous K/V rows is computed here in float32 (scores,
+ * max, expf, sums), rounded to bf16 once, where SDPA rounds in its own places: this layer is checked
+ * against the decoder's layer over the same kernel set within a tolerance, not bit for bit.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <omp.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+typedef void (*norm_fn)(const void *, const void *, void *, const void *, void *, long, long, float, int, int,
+                        float *, float *);
+typedef void (*rope_fn)(const void *, long, const void *, const void *, void *, void *, void *, const int64_t *,
+                        long, long, long, long, int);
+typedef void (*silu_fn)(const void *, long, const void *, long, void *, long, long, int, void *, int);
+
+void quant_matmul(const void *x, long x_stride, int bf16, long rows, long k, const uint8_t *qweight,
+                  const float *scales, const float *mins, long n, int bits, long group, void *out, long out_stride,
+                  uint8_t *scratch, int threads);
+long quant_row_scratch_bytes(long k, long group);
+void quant_store_bf16(const float *in, uint16_t *out, long n);
+
+/* A quantized matrix (format.py's QuantWeight), as quant_layer.py's QuantMatrix mirrors it. */
+struct quant_matrix {
+    const uint8_t *qweight;
+    const float *scales, *mins; /* mins NULL when absent */
+    long n, k, bits, group;
+};
+
+struct quant_layer_weights {
+    const void *input_norm, *post_norm; /* bf16 [hidden] */
+    struct quant_matrix qkv, o, gate_up, down;
+    void *k_pool, *v_pool; /* bf16 [slots][kv_heads][dim] */
+};
+
+/* What every layer of one decode step shares (quant_layer.py's QuantLayerStep). */
+struct quant_layer_step {
+    void *norm, *rope, *silu, *exp_fn;
+    int exp_width, lanes, threads, hidden, heads, kv_heads, dim, intermediate;
+    float eps, scale;
+    const void *cos, *sin_folded; /* bf16 [dim] for this token */
+    const int64_t *slot;
+    long span_start, span_len; /* the sequence's K/V rows, contiguous in the pools */
+    uint8_t *scratch;          /* quant_layer_scratch_bytes() */
+};
+
+static long align64(long bytes) { return (bytes + 63) & ~63L; }
+
+static long matmul_scratch(const struct quant_layer_step *s) {
+    long widest = s->intermediate > s->hidden ? s->intermediate : s->hidden;
+    return align64(quant_row_scratch_bytes(widest, 16));
+}
+
+long quant_layer_scratch_bytes(const struct quant_layer_step *s) {
+    long q = (long)s->heads * s->dim, kv = (long)s->kv_heads * s->dim;
+    long bf16 = 2 * (3L * s->hidden + (q + 2 * kv) + 2 * q + 3L * s->intermediate);
+    long floats = 4 * (2L * s->hidden + (long)s->threads * (s->span_len + s->dim + 16));
+    return align64(bf16) + align64(floats) + matmul_scratch(s) + 4 * 64;
+}
+
+/* 16 bf16 values widened to float32. */
+TARGET static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* softmax(q · kᵀ * scale) · v for one query, per head, over pool rows [start, start + len); dim a
+ * multiple of 16. */
+TARGET void quant_attend_bf16(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, long start, long len,
+                              int heads, int kv_heads, int dim, float scale, uint16_t *out, float *buf, int threads) {
+    int group = heads / kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int h = 0; h < heads; h++) {
+        float *scores = buf + (long)omp_get_thread_num() * (len + dim + 16), *acc = scores + len;
+        const uint16_t *qh = q + (long)h * dim;
+        int kvh = h / group;
+        float best = -INFINITY;
+        for (long t = 0; t < len; t++) {
+            const uint16_t *kt = k_pool + ((start + t) * kv_heads + kvh) * dim;
+            __m512 sum = _mm512_setzero_ps();
+            for (int d = 0; d < dim; d += 16) sum = _mm512_fmadd_ps(load16(qh + d), load16(kt + d), sum);
+            scores[t] = _mm512_reduce_add_ps(sum) * scale;
+            best = scores[t] > best ? scores[t] : best;
+        }
+        float total = 0.0f;
+        for (int d = 0; d < dim; d++) acc[d] = 0.0f;
+        for (long t = 0; t < len; t++) {
+            float p = expf(scores[t] - best);
+            total += p;
+            const uint16_t *vt = v_pool + ((start + t) * kv_heads + kvh) * dim;
+            for (int d = 0; d < dim; d += 16)
+                _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(vt + d), _mm512_loadu_ps(acc + d)));
+        }
+        for (int d = 0; d < dim; d++) acc[d] /= total;
+        quant_store_bf16(acc, out + (long)h * dim, dim);
+    }
+}
+
+static void matmul(const struct quant_matrix *m, const uint16_t *x, uint16_t *out, const struct quant_layer_step *s,
+                   uint8_t *scratch) {
+    quant_matmul(x, m->k, 1, 1, m->k, m->qweight, m->scales, m->mins, m->n, (int)m->bits, m->group, out, m->n,
+                 scratch, s->threads);
+}
+
+/* One layer: new_hidden = hidden + delta (delta may be NULL); h = new_hidden + o(attention(norm(new_hidden)));
+ * out_hidden = h, out_delta = down(silu(gate) * up) of norm(h): the decoder's (hidden, delta). */
+TARGET void quant_decode_layer(const struct quant_layer_weights *w, const struct quant_layer_step *s,
+                               const uint16_t *hidden, const uint16_t *delta, uint16_t *out_hidden,
+                               uint16_t *out_delta) {
+    long q_size = (long)s->heads * s->dim, kv_size = (long)s->kv_heads * s->dim, qkv_size = q_size + 2 * kv_size;
+    uint8_t *base = (uint8_t *)(((uintptr_t)s->scratch + 63) & ~(uintptr_t)63);
+    uint16_t *summed = (uint16_t *)base, *normed = summed + s->hidden, *o_out = normed + s->hidden;
+    uint16_t *qkv = o_out + s->hidden, *q = qkv + qkv_size, *attn = q + q_size, *gate_up = attn + q_size;
+    uint16_t *act = gate_up + 2L * s->intermediate;
+    long bf16_bytes = 2 * (3L * s->hidden + qkv_size + 2 * q_size + 3L * s->intermediate);
+    float *floats = (float *)(base + align64(bf16_bytes));
+    float *norm_scratch = floats, *attn_buf = floats + 2L * s->hidden;
+    long float_bytes = 4 * (2L * s->hidden + (long)s->threads * (s->span_len + s->dim + 16));
+    uint8_t *mm = (uint8_t *)floats + align64(float_bytes);
+    norm_fn norm = (norm_fn)s->norm;
+
+    norm(hidden, delta, summed, w->input_norm, normed, 1, s->hidden, s->eps, 1, s->lanes, norm_scratch,
+         norm_scratch + s->hidden);
+    matmul(&w->qkv, normed, qkv, s, mm);
+    ((rope_fn)s->rope)(qkv, qkv_size, s->cos, s->sin_folded, q, w->k_pool, w->v_pool, s->slot, 1, s->heads,
+                       s->kv_heads, s->dim, 1);
+    quant_attend_bf16(q, (const uint16_t *)w->k_pool, (const uint16_t *)w->v_pool, s->span_start, s->span_len,
+                      s->heads, s->kv_heads, s->dim, s->scale, attn, attn_buf, s->threads);
+    matmul(&w->o, attn, o_out, s, mm);
+    norm(summed, o_out, out_hidden, w->post_norm, normed, 1, s->hidden, s->eps, 1, s->lanes, norm_scratch,
+         norm_scratch + s->hidden);
+    matmul(&w->gate_up, normed, gate_up, s, mm);
+    ((silu_fn)s->silu)(gate_up, 2L * s->intermediate, gate_up + s->intermediate, 2L * s->intermediate, act, 1,
+                       s->intermediate, 1, s->exp_fn, s->exp_width);
+    matmul(&w->down, act, out_delta, s, mm);
+}
+#endif

@@ -1,0 +1,145 @@
+"""The quantized matmuls on the CPU (kernels/quant_cpu.py): the VNNI decode kernel against the reference
+(dequantize then matmul) and against an emulation of its own arithmetic, the check that guards it, and
+the prompt path's dequantized weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmrun.kernels.quant import PLAIN, quant_linear
+from llmrun.kernels.quant_check import (ACT_BLOCK, checked_on, probe_inputs, probe_weight, term_magnitudes,
+                                        within_quant_bound)
+from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul, load_quant_library
+from llmrun.model.layers import linear
+from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
+from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (bits, group, with mins): llmrun's int4 groups, and the int8 forms a GGUF maps to (Q8_0 g32, Q5_K g32
+# with mins, Q6_K g16) and llmrun's per-channel int8 (group = inputs: 0 here)
+FORMATS = [(4, 32, True), (4, 64, True), (4, 128, True), (8, 32, False), (8, 32, True), (8, 16, False),
+           (8, 64, False), (8, 0, False)]
+SMOLLM2_MATMULS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate/up, down
+
+
+def test_the_kernel_is_used_where_its_check_should_pass():
+    """Where the library builds, the CPU has AVX-512 VNNI and ATen runs AVX-512, the kernel's check
+    passes; elsewhere (tests/test_simulated_cpus.py takes each away) the prompt path runs every row."""
+    assert quant_kernel_passes() is quant_kernel_should_pass()
+
+
+@pytest.fixture(scope="module")
+def matmul():
+    if not quant_kernel_passes():  # the tests below follow what the check decided here
+        pytest.skip("the quantized decode kernel is off here (no compiler, no AVX-512 VNNI, or its check failed)")
+    return CpuQuantMatmul()
+
+
+def weight_for(bits, group, out_features, in_features, with_mins, seed):
+    group = group or in_features
+    return probe_weight(bits, group, out_features, in_features, with_mins, torch.Generator().manual_seed(seed))
+
+
+def emulated(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+    """The kernel's arithmetic in float64: each block of 32 activations rounded to int8 with scale
+    max|x| / 127 (the float32 steps as the C code takes them), then the exact dot product."""
+    blocks = x.float().reshape(x.shape[0], -1, ACT_BLOCK)  # [rows, blocks, 32]
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # (a scalar / tensor is not IEEE's)
+    q = torch.round(blocks * inverse).clamp(-127, 127)  # round half to even, as nearbyintf
+    rounded = ((amax / 127.0).double() * q.double()).reshape(x.shape)
+    return rounded @ dequantize(qw).double().T
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")
+def test_the_kernel_is_the_reference_within_its_rounding(matmul, form, dtype):
+    """On SmolLM2's matmul shapes and 1 to 16 rows: within the check's bound of the reference, and within
+    float32 rounding of what it computes: for bf16 rows the reference over activations rounded to int8
+    per block of 32 (emulated), for float32 rows the reference itself."""
+    bits, group, with_mins = form
+    for out_features, in_features in SMOLLM2_MATMULS:
+        if group and in_features % group:
+            continue  # (576 inputs do not take groups of 128)
+        qw = weight_for(bits, group, out_features, in_features, with_mins, seed=out_features + in_features)
+        assert matmul.kernel_checked(bits, qw.group_size, in_features, dtype)
+        for rows in (1, 5, DECODE_ROWS):
+            x = probe_inputs(rows, in_features, dtype, torch.Generator().manual_seed(rows))
+            actual = matmul.matmul(x, qw)
+            assert actual.dtype == dtype and actual.shape == (rows, out_features)
+            assert within_quant_bound(actual, x, qw, act_quantized=dtype == torch.bfloat16)
+            expected = emulated(x, qw) if dtype == torch.bfloat16 else x.double() @ dequantize(qw).double().T
+            magnitude = x.double().abs() @ term_magnitudes(qw).T
+            slack = 1e-5 * magnitude + (expected.abs() * 2**-8 if dtype == torch.bfloat16 else 0) + 1e-30
+            assert ((actual.double() - expected).abs() <= slack).all()
+
+
+def test_a_large_model_row_and_a_strided_input(matmul):
+    """A 14336-wide down projection (Llama 3 8B) and an input row that is a view with a wider stride."""
+    qw = weight_for(4, 64, 64, 14336, True, seed=1)
+    wide = probe_inputs(2, 2 * 14336, torch.bfloat16, torch.Generator().manual_seed(1))
+    x = wide[:, :14336]
+    assert x.stride(0) == 2 * 14336
+    assert within_quant_bound(matmul.linear(x, qw), x, qw, act_quantized=True)
+    assert within_quant_bound(matmul.linear(x.float(), qw), x.float(), qw, act_quantized=False)
+
+
+@pytest.mark.parametrize("mutation", ["swapped nibbles", "mins dropped", "groups shifted", "activation scales shifted"])
+def test_the_check_refuses_a_kernel_that_misreads_the_format(mutation):
+    """What a kernel that read the format wrongly would give falls outside the bound on the probe data."""
+
+    def misread(x, qw):
+        if mutation == "swapped nibbles":
+            q = unpack_int4(qw.qweight).reshape(qw.out_features, -1, 2).flip(-1).reshape(qw.out_features, -1)
+            wrong = QuantWeight(4, qw.group_size, qw.out_features, qw.in_features, pack_int4(q), qw.scales, qw.mins)
+        elif mutation == "mins dropped":
+            wrong = QuantWeight(4, qw.group_size, qw.out_features, qw.in_features, qw.qweight, qw.scales,
+                                torch.zeros_like(qw.mins))
+        elif mutation == "groups shifted":
+            wrong = QuantWeight(4, qw.group_size, qw.out_features, qw.in_features, qw.qweight,
+                                qw.scales.roll(1, dims=1), qw.mins.roll(1, dims=1))
+        else:  # activations' blocks of 32 rounded with their neighbour's scale
+            shifted = x.reshape(x.shape[0], -1, ACT_BLOCK)
+            steps = shifted.abs().amax(-1, keepdim=True).roll(1, dims=1) / 127
+            steps = torch.where(steps > 0, steps, torch.ones_like(steps))
+            return quant_linear((torch.round(shifted / steps).clamp(-127, 127) * steps).reshape(x.shape), qw)
+        return quant_linear(x, wrong)
+
+    assert checked_on(quant_linear, 4, 32, 576, torch.float32, act_quantized=True, name="test")
+    assert not checked_on(misread, 4, 32, 576, torch.float32, act_quantized=True, name="test")
+
+
+def test_a_check_forced_to_fail_keeps_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "quant")
+    matmul = CpuQuantMatmul()
+    assert not matmul.kernel_checked(4, 32, 576, torch.bfloat16)
+    qw = weight_for(4, 32, 64, 576, True, seed=3)
+    x = probe_inputs(1, 576, torch.float32, torch.Generator().manual_seed(3))
+    assert torch.equal(matmul.linear(x, qw), F.linear(x, dequantize(qw)))  # the prompt path: the reference
+    assert not matmul.ran
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")
+def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
+    """More rows than a decode step: the weight dequantized in C is format.dequantize's, rounded to the
+    run dtype, bit for bit, and the matmul is ATen's over it."""
+    if load_quant_library() is None:
+        pytest.skip("no C compiler here: prompt chunks run the reference")
+    bits, group, with_mins = form
+    matmul = CpuQuantMatmul()
+    qw = weight_for(bits, group, 200, 768, with_mins, seed=7)
+    assert torch.equal(matmul.dequantized(qw, dtype), dequantize(qw).to(dtype))
+    x = probe_inputs(DECODE_ROWS + 1, 768, dtype, torch.Generator().manual_seed(7))
+    assert torch.equal(matmul.linear(x, qw), linear(x, dequantize(qw).to(dtype)))
+
+
+def test_the_reference_is_dequantize_then_matmul():
+    """quant_linear on a weight small enough to write out: w = q * scale + min per group of 32."""
+    q = torch.arange(64, dtype=torch.uint8).reshape(1, 64) % 16
+    qw = QuantWeight(4, 32, 1, 64, pack_int4(q), torch.tensor([[0.5, -2.0]]), torch.tensor([[1.0, 3.0]]))
+    x = torch.ones(1, 64)
+    x[0, 40] = 2.0
+    w = torch.cat((q[0, :32] * 0.5 + 1.0, q[0, 32:] * -2.0 + 3.0))
+    assert torch.equal(quant_linear(x, qw), (x @ w.float()).reshape(1, 1))
+    assert torch.equal(PLAIN.linear(x, qw), quant_linear(x, qw))
