@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
+
+PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,8 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = device
         pool_shape = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-        self.k_pools = [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.v_pools = [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        pools = zeroed_pools(2 * shape.num_layers, pool_shape, dtype, device)
+        self.k_pools, self.v_pools = pools[0::2], pools[1::2]
         slots = (shape.num_blocks * shape.block_size, shape.num_kv_heads, shape.head_dim)
         self._slot_views = [(k.view(slots), v.view(slots)) for k, v in zip(self.k_pools, self.v_pools)]
 
@@ -44,3 +47,23 @@ class PagedKVCache:
     @property
     def total_bytes(self) -> int:
         return self.shape.total_bytes(self.k_pools[0].element_size()) if self.k_pools else 0
+
+
+def zeroed_pools(count: int, pool_shape: tuple, dtype, device) -> list:
+    """`count` zero tensors of `pool_shape`. On the CPU they are views of one anonymous memory
+    mapping, whose pages the OS hands out zeroed when first touched: a cache sized for the whole
+    context costs neither the time to clear it (~0.05 s for SmolLM2's 90 MiB) nor resident memory
+    until sequences fill it. Elsewhere, torch.zeros."""
+    import torch
+
+    if torch.device(device).type != "cpu" or count == 0:
+        return [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(count)]
+    elements = 1
+    for size in pool_shape:
+        elements *= size
+    pool_bytes = elements * torch.empty((), dtype=dtype).element_size()
+    stride = -(-pool_bytes // PAGE) * PAGE  # each pool starts on a page
+    if stride == 0:
+        return [torch.zeros(pool_shape, dtype=dtype) for _ in range(count)]
+    flat = torch.frombuffer(mmap.mmap(-1, stride * count), dtype=torch.uint8)  # the tensor keeps the mapping alive
+    return [flat[i * stride : i * stride + pool_bytes].view(dtype).view(pool_shape) for i in range(count)]
