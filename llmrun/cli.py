@@ -154,7 +154,7 @@ def run_command(
     with opened.engine:
         ids = [prompt_ids(opened.tokenizer, text, system=system, raw=raw) for text in texts]
         if each_line:
-            generate_lines(opened, lines, ids, params, batch)
+            generate_lines(opened, lines, ids, params)
         else:
             generate_one(opened, ids[0], params, as_json=as_json, quiet=quiet)
 

@@ -70,43 +70,50 @@ def _without_line_end(line: str) -> str:
     return line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
 
 
-def generate_lines(opened, lines: list[InputLine], ids: list[list[int]], params, batch: int) -> None:
-    """JSON Lines in input order; prompts decoded together `batch` at a time. A prompt the engine
-    refuses (longer than the context, empty) gets an error row and the others go on; the run then
-    ends with an error naming the refused lines."""
+def generate_lines(opened, lines: list[InputLine], ids: list[list[int]], params) -> None:
+    """JSON Lines in input order. Every prompt joins the engine's running batch as soon as a place
+    frees up (at most the planned --batch decode together), and a row is printed once it and every
+    row before it are done. A prompt the engine refuses (longer than the context, empty) gets an
+    error row and the others go on; the run then ends with an error naming the refused lines."""
     engine = opened.engine
-    pending, num_accepted, refused = [], 0, []
+    rows: list[tuple[InputLine, int | str]] = []  # (line, its request's index or its error)
+    accepted: list[list[int]] = []
     for line, line_ids in zip(lines, ids):
         try:
             engine.check_prompt(line_ids)
-            pending.append((line, line_ids, None))
-            num_accepted += 1
+            rows.append((line, len(accepted)))
+            accepted.append(line_ids)
         except LlmrunError as err:
-            pending.append((line, line_ids, str(err)))
-            refused.append(line.index)
-        if num_accepted == batch:
-            _write_rows(engine, pending, params)
-            pending, num_accepted = [], 0
-    _write_rows(engine, pending, params)
+            rows.append((line, str(err)))
+    generation = engine.generate(accepted, params)
+    printed = 0
+    with generation:
+        for event in generation:
+            if event.finish_reason is not None:
+                printed = _print_done_rows(rows, printed, generation.results)
+    _print_done_rows(rows, printed, generation.results)
+    refused = [line.index for line, outcome in rows if isinstance(outcome, str)]
     if refused:
         shown = ", ".join(map(str, refused[:10])) + (", ..." if len(refused) > 10 else "")
         raise UsageError(f"{len(refused)} of {len(lines)} prompt lines failed (see their \"error\" rows): "
                          f"index {shown}")
 
 
-def _write_rows(engine, pending, params) -> None:
-    """Decode the pending prompts that were accepted together, then print every row in input order."""
-    accepted = [line_ids for _, line_ids, error in pending if error is None]
-    results = iter(engine.generate(accepted, params).run_to_end() if accepted else [])
-    for line, _, error in pending:
+def _print_done_rows(rows, first: int, results) -> int:
+    """Print rows from `first` on while they are done; returns the first row not printed."""
+    for number in range(first, len(rows)):
+        line, outcome = rows[number]
         row = {"index": line.index, "prompt": line.line}
-        if error is None:
-            result = next(results)
+        if isinstance(outcome, str):
+            row["error"] = outcome
+        elif results[outcome].finish_reason is None:
+            return number
+        else:
+            result = results[outcome]
             row.update(text=result.text, finish_reason=result.finish_reason.value, tokens=result.tokens,
                        prompt_tokens=result.prompt_tokens)
-        else:
-            row["error"] = error
         print(json.dumps(row), flush=True)
+    return len(rows)
 
 
 def generate_one(opened, ids, params, *, as_json: bool, quiet: bool) -> None:
