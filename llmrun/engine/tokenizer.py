@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from llmrun.engine.chat_template import render_chat
-from llmrun.errors import InvalidModelError, UsageError
+from llmrun.errors import InvalidModelError, StorageError, UsageError
+from llmrun.paths import cache_dir
+from llmrun.storage import atomic_write_bytes
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # tokenizer_config classes that AutoTokenizer loads as its plain tokenizers backend.
@@ -135,7 +137,49 @@ def _plain_fast_tokenizer(folder: Path, config: dict) -> bool:
 
 def _build_backend(path: Path, config: dict):
     """tokenizer.json with the special tokens transformers' TokenizersBackend adds on loading (the same
-    calls in the same order), no truncation or padding; returns it and the named special tokens."""
+    calls in the same order), no truncation or padding; returns it and the named special tokens.
+
+    The result is kept, serialized, in the cache folder (keyed by the file, its size and time, the
+    tokenizer config, the tokenizers version and this module's source): re-adding the special tokens
+    costs more than reading the finished tokenizer back."""
+    from tokenizers import Tokenizer as Backend
+
+    cache_file = None
+    try:
+        cache_file = _cache_file(path, config)
+        kept = json.loads(cache_file.read_text(encoding="utf-8"))
+        backend = Backend.from_str(kept["backend"])
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        return backend, {str(k): str(v) for k, v in kept["named"].items()}
+    except Exception:  # absent, damaged, unreadable (tokenizers raises plain Exceptions): build it
+        pass
+    backend, named = _build_backend_now(path, config)
+    if cache_file is None:
+        return backend, named
+    try:
+        text = json.dumps({"backend": backend.to_str(), "named": {k: str(v) for k, v in named.items()}})
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache_file, text.encode("utf-8"))
+    except (OSError, StorageError):  # a read-only cache folder: built again next time
+        pass
+    return backend, named
+
+
+def _cache_file(path: Path, config: dict) -> Path:
+    import hashlib
+
+    import tokenizers
+
+    stat = path.stat()
+    digest = hashlib.sha256()
+    for part in (str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), tokenizers.__version__,
+                 json.dumps(config, sort_keys=True, default=str)):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(Path(__file__).read_bytes())
+    return cache_dir() / "tokenizers" / f"{digest.hexdigest()[:32]}.json"
+
+
+def _build_backend_now(path: Path, config: dict):
     from tokenizers import AddedToken, Tokenizer as Backend, processors
 
     backend = Backend.from_file(str(path))

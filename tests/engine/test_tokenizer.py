@@ -49,7 +49,16 @@ def family_folders(tmp_path_factory):
 
 
 def assert_same_as_transformers(folder, texts=TEXTS, conversations=CONVERSATIONS):
-    hf, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    """Checked twice: as built, and as read back from the tokenizer cache by the next load."""
+    hf = AutoTokenizer.from_pretrained(folder)
+    built, cached = load_tokenizer(folder), load_tokenizer(folder)
+    for ours in (built, cached):
+        assert_tokenizer_matches(hf, ours, texts, conversations)
+    assert type(cached) is type(built) and getattr(cached, "special_tokens", None) == getattr(built, "special_tokens", None)
+    return cached
+
+
+def assert_tokenizer_matches(hf, ours, texts, conversations):
     for text in texts:
         for add_special_tokens in (True, False):
             ids = hf(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -65,7 +74,6 @@ def assert_same_as_transformers(folder, texts=TEXTS, conversations=CONVERSATIONS
             assert ours.render_chat(messages, add_generation_prompt=generation_prompt) == expected
     assert (ours.eos_token_id, ours.pad_token_id, bool(ours.chat_template)) == (
         hf.eos_token_id, hf.pad_token_id, bool(hf.chat_template))
-    return ours
 
 
 def test_smollm2_tokens_and_template_match_transformers(smollm2_dir):
@@ -169,3 +177,40 @@ def test_unreadable_tokenizer_files_are_invalid_model_errors(tmp_path):
     (folder / "tokenizer_config.json").write_text("[")
     with pytest.raises(InvalidModelError, match="tokenizer_config.json is not valid JSON"):
         load_tokenizer(folder)
+
+
+def test_a_built_tokenizer_is_kept_and_read_back_until_its_files_change(tmp_path, monkeypatch):
+    import llmrun.engine.tokenizer as module
+
+    monkeypatch.setenv("LLMRUN_CACHE", str(tmp_path / "cache"))
+    folder = tokenizer_folder(tmp_path, "tok", checkpoints.llama_config())
+    first = load_tokenizer(folder)
+    kept = list((tmp_path / "cache" / "tokenizers").glob("*.json"))
+    assert len(kept) == 1
+
+    def no_building(*args):
+        raise AssertionError("built again although the cache holds it")
+    monkeypatch.setattr(module, "_build_backend_now", no_building)
+    again = load_tokenizer(folder)
+    text = "<|im_start|>user\nhé ☃<|im_end|>"
+    assert again.encode(text) == first.encode(text) and again.special_tokens == first.special_tokens
+    monkeypatch.undo()
+    monkeypatch.setenv("LLMRUN_CACHE", str(tmp_path / "cache"))
+
+    kept[0].write_text("{damaged")  # a damaged entry is built again and rewritten
+    assert load_tokenizer(folder).encode(text) == first.encode(text)
+    assert json.loads(kept[0].read_text())["backend"]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["split_special_tokens"] = True  # another config: another entry, another tokenizer
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    changed = load_tokenizer(folder)
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
+    assert changed.encode(text) != first.encode(text)
+
+
+def test_an_unwritable_cache_still_loads_the_tokenizer(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LLMRUN_CACHE", str(blocker))
+    folder = tokenizer_folder(tmp_path, "tok", checkpoints.llama_config())
+    assert load_tokenizer(folder).encode("hello") == AutoTokenizer.from_pretrained(folder)("hello")["input_ids"]
