@@ -226,7 +226,8 @@ def plan_command(
 @app.command("bench")
 def bench_command(
     model: DefaultModelArg = None,
-    compare: Annotated[str, typer.Option("--compare", help="Also run: transformers (or accelerate, for offload).",
+    compare: Annotated[str, typer.Option("--compare", help="Also run: transformers (or accelerate, for offload), "
+                                         "or llama.cpp on the model's GGUF (extra [llamacpp]).",
                                          metavar="NAME")] = "none",
     batch: Annotated[int, batch_option("Sequences in the batched case.")] = 8,
     new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="Tokens generated per sequence "

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from llmrun.bench.llamacpp import llama_cpp_version, missing_note, run_llama_cpp, source_gguf
 from llmrun.bench.measure import CaseResult, llmrun_case, transformers_batch_case, transformers_case
 from llmrun.bench.workload import Case, fitting_cases
 from llmrun.errors import UsageError
 
-COMPARE_CHOICES = ("none", "transformers", "accelerate")
+COMPARE_CHOICES = ("none", "transformers", "accelerate", "llama.cpp")
 
 
 def kv_waste_probe(engine):
@@ -137,19 +138,42 @@ def run_bench(name: str, request, cases, reps: int, compare: str) -> dict:
 
     if request.ctx is not None:
         fitting_cases(cases, request.ctx)  # a context too short fails before anything loads
+    if compare == "llama.cpp" and llama_cpp_version() is None:
+        note(missing_note())
+        compare = "none"
     opened = open_model(name, request)
-    with opened.engine as engine:
+    with opened.engine as engine, ExitStack() as stack:
+        reference = _reference_runner(compare, opened, stack)  # llama.cpp's GGUF found before any timing
         fitting = fitting_cases(cases, engine.max_context)
         skipped = [case.name for case in cases if case not in fitting]
         if skipped:
             note(f"bench: skipping {', '.join(skipped)} (longer than the {engine.max_context}-token context)")
         cases = fitting
-        total = len(cases) * (2 if compare != "none" else 1) + (compare != "none")
-        with progress_steps("bench", total) as step:
+        compared = [case for case in cases if case.batch == 1 or compare != "llama.cpp"] if compare != "none" else []
+        with progress_steps("bench", len(cases) + len(compared) + bool(compared)) as step:
             ours, waste, peaks = _measure_llmrun(engine, cases, reps, step)
-            refs = _measure_reference(opened, cases, reps, compare, step) if compare != "none" else {}
-    return bench_json(opened.name, engine, machine_facts(engine.decoder.device.type), ours, refs, compare, reps,
-                      waste, *peaks)
+            facts = machine_facts(engine.decoder.device.type)
+            refs = {}
+            if compare != "none":
+                refs, reference_facts = reference(cases, reps, step)
+                facts.update(reference_facts)
+    return bench_json(opened.name, engine, facts, ours, refs, compare, reps, waste, *peaks)
+
+
+def _reference_runner(compare: str, opened, stack: ExitStack) -> Callable:
+    """(cases, reps, step) -> (the reference's results, facts for the report), run after llmrun's cases."""
+    if compare != "llama.cpp":
+        return lambda cases, reps, step: (_measure_reference(opened, cases, reps, compare, step), {})
+    gguf_file = stack.enter_context(source_gguf(opened.path))
+
+    def run(cases, reps, step):
+        import torch
+
+        opened.engine.close()  # its weights released before llama.cpp loads its own
+        results, facts = run_llama_cpp(gguf_file, opened.engine.tokenizer, cases, reps, torch.get_num_threads(), step)
+        return results, {"llama.cpp": facts}
+
+    return run
 
 
 def _measure_llmrun(engine, cases, reps, step):

@@ -46,7 +46,7 @@ def test_bench_table_and_bad_arguments(tiny, tmp_path):
     proc = run_cli(["bench", tiny, "--quick", "--reps", "1"], tmp_path, COLUMNS="160")
     assert proc.returncode == 0, proc.stderr
     assert "decode tok/s" in proc.stdout and "KV waste" in proc.stdout and "kernels: " in proc.stdout
-    assert_one_line_error(run_cli(["bench", tiny, "--compare", "llama.cpp"], tmp_path), "--compare must be one of")
+    assert_one_line_error(run_cli(["bench", tiny, "--compare", "vllm"], tmp_path), "--compare must be one of")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
