@@ -9,10 +9,11 @@ import typer
 from typer.core import TyperGroup
 
 from llmrun.cli_options import (
-    Ctx, CpuMem, DefaultModelArg, Dtype, GpuMem, MinP, ModelArg, Quiet, RepeatPenalty, Seed, Stop, System,
+    Ctx, CpuMem, DefaultModelArg, Dtype, GpuMem, MinP, ModelArg, Quant, Quiet, RepeatPenalty, Seed, Stop, System,
     Temperature, TopK, TopP, batch_option, checked, flag, json_option, max_tokens_option,
     ApiKey, Host, MaxBodySize, MaxWaiting, Port, ShutdownGrace, Url,
 )
+from llmrun.cli_quant import quant_commands
 from llmrun.cli_store import store_commands
 from llmrun.errors import LlmrunError
 from llmrun.streams import end_quietly, exit_now, fail, flush_std_streams, lenient_stdin
@@ -61,12 +62,12 @@ def _app_options(
 
 
 def _plan_request(gpu_mem_bytes: Optional[int], cpu_mem_bytes: Optional[int], ctx: Optional[int], batch: int,
-                  dtype: str):
+                  dtype: str, quant: str):
     """EngineOptions from options already checked where they are declared (sizes read into bytes)."""
     from llmrun.engine.build import EngineOptions
 
     return EngineOptions(gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, ctx=ctx, batch=batch,
-                         dtype=dtype)
+                         dtype=dtype, quant=quant)
 
 
 def _default_model(model: Optional[str]) -> str:
@@ -115,6 +116,7 @@ def run_command(
     raw: Annotated[bool, flag("--raw", help="Skip the chat template; tokenize the prompt as is.")] = False,
     ctx: Ctx = None,
     dtype: Dtype = "auto",
+    quant: Quant = "none",
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     batch: Annotated[int, batch_option("Prompts decoded together (with --each-line).")] = 1,
@@ -144,7 +146,7 @@ def run_command(
     from llmrun.oneshot import generate_lines, generate_one, read_lines, read_prompt
     from llmrun.runtime import open_model
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
     lines = read_lines(prompt, raw=raw) if each_line else []
     texts = [line.text for line in lines] if each_line else [read_prompt(prompt, raw=raw)]
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
@@ -173,6 +175,7 @@ def chat_command(
     system: System = None,
     ctx: Ctx = None,
     dtype: Dtype = "auto",
+    quant: Quant = "none",
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     quiet: Quiet = False,
@@ -187,7 +190,7 @@ def chat_command(
     from llmrun.chat.repl import run_chat
     from llmrun.runtime import open_model
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype, quant)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     opened = open_model(_default_model(model), request)
     with opened.engine:
@@ -204,6 +207,7 @@ def plan_command(
     ctx: Ctx = None,
     batch: Annotated[int, batch_option("Sequences decoded together.")] = 1,
     dtype: Dtype = "auto",
+    quant: Quant = "none",
     as_json: Annotated[bool, json_option("Print the plan as JSON (schema: docs/plan-json.md).")] = False,
 ) -> None:
     """Show where every layer would live (GPU, pinned CPU, disk) before loading anything.
@@ -214,7 +218,7 @@ def plan_command(
     from llmrun.plan.make import make_plan
     from llmrun.plan.schema import plan_to_json
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
     inputs = plan_inputs(_default_model(model))
     report = make_plan(inputs.config, inputs.index, request, inputs.folder)
     data = plan_to_json(report, inputs.name, str(inputs.folder or inputs.name), inputs.architecture)
@@ -237,6 +241,7 @@ def bench_command(
                                       callback=checked("reps"), metavar="N")] = 3,
     quick: Annotated[bool, flag("--quick", help="A small workload (64-token prompts, 16 new tokens unless --new-tokens).")] = False,
     dtype: Dtype = "auto",
+    quant: Quant = "none",
     ctx: Ctx = None,
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
@@ -250,7 +255,7 @@ def bench_command(
     from llmrun.bench.workload import bench_cases
 
     compare = check_bench_args(compare, batch, new_tokens, reps)
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
     cases = bench_cases(quick, batch, new_tokens)
     data = run_bench(_default_model(model), request, cases, reps, compare)
     from llmrun.display import render_bench
@@ -270,6 +275,7 @@ def serve_command(
     batch: Annotated[int, batch_option("Sequences decoded together (the KV cache is planned for them).")] = 16,
     ctx: Ctx = None,
     dtype: Dtype = "auto",
+    quant: Quant = "none",
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
 ) -> None:
@@ -283,13 +289,13 @@ def serve_command(
     from llmrun.serve.app import ServeConfig
     from llmrun.serve.server import serve
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype)
+    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
     config = ServeConfig(api_key=api_key or settings.LLMRUN_API_KEY.text(), max_body_bytes=max_body_size)
     serve(_default_model(model), request, config, host=host, port=port, max_waiting=max_waiting,
           grace_s=shutdown_grace)
 
 
-for _name, _command in store_commands().items():
+for _name, _command in {**store_commands(), **quant_commands()}.items():
     app.command(_name)(_command)
 
 

@@ -46,6 +46,15 @@ def known_dtype(value: str) -> str:
     return value
 
 
+def known_quant(value: str) -> str:
+    """A Typer callback: one of the compressions --quant takes (none, int8, int4)."""
+    from llmrun.quant.spec import QUANT_CHOICES
+
+    if value not in QUANT_CHOICES:
+        raise typer.BadParameter(f"unknown quantization {value!r}; choose one of: {', '.join(QUANT_CHOICES)}")
+    return value
+
+
 def flag(*names: str, help: str):
     """A boolean switch shown without a value (`--json`, not `--json <bool>`)."""
     return typer.Option(*names, help=help, metavar="")
@@ -84,6 +93,9 @@ Ctx = Annotated[Optional[int], typer.Option("--ctx", help="Context length in tok
                                             callback=checked("ctx"), metavar="N")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.", metavar="NAME",
                                     callback=known_dtype)]
+Quant = Annotated[str, typer.Option(
+    "--quant", help="Compress the layers' matmul weights on load (cached): none, int8 or int4 (groups of 32).",
+    metavar="KIND", callback=known_quant)]
 # The sizes arrive in the command as bytes (int), read by the callback.
 GpuMem = Annotated[Optional[str], typer.Option(
     "--gpu-mem", help="Plan as if only this much GPU memory were free (6GB, 6GiB, 0 = no GPU).", metavar="SIZE",

@@ -51,6 +51,13 @@ def open_model(name: str, options: EngineOptions, *, show_progress: bool = True)
     slow_steps = show_progress and display.stderr_is_tty() and report.placement.streams
     observer = display.SlowStepProgress() if slow_steps else NO_STEP_OBSERVER
     num_layers = int(inputs.config.get("num_hidden_layers", 0))
-    with display.layer_progress(f"loading {source.name}", num_layers, enabled=show_progress) as on_layer:
-        engine = engine_from_plan(inputs, report, options, on_layer=on_layer, step_observer=observer)
+    with display.count_progress(f"quantizing {source.name} to {options.quant}", "tensors",
+                                enabled=show_progress) as on_quantize, \
+            display.layer_progress(f"loading {source.name}", num_layers, enabled=show_progress) as on_layer:
+        engine = engine_from_plan(inputs, report, options, on_layer=on_layer, step_observer=observer,
+                                  on_quantize=on_quantize)
+    quant = engine.weights.quant.meta
+    if quant.tensors:  # a compressed path is never taken silently
+        how = "quantized on load, cached" if options.quant != "none" else "as stored"
+        display.note(f"{source.name}: {len(quant.tensors)} matmul weights in {quant.describe()}, {how}")
     return OpenModel(source.name, source.path, engine)

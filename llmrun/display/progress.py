@@ -50,6 +50,40 @@ def layer_progress(description: str, total: int, *, enabled: bool = True) -> Ite
             progress.stop()
 
 
+@contextmanager
+def count_progress(description: str, unit: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A bar of `done` of `total` (e.g. tensors quantized), on stderr, only on a TTY and after ~0.5 s.
+
+    Yields on_count(done, total); the bar goes away when done reaches total, so another may follow.
+    """
+    if not (enabled and stderr_is_tty()):
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.monotonic()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    task = progress.add_task(description, total=None)
+    state = {"shown": False}
+
+    def on_count(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+        if not state["shown"] and done < total and time.monotonic() - started > 0.5:
+            progress.start()
+            state["shown"] = True
+        elif state["shown"] and done >= total:
+            progress.stop()
+            state["shown"] = False
+
+    try:
+        yield on_count
+    finally:
+        if state["shown"]:
+            progress.stop()
+
+
 def print_stats(line: str) -> None:
     """The dim stats line on stderr (plain when stderr is not a TTY)."""
     if stderr_is_tty():

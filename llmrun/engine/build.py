@@ -61,9 +61,11 @@ def build_engine(folder: Path, options: EngineOptions,
 
 def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: EngineOptions, *,
                      on_layer: Optional[Callable[[int, int], None]] = None,
-                     step_observer: StepObserver = NO_STEP_OBSERVER) -> "Engine":
+                     step_observer: StepObserver = NO_STEP_OBSERVER,
+                     on_quantize: Callable[[int, int], None] = lambda done, total: None) -> "Engine":
     """Load the model as planned into an Engine; config, architecture and index come from `inputs`
-    (read once, by plan/inputs.py). `on_layer(i, bytes)` observes loading, `step_observer` each step."""
+    (read once, by plan/inputs.py). `on_layer(i, bytes)` observes loading, `step_observer` each step,
+    `on_quantize(done, total)` the tensors quantized on load (`--quant`, when not cached yet)."""
     from llmrun.engine.generate import Engine
     from llmrun.engine.tokenizer import load_tokenizer
     from llmrun.kernels.choose import kernels_for
@@ -85,7 +87,13 @@ def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: Engine
     kernels = kernels_for(family.layer_shape(config), dtype, device)  # ATen's ops, or fused ones that passed their check
     decoder = family(config, dtype, device, max_positions=placement.ctx, kernels=kernels)
     rss_before_weights = current_rss_bytes()
-    weights = PlacedWeights(decoder, inputs.index, placement, dtype, device, options.prefetch_depth, on_layer,
+    index = inputs.index
+    if options.quant != "none":  # a float model compressed on load, through the cache in $LLMRUN_HOME
+        from llmrun.quant.cache import quantized_on_load
+        from llmrun.quant.spec import QuantSpec
+
+        index = quantized_on_load(index, QuantSpec.parse(options.quant), on_quantize)
+    weights = PlacedWeights(decoder, index, placement, dtype, device, options.prefetch_depth, on_layer,
                             step_observer)
     return Engine(
         decoder, weights, tokenizer, eos_token_ids(folder, config.raw, tokenizer),

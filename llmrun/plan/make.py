@@ -28,6 +28,7 @@ class PlanRequest:
     batch: int = 1
     dtype: str = "auto"
     block_size: int = 16
+    quant: str = "none"                   # int8 | int4: plan (and load) a float model quantized on load
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,6 @@ class PlanReport:
         return self.placement.compute_tier
 
 
-
 def make_plan(config: dict, index: CheckpointIndex, request: PlanRequest,
               folder: Optional[Path] = None) -> PlanReport:
     """Plan a model (config.json dict + safetensors header index) for this machine."""
@@ -57,7 +57,7 @@ def make_plan(config: dict, index: CheckpointIndex, request: PlanRequest,
                       request.cpu_mem_bytes if request.cpu_mem_bytes is not None else measured.cpu_available_bytes,
                       measured.disk_free_bytes)
     dtype = dtype_name(request.dtype, "cuda" if budgets.has_gpu else "cpu")
-    sizes = model_sizes(index, config, DTYPE_BYTES[dtype])
+    sizes = model_sizes(quant_index(index, request.quant), config, DTYPE_BYTES[dtype])
     ctx = context_length(request.ctx, sizes.max_context)
     options = PlanOptions(ctx=ctx, dtype_bytes=DTYPE_BYTES[dtype], batch=request.batch,
                           block_size=request.block_size)
@@ -95,6 +95,19 @@ def _page_cache_outlook(index: CheckpointIndex, placement: Placement, dtype: str
             ranges.append((info.file, info.start, info.end))
             converted |= info.dtype in DTYPE_TAGS.values() and info.dtype != DTYPE_TAGS[dtype]
     return PageCacheOutlook(None if converted else resident_fraction(ranges), room)
+
+
+def quant_index(index: CheckpointIndex, quant: str) -> CheckpointIndex:
+    """The index as loaded: with `--quant`, a float model's matmul weights at their compressed sizes."""
+    from llmrun.errors import UsageError
+    from llmrun.quant.spec import QuantSpec, is_quantized, planned_index
+
+    if quant == "none":
+        return index
+    spec = QuantSpec.parse(quant)
+    if is_quantized(index):
+        raise UsageError(f"{index.folder} is already quantized; run it without --quant")
+    return planned_index(index, spec)
 
 
 def _warnings(placement: Placement, estimate: SpeedEstimate, sizes: ModelSizes, budgets: Budgets,

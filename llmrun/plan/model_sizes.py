@@ -1,10 +1,12 @@
-"""ModelSizes: per-layer and global weight bytes in the run dtype, from the safetensors index only."""
+"""ModelSizes: per-layer and global weight bytes in the run dtype (compressed weights at their packed
+size), from the safetensors index only."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+from llmrun.quant.spec import part_memory_bytes, quantized_part
 from llmrun.weights.index import DTYPE_BYTES, CheckpointIndex
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -61,9 +63,18 @@ def tensor_bytes_in(tag: str, num_elements: int, dtype_bytes: int) -> int:
     return num_elements * (dtype_bytes if tag in _FLOAT_TAGS else DTYPE_BYTES[tag])
 
 
+def tensor_layer(name: str, num_layers: int) -> int | None:
+    """The decoder layer a tensor belongs to; None for the embeddings, head and final norm."""
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match and int(match.group(1)) < num_layers else None
+
+
 def _piece_name(name: str) -> str:
     """The staged piece a layer's tensor travels in when the layer streams matrix by matrix
-    (weights/pieces.py): its module, q/k/v and gate/up together as decoders fuse them."""
+    (weights/pieces.py): its module, q/k/v and gate/up together as decoders fuse them (a compressed
+    weight's parts with it)."""
+    if quantized_part(name):
+        name = name.rpartition(".")[0]
     module = name.rsplit(".", 1)[0]
     return re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", module))
 
@@ -79,12 +90,6 @@ def _matrix_and_vector_bytes(pieces: dict, num_layers: int) -> tuple[tuple[int, 
     return tuple(matrices), tuple(vectors)
 
 
-def tensor_layer(name: str, num_layers: int) -> int | None:
-    """The decoder layer a tensor belongs to; None for the embeddings, head and final norm."""
-    match = _LAYER_RE.search(name)
-    return int(match.group(1)) if match and int(match.group(1)) < num_layers else None
-
-
 def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> ModelSizes:
     """Group the index's tensors by decoder layer and convert sizes to `dtype_bytes` per element."""
     num_layers = int(config["num_hidden_layers"])
@@ -92,7 +97,9 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
     embed = lm_head = other = 0
     pieces: dict[tuple[int, str], tuple[int, bool]] = {}  # (layer, piece) -> (bytes, holds a matrix)
     for name, info in index.tensors.items():
-        size = tensor_bytes_in(info.dtype, info.num_elements, dtype_bytes)
+        part = quantized_part(name)  # a compressed weight's part counts what it takes once loaded
+        size = (part_memory_bytes(part, info.dtype, info.num_elements) if part
+                else tensor_bytes_in(info.dtype, info.num_elements, dtype_bytes))
         layer = tensor_layer(name, num_layers)
         if layer is not None:
             layer_bytes[layer] += size

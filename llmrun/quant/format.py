@@ -191,7 +191,7 @@ class QuantMetadata:
         formats = list(self.tensors.values())
         bits = "/".join(f"int{b}" for b in sorted({f.bits for f in formats}, reverse=True))
         grouped = sorted({f.group_size for f in formats if f.group_size != f.in_features})
-        per_channel = any(f.group_size == f.in_features for f in formats)
+        per_channel = any(f.group_size == f.in_features and f.group_size not in grouped for f in formats)
         groups = ([f"g{'/'.join(map(str, grouped))}"] if grouped else []) + (["per channel"] if per_channel else [])
         return f"{bits} {' + '.join(groups)} ({self.source})"
 

@@ -17,14 +17,24 @@ import torch
 
 from llmrun.storage import writing_under
 from llmrun.weights import offload_cache
-from llmrun.weights.index import TensorInfo
-from llmrun.weights.loader import PackedTensor, TensorFileReader
+from llmrun.weights.index import DTYPE_BYTES, TensorInfo
+from llmrun.weights.loader import PackedTensor, TensorFileReader, torch_dtype
 
 _TAGS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
 
 
 def needs_offload(packs: list[PackedTensor], dtype) -> bool:
-    return any(part.dtype != _TAGS.get(dtype) for packed in packs for part in packed.parts)
+    """Whether a float tensor of the unit is stored in another dtype than the run's (packed integer
+    parts of quantized weights are read as they are)."""
+    return any(part.dtype in _FLOAT_TAGS and part.dtype != _TAGS.get(dtype)
+               for packed in packs for part in packed.parts)
+
+
+def _staged(packed: PackedTensor, dtype) -> str:
+    """The tag a tensor is used in: a float one in the run dtype, any other as stored."""
+    tag = packed.parts[0].dtype
+    return _TAGS[dtype] if tag in _FLOAT_TAGS else tag
 
 
 def source_files(packs: dict[int, list[PackedTensor]]) -> list[Path]:
@@ -61,7 +71,7 @@ def _write_unit(reader: TensorFileReader, packs: list[PackedTensor], dtype, file
             handle = open(tmp, "wb")
         with handle:
             for packed in packs:
-                tensor = reader.load_packed(packed, dtype)  # reading the checkpoint: its own errors
+                tensor = reader.load_packed(packed, torch_dtype(_staged(packed, dtype)))  # its own errors
                 with writing_under(file.parent):
                     handle.write(tensor.view(torch.uint8).numpy().tobytes())
             with writing_under(file.parent):
@@ -73,11 +83,11 @@ def _write_unit(reader: TensorFileReader, packs: list[PackedTensor], dtype, file
 
 
 def _repoint(packs: list[PackedTensor], dtype, file: Path) -> list[PackedTensor]:
-    element = torch.empty((), dtype=dtype).element_size()
     out, offset = [], 0
     for packed in packs:
-        size = packed.num_elements * element
-        part = TensorInfo(packed.key, file, _TAGS[dtype], packed.shape, offset, offset + size)
+        tag = _staged(packed, dtype)
+        size = packed.num_elements * DTYPE_BYTES[tag]
+        part = TensorInfo(packed.key, file, tag, packed.shape, offset, offset + size)
         out.append(PackedTensor(packed.key, (part,), packed.shape))
         offset += size
     return out

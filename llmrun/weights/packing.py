@@ -28,5 +28,6 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack_matmul_weights(tensors: dict) -> dict:
-    """Pack every 2-D tensor of a layer (its matmul weights); 1-D norms and biases stay plain."""
-    return {key: pack_weight(t) if t.dim() == 2 else t for key, t in tensors.items()}
+    """Pack every 2-D float tensor of a layer (its matmul weights); 1-D norms and biases, and
+    QuantWeights (compressed, run by the kernel set's quantized matmul), stay as they are."""
+    return {key: pack_weight(t) if isinstance(t, torch.Tensor) and t.dim() == 2 else t for key, t in tensors.items()}

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from llmrun.errors import UsageError
 from llmrun.plan.placement import Placement, Tier
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
@@ -17,6 +18,7 @@ from llmrun.weights.packing import can_pack, pack_matmul_weights
 from llmrun.weights.loader import (PackedTensor, TensorFileReader, dtype_tag, pack_layout, row_range, staged_tag,
                                    torch_dtype)
 from llmrun.weights.pieces import Piece, cut_layer, cut_rows
+from llmrun.weights.quantized import QuantLayout, UnitParts, float_table
 from llmrun.weights.streamer import Held, LayerStreamer
 
 HEAD = "head"
@@ -26,7 +28,9 @@ class PlacedWeights:
     """The weights provider decoders read through: embed(), layer(i), head_chunks(), globals.
 
     Unit ids: decoder layers are 0..L-1; the output head is unit L. A streamed unit is staged in
-    pieces (weights/pieces.py) no larger than the plan's `staging_piece_bytes`.
+    pieces (weights/pieces.py) no larger than the plan's `staging_piece_bytes`. A quantized
+    checkpoint's packed parts are staged like any tensor and handed to layers as QuantWeights
+    (weights/quantized.py), which the kernel set runs.
     """
 
     def __init__(self, decoder, index: CheckpointIndex, placement: Placement, dtype, device,
@@ -37,8 +41,13 @@ class PlacedWeights:
         self.run_tag = dtype_tag(dtype)
         num_layers = decoder.config.num_hidden_layers
         self.head_unit = num_layers
-        packs = {i: pack_layout(index, decoder.layer_layout(i)) for i in range(num_layers)}
-        packs[self.head_unit] = pack_layout(index, {HEAD: (decoder.head_name(),)})
+        self.quant = QuantLayout(index)  # no formats: a float checkpoint
+        index = self.quant.byte_index
+        layouts = {i: decoder.layer_layout(i) for i in range(num_layers)}
+        layouts[self.head_unit] = {HEAD: (decoder.head_name(),)}
+        staged = {unit: self.quant.unit(layout) for unit, layout in layouts.items()}
+        self.unit_parts: dict[int, UnitParts] = {unit: parts for unit, (_, parts) in staged.items()}
+        packs = {unit: pack_layout(index, layout) for unit, (layout, _) in staged.items()}
         tiers = dict(enumerate(placement.layer_tiers))
         tiers[self.head_unit] = placement.head_tier
         self.resident: dict[int, dict] = {}
@@ -69,7 +78,7 @@ class PlacedWeights:
         streamed = []
         for unit in sorted(packs):
             if tiers[unit] is compute:
-                tensors = {p.key: self._load(reader, p) for p in packs[unit]}
+                tensors = self.unit_parts[unit].assemble({p.key: self._load(reader, p) for p in packs[unit]})
                 self.resident[unit] = pack_matmul_weights(tensors) if self.packed else tensors
             else:
                 streamed.append(unit)
@@ -86,6 +95,9 @@ class PlacedWeights:
         sources: list[Optional[torch.Tensor]] = []
         for unit in streamed:
             if unit == self.head_unit:
+                if self.unit_parts[unit]:
+                    raise UsageError("a quantized output head is not streamed yet: give the model room to keep "
+                                     "it resident (a larger --cpu-mem or --gpu-mem)")
                 unit_pieces = cut_rows(unit, packs[unit][0], self.run_tag, piece_bytes)
             else:
                 unit_pieces, vectors = cut_layer(unit, packs[unit], self.run_tag, piece_bytes)
@@ -109,6 +121,9 @@ class PlacedWeights:
 
     def _load_embed(self, reader, index, decoder, placement):
         """The embedding table: resident tensor, or (for disk) the packed tensor to read rows from."""
+        if decoder.embed_name() in self.quant.formats:  # stored compressed: rows looked up in a float copy
+            table = float_table(self.quant, reader, decoder.embed_name(), self.dtype)
+            return table.to(self.device if placement.embed_tier is placement.compute_tier else "cpu"), None
         (packed,) = pack_layout(index, {"embed": (decoder.embed_name(),)})
         if placement.embed_tier is placement.compute_tier:
             head = self.resident.get(self.head_unit, {}).get(HEAD)
@@ -153,9 +168,9 @@ class PlacedWeights:
         pieces = self.unit_pieces[layer_idx]
         if layer_idx not in self.vectors:
             with self.streamer.staged(pieces[0]) as tensors:
-                yield tensors
+                yield self.unit_parts[layer_idx].assemble(tensors)
             return
-        staged = StagedLayer(self.streamer, pieces, self.vectors[layer_idx])
+        staged = StagedLayer(self.streamer, pieces, self.vectors[layer_idx], self.unit_parts[layer_idx])
         try:
             yield staged
         finally:
@@ -186,8 +201,8 @@ class StagedLayer(Mapping):
     for them in that order (a matrix asked for after a later one is an error, never stale data).
     Its norms stay resident and can be asked for at any time."""
 
-    def __init__(self, streamer: LayerStreamer, pieces: list[int], vectors: dict):
-        self._streamer, self._pieces, self._vectors = streamer, pieces, vectors
+    def __init__(self, streamer: LayerStreamer, pieces: list[int], vectors: dict, parts: UnitParts):
+        self._streamer, self._pieces, self._vectors, self._parts = streamer, pieces, vectors, parts
         self._position = {key: position for position, index in enumerate(pieces)
                           for key in streamer.pieces[index].keys}
         self._held: Optional[Held] = None
@@ -203,6 +218,8 @@ class StagedLayer(Mapping):
         if position > self._held_position:
             self.release()  # before taking the next: that slot is what the reader fills next
             self._held, self._held_position = self._streamer.take(self._pieces[position]), position
+        if key in self._parts.merged:  # a compressed matrix: its parts staged in the same piece
+            return self._parts.weight(self._held.tensors, key)
         return self._held.tensors[key]
 
     def __contains__(self, key) -> bool:

@@ -1,0 +1,62 @@
+"""`llmrun quantize`: a float model written to llmrun's store with its matmul weights compressed.
+
+The entry is staged in a temporary folder and renamed into place (hub/store.py), so an interrupted
+quantize leaves no entry and no half-written file; an existing name is replaced only with --force.
+Kept tensors (embeddings, norms) are stored in 16 bits: float32 ones become bfloat16.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from llmrun.errors import StoreConflictError, UsageError
+from llmrun.quant.spec import QuantSpec, check_groups, is_quantized
+
+_NOT_COPIED = {"model.safetensors.index.json", "llmrun.json"}
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    name: str
+    path: Path
+    source_name: str
+    description: str  # e.g. "int4 g64 (quantized by llmrun)"
+    num_quantized: int
+    size_bytes: int
+    source_bytes: int
+
+
+def quantize_to_store(model: str, spec: QuantSpec, name: str | None, force: bool,
+                      on_tensor: Callable[[int, int], None] = lambda done, total: None) -> QuantizedModel:
+    """Quantize `model` (resolved, or pulled, as `run` does) into the store entry `name`."""
+    from llmrun.hub.store import StoreMetadata, entry_path, staged_entry, write_metadata
+    from llmrun.plan.inputs import folder_inputs
+    from llmrun.quant.quantize import quantize_index
+    from llmrun.runtime import present_or_pulled
+
+    source = present_or_pulled(model)
+    inputs = folder_inputs(source.path, source.name)
+    if is_quantized(inputs.index):
+        raise UsageError(f"{source.name} is already quantized; quantize its float original instead")
+    check_groups(inputs.index, spec)
+    target = name if name is not None else f"{source.name}-{spec.label}"
+    final = entry_path(target)
+    if final.exists() and not force:
+        raise StoreConflictError(f"the store already has a model called '{final.name}'; "
+                                 f"pass --force to replace it, or --name to choose another name")
+    with staged_entry(target) as staging:
+        for file in sorted(Path(source.path).iterdir()):
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in _NOT_COPIED:
+                shutil.copy2(file, staging / file.name)
+        meta = quantize_index(inputs.index, spec, staging / "model.safetensors", keep_floats=True,
+                              on_tensor=on_tensor)
+        created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+        write_metadata(staging, StoreMetadata(source="quantize", original_file=str(Path(source.path).resolve()),
+                                              sha256="", created=created, quant=meta.summary()))
+    size = sum(f.stat().st_size for f in final.iterdir() if f.suffix == ".safetensors")
+    return QuantizedModel(final.name, final, source.name, meta.describe(), len(meta.tensors), size,
+                          inputs.index.total_bytes)
