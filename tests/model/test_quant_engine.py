@@ -1,0 +1,108 @@
+"""A decoder over QuantWeights through the real engine (quantized on load): its layers run the device's
+quantized matmul (kernels/choose.py), which agrees with the reference path (LLMRUN_NO_NATIVE=1:
+every QuantWeight dequantized for its matmul) and gives a request the same tokens alone or batched."""
+
+import pytest
+import torch
+
+from llmrun.engine.build import EngineOptions, build_engine
+from llmrun.quant.format import QuantWeight
+from tests.checkpoints import llama_config, save_checkpoint
+from tests.kernel_checks import c_kernels, quant_kernel_passes
+from tests.parity import batched_and_alone, greedy_with_logits
+
+PROMPT = [(5 * i * i + 11 * i + 3) % 300 + 3 for i in range(23)]  # 23 tokens: a prompt chunk over 16 rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("quant") / "tiny", llama_config(), seed=21)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+
+
+def engine(tiny, dtype, quant):
+    return build_engine(tiny, EngineOptions(gpu_mem_bytes=0, dtype=dtype, quant=quant))
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_float32_decode_runs_the_kernel_and_keeps_the_references_tokens(tiny, home, monkeypatch, quant):
+    """float32 rows keep float32 (the weight dequantized in registers): the reference's tokens, and
+    logits within float32 rounding of it."""
+    with engine(tiny, "float32", quant) as fast:
+        assert isinstance(fast.weights.resident[0]["qkv"], QuantWeight)
+        tokens, logits = greedy_with_logits(fast, PROMPT, 12)
+        report = fast.decoder.kernels.describe()
+    bits, group = (4, 32) if quant == "int4" else (8, 64)  # int8 on load: one scale per output channel
+    assert report.get("quant_decode_kernel", False) is quant_kernel_passes(bits, group, 64, torch.float32)
+    monkeypatch.setenv("LLMRUN_NO_NATIVE", "1")
+    with engine(tiny, "float32", quant) as reference:
+        expected_tokens, expected = greedy_with_logits(reference, PROMPT, 12)
+    assert tokens == expected_tokens
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_bf16_decode_runs_the_int8_activation_kernel_near_the_reference(tiny, home, monkeypatch):
+    """bf16 rows are rounded to int8 per block of 32 for the VNNI kernel: the first step's logits stay
+    close to the reference's (the same weights, dequantized, in bf16 matmuls)."""
+    with engine(tiny, "bfloat16", "int4") as fast:
+        _, logits = greedy_with_logits(fast, PROMPT[:9], 3)  # a prompt of 9 rows, then decode steps
+        report = fast.decoder.kernels.describe()
+    assert report.get("quant_decode_kernel", False) is quant_kernel_passes(in_features=64)
+    monkeypatch.setenv("LLMRUN_NO_NATIVE", "1")
+    with engine(tiny, "bfloat16", "int4") as reference:
+        _, expected = greedy_with_logits(reference, PROMPT[:9], 3)
+    similarity = torch.nn.functional.cosine_similarity(logits[0], expected[0], dim=0)
+    assert similarity > 0.995
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_request_gets_its_tokens_alone_or_batched(tiny, home, dtype):
+    """The quantized kernel computes each row alike whatever rows share its call (up to 16)."""
+    prompts = [PROMPT[: 5 + 3 * i] for i in range(5)]
+    with engine(tiny, dtype, "int4") as quantized:
+        together, alone = batched_and_alone(quantized, prompts, 10)
+    assert together == alone
+
+
+def quant_layer_should_run() -> bool:
+    """Where a bf16 step runs its layers in one C call: the C set with its SiLU·mul, and the VNNI kernel."""
+    kernels = c_kernels(torch.bfloat16)
+    return kernels is not None and kernels.exp_fn is not None and quant_kernel_passes(4, 32, 64)
+
+
+def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypatch):
+    """The layer in one C call (kernels/quant_layer.py) against the same kernels op by op (its check
+    failed on purpose): the same tokens on this model, logits within the layer check's tolerance."""
+    with engine(tiny, "bfloat16", "int4") as whole:
+        tokens, logits = greedy_with_logits(whole, PROMPT, 12)
+        assert whole.decoder.kernels.describe().get("quant_layer", False) is quant_layer_should_run()
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "quant_layer")
+    with engine(tiny, "bfloat16", "int4") as op_by_op:
+        expected_tokens, expected = greedy_with_logits(op_by_op, PROMPT, 12)
+        assert "quant_layer" not in op_by_op.decoder.kernels.describe()
+    assert tokens == expected_tokens
+    assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+
+
+def test_the_layer_check_refuses_a_layer_that_differs(tiny, home):
+    """The check compares with the decoder's layer for real: against a reference whose MLP output is
+    off by 20 % it fails, and the layer stays off for the engine's life."""
+    if not quant_layer_should_run():
+        pytest.skip("no bf16 quantized layer in one C call here (tests/test_simulated_cpus.py covers its absence)")
+    with engine(tiny, "bfloat16", "int4") as e:
+        layer = e.decoder.kernels.quant_layer
+        real = e.decoder.layer_over(e.decoder.kernels)
+        off = lambda *args: (lambda h, d: (h, d * 1.2))(*real(*args))  # noqa: E731
+        meta_source = []
+        e.decoder.kernels.whole_layer = lambda hidden, rope, meta, scale, reference: meta_source.append(
+            (rope, meta, scale)) or None
+        greedy_with_logits(e, PROMPT, 2)
+        rope, meta, scale = meta_source[-1]
+        with e.weights.layer(0) as w:
+            assert layer.agrees(real, w, rope, meta, scale)
+            layer.verified = None
+            assert not layer.agrees(off, w, rope, meta, scale)
