@@ -1,16 +1,19 @@
 """Quantized matmuls on the CPU (kernels/quant_kernels.c): decode steps in C over the packed weights, prompt
 chunks as a GEMM over the weight dequantized once per call.
 
-Decode steps (up to DECODE_ROWS rows) quantize the activations to int8 per block of 32 inputs and take
-integer dot products with AVX-512 VNNI straight from the packed int4/int8 weight, so a token reads
-the compressed bytes once (docs/performance.md: against ATen's `_weight_int4pack_mm_for_cpu` and
-`_weight_int8pack_mm` on this machine's shapes, this was faster; those were dropped). Each weight format
-and input size is checked against the reference (kernels/quant.py) before the kernel takes it; a
-failed check, a CPU without AVX-512 VNNI (or ATen held below AVX-512), no compiler, or a format the
-kernel does not read (an int8 group that is not 16, 32 or a multiple of 64) runs the prompt path.
+Decode steps (up to DECODE_ROWS rows) run in C straight from the packed int4/int8 weight, so a token
+reads the compressed bytes once: bf16 rows are quantized to int8 per block of 32 inputs and
+multiplied with AVX-512 VNNI integer dot products; float32 rows stay float32 (the weight dequantized
+in registers), within float32 rounding of the reference. ATen's `_weight_int4pack_mm_for_cpu` was the
+faster int4 matmul in isolation here, but needs a repacked second copy of each weight and bf16
+scales, and cannot run inside the bf16 layer in one C call (docs/performance.md); its int8 kernel was
+slower than this one. Each weight format, input size and dtype is checked against the reference
+(kernels/quant_check.py) before the kernel takes it; a failed check, a CPU without AVX-512 VNNI (or
+ATen held below AVX-512), no compiler, or a format the kernel does not read (an int8 group that is not
+16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
-Longer forwards dequantize the weight once (in C, one pass, to the run dtype) and run ATen's GEMM over
-it (oneDNN's AMX kernel for bf16): from a few dozen rows the GEMM's throughput outweighs the pass.
+Longer forwards dequantize the weight once (in C, one pass, to the run dtype: format.dequantize's
+values, rounded once) and run ATen's GEMM over it (oneDNN's AMX kernel for bf16).
 """
 
 from __future__ import annotations
