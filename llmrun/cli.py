@@ -135,7 +135,7 @@ def run_command(
 
         refuse_local_options({"--each-line": each_line, "--ctx": ctx is not None, "--dtype": dtype != "auto",
                               "--gpu-mem": gpu_mem is not None, "--cpu-mem": cpu_mem is not None,
-                              "--batch": batch != 1})
+                              "--batch": batch != 1, "--quant": quant != "none"})
         params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
         run_remote(url, model, read_prompt(prompt, raw=raw), params, system=system, raw=raw, as_json=as_json,
                    quiet=quiet)
