@@ -8,7 +8,9 @@
 3. Each case is then planned (its estimate printed) and run: resident, disk-streamed with the page
    cache warm, and disk-streamed cold (the streamed files dropped from the page cache before every
    repetition). Nothing is learnt from these runs, so each streamed estimate is a prediction from
-   the probes and the resident run, not a replay of itself.
+   the probes and the resident run, not a replay of itself. With --learn-streamed N, one run of
+   case N (a disk-streamed one) also teaches the streaming rate first, and `--cases 6` then
+   predicts another budget from it.
 Achieved decode is tokens 2..N of one greedy sequence (EOS ignored), median of --reps.
 """
 
@@ -31,6 +33,7 @@ CASES = [  # name, dtype, --cpu-mem (None: measured), page cache
     ("resident", "float32", None, "warm"),
     ("disk, warm", "float32", "400MB", "warm"),
     ("disk, cold", "float32", "400MB", "cold"),
+    ("disk, warm", "bfloat16", "200MB", "warm"),   # 6: another budget, for --learn-streamed
 ]
 
 
@@ -101,25 +104,33 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-learn", action="store_true", help="skip step 2 (estimates from probes alone)")
     parser.add_argument("--cases", default="", help="comma-separated case numbers (default: all)")
+    parser.add_argument("--learn-streamed", type=int, default=None, metavar="CASE",
+                        help="also learn from one run of this case (its streaming rate) before measuring")
     args = parser.parse_args()
     from llmrun.plan.make import record_run
 
+    chosen = {int(n) for n in args.cases.split(",") if n} or set(range(6))
     if not args.no_learn:
-        for dtype in sorted({case[1] for case in CASES}):
+        for dtype in sorted({CASES[n][1] for n in chosen}):
             opened = open_case(args.model, dtype, None)
             with opened.engine:
                 rate, _ = decode_runs(opened, args.new_tokens, 1, cold=False)
                 record_run(opened.engine.plan, rate, args.new_tokens)
             print(json.dumps({"learnt_from": f"resident {dtype}", "decode_tok_s": round(rate, 2)}), flush=True)
-    chosen = {int(n) for n in args.cases.split(",") if n} or set(range(len(CASES)))
+    if args.learn_streamed is not None:
+        name, dtype, cpu_mem, _ = CASES[args.learn_streamed]
+        opened = open_case(args.model, dtype, cpu_mem)
+        with opened.engine:
+            rate, _ = decode_runs(opened, args.new_tokens, 1, cold=False)
+            record_run(opened.engine.plan, rate, args.new_tokens)
+        print(json.dumps({"learnt_from": f"{name} {dtype} {cpu_mem}", "decode_tok_s": round(rate, 2)}), flush=True)
     for number, (name, dtype, cpu_mem, cache) in enumerate(CASES):
         if number not in chosen:
             continue
         opened = open_case(args.model, dtype, cpu_mem)
         with opened.engine:
             rate, first = decode_runs(opened, args.new_tokens, args.reps, cold=cache == "cold")
-            print(json.dumps(case_json(f"{name} ({cache})" if name == "resident" else name, opened, rate, first)),
-                  flush=True)
+            print(json.dumps(case_json(f"{name} {cpu_mem or ''}".strip(), opened, rate, first)), flush=True)
 
 
 if __name__ == "__main__":
