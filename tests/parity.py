@@ -18,8 +18,10 @@ def batched_and_alone(engine, prompts, steps):
     """Greedy tokens of the prompts decoded together, and of each prompt decoded alone."""
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=steps)
+    engine.allocator.reset_prefix_cache()
     together = [r.tokens for r in engine.generate(prompts, params).run_to_end()]
     alone = []
     for prompt in prompts:
+        engine.allocator.reset_prefix_cache()  # alone as in a fresh engine: nothing served from the cache
         alone.append(engine.generate([prompt], params).run_to_end()[0].tokens)
     return together, alone
