@@ -57,7 +57,8 @@ def test_llama_cpp_runs_on_the_same_gguf_prompt_and_threads(tiny_gguf, tmp_path)
     single = data["cases"]["prompt64_b1"]
     assert single["llama.cpp"]["decode_tok_s"]["median"] > 0 and single["speedup"]["decode_tok_s"] > 0
     assert isinstance(single["tokens_match"], bool)
-    assert set(data["cases"]["prompt64_b4"]) == {"llmrun"}  # llama.cpp decodes one sequence at a time
+    batched = [case for name, case in data["cases"].items() if name != "prompt64_b1"]
+    assert batched and all(set(case) == {"llmrun"} for case in batched)  # llama.cpp: one sequence at a time
 
 
 @needs_llama_cpp
