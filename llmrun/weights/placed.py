@@ -13,7 +13,7 @@ from llmrun.errors import UsageError
 from llmrun.plan.placement import Placement, Tier
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
-from llmrun.weights.offload import offloaded
+from llmrun.weights.offload import kept_converted, offloaded
 from llmrun.weights.packing import can_pack, pack_matmul_weights
 from llmrun.weights.loader import (PackedTensor, TensorFileReader, dtype_tag, pack_layout, row_range, staged_tag,
                                    torch_dtype)
@@ -57,11 +57,14 @@ class PlacedWeights:
         self.streamer = None
         with TensorFileReader() as reader:
             self.globals = {p.key: self._load(reader, p) for p in pack_layout(index, decoder.global_layout())}
+            source = dict(packs)  # the checkpoint's own tensors: the offload cache's key
+            resident = [unit for unit in packs if tiers[unit] is placement.compute_tier]
+            packs.update(kept_converted(source, resident, dtype))  # read back in the run dtype next time
             streamed = self._load_resident(reader, packs, tiers, placement.compute_tier, on_layer)
             self._embed_table, self._embed_rows = self._load_embed(reader, index, decoder, placement)
             if streamed:
                 disk_units = [u for u in streamed if tiers[u] is Tier.DISK]
-                packs.update(offloaded(packs, disk_units, dtype))  # read disk layers in the run dtype
+                packs.update(offloaded(source, disk_units, dtype))  # read disk layers in the run dtype
                 pieces, sources = self._cut(reader, packs, streamed, tiers, placement.staging_piece_bytes)
                 self.streamer = LayerStreamer(pieces, sources, self.device, prefetch_depth)
         self._row_reader: Optional[TensorFileReader] = None  # reads embedding rows left on disk

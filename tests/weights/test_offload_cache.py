@@ -34,7 +34,7 @@ def test_streamed_runs_keep_one_current_entry_and_cache_clears_it(tmp_path, chec
     assert run_cli(["run", checkpoint, *STREAMED], tmp_path).returncode == 0
     [first] = entries(offload_root)
     assert sorted(p.name for p in (offload_root / first).iterdir()) == [
-        "sources.json", "unit-0.bin", "unit-1.bin", "unit-2.bin"]
+        "sources.json", "unit-0.bin", "unit-1.bin", "unit-2.bin", "unit-3.bin"]  # 3: the resident head, kept converted
     shown = run_cli(["cache"], tmp_path)
     assert f"current  {first}  {checkpoint / 'model.safetensors'}" in shown.stdout
     assert "in 1 entries under" in shown.stdout
@@ -86,3 +86,40 @@ def test_disk_full_while_writing_a_unit(tmp_path, checkpoint):
     assert_one_line_error(proc, "file too large; free some disk space, or set LLMRUN_HOME")
     [entry] = (tmp_path / "llmrun-home" / "offload").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == ["sources.json"]  # no unit, no temporary file
+
+
+def test_resident_weights_in_another_dtype_are_kept_converted_and_read_back(tmp_path, monkeypatch):
+    """A float32 checkpoint run resident in bfloat16: the first load writes the bf16 copy, the next
+    reads it instead of the checkpoint (start-up), with the same tokens; a full or unwritable home
+    only means converting as before."""
+    import torch
+
+    from llmrun.engine.build import EngineOptions, build_engine
+    from llmrun.weights import loader
+    from tests.checkpoints import llama_config, save_checkpoint
+    from tests.parity import batched_and_alone
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    folder = save_checkpoint(tmp_path / "f32", llama_config(), seed=3)
+    options = EngineOptions(dtype="bfloat16", gpu_mem_bytes=0)
+    first = build_engine(folder, options)
+    kept = list((tmp_path / "home" / "offload").rglob("unit-*.bin"))
+    assert kept, "the resident layers' bf16 copy was not written"
+    prompts = [list(range(3, 20))]
+    expected = batched_and_alone(first, prompts, 6)[1]
+
+    reads = []
+    real = loader.TensorFileReader.read_into
+    monkeypatch.setattr(loader.TensorFileReader, "read_into",
+                        lambda self, info, dst: reads.append(info.file) or real(self, info, dst))
+    second = build_engine(folder, options)
+    assert reads and all(path.suffix == ".bin" for path in reads if path.name != "model.safetensors"
+                         ) and sum(path.suffix == ".bin" for path in reads) >= len(kept)
+    assert batched_and_alone(second, prompts, 6)[1] == expected
+
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")  # LLMRUN_HOME is a file: nothing can be written under it
+    monkeypatch.setenv("LLMRUN_HOME", str(blocker))
+    third = build_engine(folder, options)
+    assert batched_and_alone(third, prompts, 6)[1] == expected
+    assert torch.get_num_threads() >= 1
