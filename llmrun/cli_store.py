@@ -78,7 +78,8 @@ def models_command(
 def cache_command(
     clear: bool = typer.Option(False, "--clear", help="Remove every entry (rebuilt when next needed)."),
 ) -> None:
-    """Show the offload cache (disk-streamed layers kept in the run dtype), or empty it.
+    """Show the offload cache (layers kept in the run dtype: disk-streamed ones, and a small model's
+    resident ones), or empty it.
 
     Example: llmrun cache --clear
     """
