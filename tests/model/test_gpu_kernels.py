@@ -86,7 +86,8 @@ def test_decode_attention_matches_sdpa(dtype, window, table_blocks):
 def triton_kernels_only(monkeypatch, fused: bool) -> None:
     """Engines built next get the Triton kernels (on the CPU too: the interpreter) or, unfused, ATen's ops."""
     monkeypatch.setattr(choose, "fused_kernels",
-                        lambda shape, dtype, device: TritonKernels.for_decoder(dtype, DEVICE, shape) if fused else None)
+                        lambda shape, dtype, device, quant: TritonKernels.for_decoder(dtype, DEVICE, shape, quant)
+                        if fused else None)
 
 
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static-decode"))
