@@ -1,5 +1,5 @@
 """`python -m llmrun` entry point."""
 
-from llmrun.cli import entry
+from llmrun.startup import entry
 
 entry()

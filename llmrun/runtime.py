@@ -42,6 +42,7 @@ def open_model(name: str, options: EngineOptions, *, show_progress: bool = True)
     from llmrun.engine.build import engine_from_plan
     from llmrun.plan.inputs import folder_inputs
     from llmrun.plan.make import make_plan
+    from llmrun.startup import resume_collection
     from llmrun.weights.observer import NO_STEP_OBSERVER
 
     source = present_or_pulled(name)
@@ -56,6 +57,7 @@ def open_model(name: str, options: EngineOptions, *, show_progress: bool = True)
             display.layer_progress(f"loading {source.name}", num_layers, enabled=show_progress) as on_layer:
         engine = engine_from_plan(inputs, report, options, on_layer=on_layer, step_observer=observer,
                                   on_quantize=on_quantize)
+    resume_collection()  # start-up's objects frozen, collection on again (startup.py)
     quant = engine.weights.quant.meta
     if quant.tensors:  # a compressed path is never taken silently
         how = "quantized on load, cached" if options.quant != "none" else "as stored"
