@@ -25,9 +25,3 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight, None)
     except (RuntimeError, AttributeError):
         return weight
-
-
-def pack_matmul_weights(tensors: dict) -> dict:
-    """Pack every 2-D float tensor of a layer (its matmul weights); 1-D norms and biases, and
-    QuantWeights (compressed, run by the kernel set's quantized matmul), stay as they are."""
-    return {key: pack_weight(t) if isinstance(t, torch.Tensor) and t.dim() == 2 else t for key, t in tensors.items()}
