@@ -1,4 +1,5 @@
-"""Reading tensors out of safetensors files with pread (no mmap, no pickle), packed as the decoder wants.
+"""Reading tensors out of safetensors files with pread (no pickle), packed as the decoder wants; a
+mapping only for bytes read once and copied at once (`mapped`, for packing).
 
 A decoder names its tensors as a layout: key -> the Hugging Face tensors concatenated along dim 0
 (q/k/v into one `qkv`). Concatenation along dim 0 of row-major tensors is byte concatenation, so a
@@ -91,6 +92,7 @@ class TensorFileReader:
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, object] = {}
         self._scratch = None
         self.bytes_read = 0
 
@@ -150,10 +152,28 @@ class TensorFileReader:
             return host
         return host.to(device)
 
+    def mapped(self, info: TensorInfo):
+        """The tensor's bytes as stored, read through a private mapping of its file: no copy and no
+        new pages, for a caller that only reads them once (packing). Valid while the reader is open."""
+        import mmap
+
+        import torch
+
+        if info.file not in self._maps:
+            with open(info.file, "rb") as handle:
+                self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        whole = self._maps[info.file]
+        if info.end > len(whole):
+            raise InvalidModelError(f"{info.file} is truncated (reading tensor {info.name})")
+        self.bytes_read += info.num_bytes
+        return torch.frombuffer(whole, dtype=torch.uint8, count=info.num_bytes, offset=info.start).view(
+            torch_dtype(info.dtype)).view(info.shape)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._maps.clear()  # each mapping goes once no tensor uses its bytes
 
     def __enter__(self) -> "TensorFileReader":
         return self

@@ -98,13 +98,21 @@ class PlacedWeights:
     def _load_packed(self, reader: TensorFileReader, packs: list[PackedTensor], parts: UnitParts,
                      staging: "_Staging") -> dict:
         """A resident unit with its matmul weights packed for oneDNN. Each weight is read into one
-        reused staging buffer and packed from there: a fresh buffer per weight would cost a page
-        fault per 4 KiB touched, as much time again as the packing (SmolLM2: ~0.1 s of a start)."""
+        reused staging buffer and packed from there (a fresh buffer per weight costs a page fault
+        per 4 KiB); a weight stored as one tensor in the run dtype (the offload cache's converted
+        copies) is packed straight from a mapping of its file, with no copy at all."""
         tensors = {}
         for packed in packs:
             if len(packed.shape) == 2 and packed.key not in parts.staged and packed.parts[0].dtype in FLOAT_TAGS:
-                view = staging.view(packed.shape, self.dtype)
-                reader.fill_packed(packed, view)
+                view = None
+                if len(packed.parts) == 1 and packed.parts[0].dtype == self.run_tag:
+                    try:  # stored as it runs: packed straight from the file
+                        view = reader.mapped(packed.parts[0])
+                    except (OSError, ValueError):  # a file system without mappings: read it
+                        pass
+                if view is None:
+                    view = staging.view(packed.shape, self.dtype)
+                    reader.fill_packed(packed, view)
                 weight = pack_weight(view)
                 tensors[packed.key] = weight.clone() if weight is view else weight  # never the buffer itself
             else:

@@ -23,6 +23,26 @@ def test_index_reads_headers_and_loader_reads_exact_tensors(tmp_path):
         assert torch.equal(reader.load_packed(b, torch.float32), torch.ones(4))
 
 
+def test_a_mapped_tensor_is_the_stored_bytes_and_a_truncated_file_is_one_error(tmp_path):
+    """`mapped` (packing reads weights stored as they run through a mapping): the same values as a
+    read, a private copy-on-write view (writing it changes nothing on disk), and a file cut short
+    after its header was read is the loader's usual error, not a crash."""
+    tensors = {"w": torch.randn(5, 8).to(torch.bfloat16), "x": torch.randn(3, 8).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    index = build_index(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with TensorFileReader() as reader:
+        for name, tensor in tensors.items():
+            view = reader.mapped(index[name])
+            assert view.shape == tensor.shape and view.dtype == torch.bfloat16 and torch.equal(view, tensor)
+        view.fill_(0)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    with open(tmp_path / "model.safetensors", "r+b") as handle:
+        handle.truncate(index["x"].end - 4)
+    with TensorFileReader() as reader, pytest.raises(InvalidModelError, match="truncated"):
+        reader.mapped(index["x"])
+
+
 def test_packed_tensors_concatenate_parts_and_convert_in_chunks(tmp_path, monkeypatch):
     import llmrun.weights.loader as loader
 
