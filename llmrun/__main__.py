@@ -1,5 +1,5 @@
 """`python -m llmrun` entry point."""
 
-from llmrun.startup import entry
+from llmrun.launch import entry
 
 entry()

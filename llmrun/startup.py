@@ -2,7 +2,7 @@
 
 Importing torch and loading a model create a few hundred thousand long-lived objects; with the
 collector on, its passes over them cost 0.3-0.4 s of a `llmrun run` start on the development VM
-(docs/performance.md). The console entry point (entry, below) pauses collection first thing; once a model is
+(docs/performance.md). The console entry point (launch.py) pauses collection first thing; once a model is
 loaded, what start-up built is frozen (moved where collections never look again, as CPython's
 gc.freeze documents for long-lived state) and collection resumes, so a chat or a server still frees
 its cycles, and its later passes skip the frozen objects. A command that never loads a model gets
@@ -48,11 +48,3 @@ def resume_collection() -> None:
 def collection_paused() -> bool:
     return _paused
 
-
-def entry() -> None:
-    """The `llmrun` console script and `python -m llmrun`: collection paused before anything else
-    is imported, then the command line (cli.entry)."""
-    pause_collection()
-    from llmrun.cli import entry as run_command_line
-
-    run_command_line()

@@ -70,4 +70,4 @@ def test_python_m_llmrun_and_the_console_script_end_through_it():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["llmrun"] == "llmrun.startup:entry"
+    assert scripts["llmrun"] == "llmrun.launch:entry"

@@ -27,7 +27,7 @@ oneshot.generate_one = watched_generate
 import atexit
 atexit.register(lambda: print("SEEN:" + repr(seen), file=sys.stderr))
 sys.argv = ["llmrun", "run", "smollm2", "hi", "-t", "0", "-n", "2"]
-from llmrun.startup import entry
+from llmrun.launch import entry
 entry()
 """
 
