@@ -94,8 +94,12 @@ def run_llama_cpp(gguf_file: Path, tokenizer, cases: list[Case], reps: int, thre
 
 def _llama_cpp_case(model, prompt: list[int], case: Case, reps: int) -> CaseResult:
     """TTFT: the prompt evaluated and its top token taken; decode: each further token evaluated."""
-    def top_token() -> int:
-        return int(model.scores[model.n_tokens - 1].argmax())
+    import llama_cpp
+    import numpy
+
+    def top_token() -> int:  # the last position's logits (`model.scores` is only filled with logits_all)
+        logits = llama_cpp.llama_get_logits_ith(model.ctx, -1)
+        return int(numpy.ctypeslib.as_array(logits, shape=(model.n_vocab(),)).argmax())
 
     def once():
         model.reset()

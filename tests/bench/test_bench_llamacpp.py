@@ -56,7 +56,7 @@ def test_llama_cpp_runs_on_the_same_gguf_prompt_and_threads(tiny_gguf, tmp_path)
     assert facts["threads"] == data["machine"]["threads"] and facts["cases"] == ["prompt64_b1"]
     single = data["cases"]["prompt64_b1"]
     assert single["llama.cpp"]["decode_tok_s"]["median"] > 0 and single["speedup"]["decode_tok_s"] > 0
-    assert isinstance(single["tokens_match"], bool)
+    assert single["tokens_match"] is True  # greedy on the same float32 weights: the same tokens
     batched = [case for name, case in data["cases"].items() if name != "prompt64_b1"]
     assert batched and all(set(case) == {"llmrun"} for case in batched)  # llama.cpp: one sequence at a time
 
