@@ -10,8 +10,11 @@
 3. A shared system prompt of ~1,000 tokens: the first request's time to first token, then a
    second request with the same system prompt and another question (a prefix-cache hit).
 4. The idle server's CPU use over a few seconds, and its exit status after SIGTERM.
-5. With --llama-cpp (the llama-cpp-python package installed): `python -m llama_cpp.server` on the
-   GGUF the model was imported from, the same N clients with the same prompts (as text), greedy.
+5. With --llama-cpp (the llama-cpp-python package installed, with its server's dependencies):
+   `python -m llama_cpp.server` on the GGUF the model was imported from, the same N clients with
+   the same prompts (as text), greedy; requests queue instead of interrupting each other (its
+   default, which would count cut-off replies), and as it reports no usage when streaming, its
+   tokens are its text chunks.
 
 Prints one JSON object. Timings on a shared machine move with its load: compare the ratios.
 """
@@ -94,16 +97,18 @@ class Server:
         connection.request("POST", path, json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
                            {"Content-Type": "application/json"})
         response = connection.getresponse()
-        first, usage = None, {}
+        first, usage, chunks = None, {}, 0
         for line in response:
             if not line.startswith(b"data: {"):
                 continue
             data = json.loads(line[6:])
             usage = data.get("usage") or usage
             for choice in data.get("choices") or []:
-                if first is None and (choice.get("text") or (choice.get("delta") or {}).get("content")):
-                    first = time.perf_counter()
-        return {"ttft_s": (first or time.perf_counter()) - started, "tokens": usage.get("completion_tokens", 0),
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    first = first or time.perf_counter()
+        # llama-cpp-python's server sends no usage when streaming: there, one text chunk is one token
+        return {"ttft_s": (first or time.perf_counter()) - started, "tokens": usage.get("completion_tokens", chunks),
                 "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
                 "prompt_tokens": usage.get("prompt_tokens", 0), "ended": time.perf_counter()}
 
@@ -165,7 +170,8 @@ def llama_cpp_server(source, prompts_text: list[str], clients: int, new_tokens: 
         port = probe.getsockname()[1]
     with source_gguf(source.path) as gguf:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                   "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", source.name]
+                   "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", source.name,
+                   "--interrupt_requests", "False"]  # its default: each new request cuts off the running one
         server = Server(source.name, clients, command, port)
         try:
             concurrent_streams(server, prompts_text[:2], 4)  # warm-up
@@ -228,7 +234,8 @@ def main() -> None:
         texts = [tokenizer.decode(p) for p in prompts]
         report["llama_cpp_server"] = llama_cpp_server(source, texts, args.clients, args.new_tokens,
                                                       torch.get_num_threads())
-        report["serve_over_llama_cpp"] = report["serve"]["total_tok_s"] / report["llama_cpp_server"]["total_tok_s"]
+        theirs = report["llama_cpp_server"]["total_tok_s"]
+        report["serve_over_llama_cpp"] = report["serve"]["total_tok_s"] / theirs if theirs else None
     if "bench" in report:
         report["serve_over_bench_total"] = report["serve"]["total_tok_s"] / report["bench"]["total_tok_s"]
         report["serve_over_bench_decode"] = report["serve"]["total_tok_s"] / report["bench"]["decode_tok_s"]
