@@ -34,6 +34,8 @@ CASES = [  # name, dtype, --cpu-mem (None: measured), page cache
     ("disk, warm", "float32", "400MB", "warm"),
     ("disk, cold", "float32", "400MB", "cold"),
     ("disk, warm", "bfloat16", "200MB", "warm"),   # 6: another budget, for --learn-streamed
+    ("disk, cold", "bfloat16", "200MB", "cold"),   # 7
+    ("disk, warm", "float32", "300MB", "warm"),    # 8
 ]
 
 
