@@ -185,6 +185,7 @@ struct layer_step {
     const float *cos, *sin_folded;  /* this token's RoPE row */
     const int64_t *slot;            /* where this token's K/V go */
     long span_start, span_len;      /* the sequence's contiguous K/V rows, this token's included */
+    const int64_t *rows;            /* or, when not NULL, its span_len K/V rows in order (a block table's) */
     float *scratch;                 /* layer_scratch_floats() floats, 64-byte aligned */
 };
 
@@ -193,8 +194,9 @@ static long aligned(long floats) { return (floats + 15) / 16 * 16; }
 long layer_scratch_floats(const struct layer_step *s) {
     long qkv = (long)(s->heads + 2 * s->kv_heads) * s->dim, attn = (long)s->heads * s->dim;
     long attend = (long)s->threads * ((s->span_len < KV_SPLIT ? s->span_len : KV_SPLIT) + 2 + s->dim);
+    long gathered = s->rows ? 2 * aligned(s->span_len * s->kv_heads * s->dim) : 0;
     return 4 * aligned(s->hidden) + aligned(qkv) + 2 * aligned(attn) + aligned(2L * s->intermediate) +
-           aligned(s->intermediate) + aligned(attend);
+           aligned(s->intermediate) + aligned(attend) + gathered;
 }
 
 /* hidden_out = hidden + delta (delta NULL: hidden), and through the layer: as LlamaDecoder.layer over the fused
@@ -213,8 +215,20 @@ void decode_layer_f32(const struct layer_weights *w, const struct layer_step *s,
     linear_row(s->sgemm, w->qkv, x, qkv, qkv_size, size);
     rope_qkv(qkv, qkv_size, s->cos, s->sin_folded, q, w->k_pool, w->v_pool, s->slot, 1, s->heads, s->kv_heads,
              s->dim, 0);
-    attend_one_f32(s->sgemm, q, w->k_pool, w->v_pool, s->span_start, s->span_len, s->heads, s->kv_heads, s->dim,
-                   s->scale, attn, attend_buf, s->threads);
+    if (s->rows) {  /* keys and values gathered in order, as ATen's path gathers them: the same sums */
+        long row = (long)s->kv_heads * s->dim;
+        long attend = (long)s->threads * ((s->span_len < KV_SPLIT ? s->span_len : KV_SPLIT) + 2 + s->dim);
+        float *keys = attend_buf + aligned(attend), *values = keys + aligned(s->span_len * row);
+        for (long t = 0; t < s->span_len; ++t) {
+            memcpy(keys + t * row, w->k_pool + s->rows[t] * row, sizeof(float) * (size_t)row);
+            memcpy(values + t * row, w->v_pool + s->rows[t] * row, sizeof(float) * (size_t)row);
+        }
+        attend_one_f32(s->sgemm, q, keys, values, 0, s->span_len, s->heads, s->kv_heads, s->dim, s->scale, attn,
+                       attend_buf, s->threads);
+    } else {
+        attend_one_f32(s->sgemm, q, w->k_pool, w->v_pool, s->span_start, s->span_len, s->heads, s->kv_heads, s->dim,
+                       s->scale, attn, attend_buf, s->threads);
+    }
     linear_row(s->sgemm, w->o, attn, o, size, attn_size);
     add_rms_norm(hidden_out, o, hidden_out, w->post_norm, x, 1, size, s->eps, 0, s->lanes, norm_scratch,
                  norm_scratch + size);

@@ -5,8 +5,9 @@ Python and dispatch around ~10 ops a layer and SDPA's setup. native_layer.c runs
 layer for one token in C, calling the same BLAS `sgemm_` ATen calls (MKL's, from libtorch) with
 the same arguments, and reproducing ATen's flash attention for one query. It runs only where
 the layer shape is Llama's exactly (LayerShape.plain_llama: no q/k norms, soft-capping or sliding
-windows, one RoPE table), the layer has no biases, and the step is one sequence's whose K/V rows
-are contiguous. Before use it is checked against ATen: the attention on synthetic data over
+windows, one RoPE table), the layer has no biases, and the step is one sequence's decode: its K/V
+rows read in place where they are contiguous, else (after a prefix-cache hit) gathered in order
+into scratch first, as ATen's path gathers them, so the same sums. Before use it is checked against ATen: the attention on synthetic data over
 several context lengths here, and each decoder's first layer on its own weights against the
 decoder's layer function over the same kernel set (`NativeLayer.agrees`).
 """
@@ -45,7 +46,7 @@ class LayerStep(ctypes.Structure):
                 + [(name, ctypes.c_int) for name in ("exp_width", "lanes", "threads", "hidden", "heads",
                                                      "kv_heads", "dim", "intermediate")]
                 + [("eps", _f), ("scale", _f), ("cos", _p), ("sin_folded", _p), ("slot", _p),
-                   ("span_start", ctypes.c_long), ("span_len", ctypes.c_long), ("scratch", _p)])
+                   ("span_start", ctypes.c_long), ("span_len", ctypes.c_long), ("rows", _p), ("scratch", _p)])
 
 
 @lru_cache(maxsize=1)
@@ -95,8 +96,8 @@ class NativeLayer:
 
     @staticmethod
     def can_run(num_rows: int, meta) -> bool:
-        """One sequence's decode step with its K/V rows contiguous (what the layer reads)."""
-        return num_rows == 1 and meta.decode_span is not None
+        """One sequence's decode step (its K/V rows contiguous, or gathered in order in C)."""
+        return num_rows == 1 and meta.one_sequence_keys() is not None
 
     def call(self, hidden: torch.Tensor, rope, meta, scale: float, reference) -> Optional["LayerCall"]:
         """This step's layer calls, where the step is one the layer runs and it has not failed `agrees`."""
@@ -137,15 +138,19 @@ class NativeLayer:
 
     def begin(self, hidden: torch.Tensor, rope, meta, scale: float) -> tuple[LayerStep, torch.Tensor, torch.Tensor]:
         """A step's shared arguments and its output rows (hidden, delta), for `run` on every layer."""
-        s, (start, length) = self.shape, meta.decode_span
+        s, (start, length, rows) = self.shape, meta.one_sequence_keys()
         step = LayerStep(self.sgemm, self.exp_fn, self.exp_width, self.lanes, torch.get_num_threads(), s.hidden_size,
                          s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.eps, scale,
-                         rope[0].data_ptr(), rope[1].data_ptr(), meta.slot_mapping.data_ptr(), start, KV_SPLIT, None)
+                         rope[0].data_ptr(), rope[1].data_ptr(), meta.slot_mapping.data_ptr(), start, KV_SPLIT, None,
+                         None)
         floats = self.lib.layer_scratch_floats(ctypes.byref(step))  # for any context: its blocks are 512 keys
+        if rows is not None:  # and room to gather this context's keys and values
+            step.span_len, step.rows = length, rows.data_ptr()
+            floats = max(floats, self.lib.layer_scratch_floats(ctypes.byref(step)))
         if self._scratch.numel() < floats:
             self._scratch = torch.empty(floats, dtype=torch.float32)
         step.span_len, step.scratch = length, self._scratch.data_ptr()
-        step.keep = self._scratch  # a step in flight keeps its scratch, even if a later one grows it
+        step.keep = (self._scratch, rows)  # a step in flight keeps its scratch (even if a later one grows it), rows
         return step, torch.empty_like(hidden), torch.empty_like(hidden)
 
     def run(self, step: LayerStep, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor, hidden: torch.Tensor,

@@ -4,7 +4,8 @@
  * set-up around a layer's ~10 ops cost as much again. Here the layer runs in C: the norms, RoPE with
  * the K/V writes and SiLU·mul are native_kernels.c's own functions (their addresses handed in, so the
  * same code as the fused Python path), the matmuls quant_kernels.c's `quant_matmul`, and attention
- * for the one query over the sequence's contiguous K/V rows is computed here in float32 (scores,
+ * for the one query over the sequence's K/V rows (a span of the pools, or rows listed by its block
+ * table) is computed here in float32 (scores,
  * max, expf, sums), rounded to bf16 once, where SDPA rounds in its own places: this layer is checked
  * against the decoder's layer over the same kernel set within a tolerance, not bit for bit.
  */
@@ -51,6 +52,7 @@ struct quant_layer_step {
     const void *cos, *sin_folded; /* bf16 [dim] for this token */
     const int64_t *slot;
     long span_start, span_len; /* the sequence's K/V rows, contiguous in the pools */
+    const int64_t *rows;       /* or, when not NULL, its span_len K/V rows in order (a block table's) */
     uint8_t *scratch;          /* quant_layer_scratch_bytes() */
 };
 
@@ -73,10 +75,11 @@ TARGET static inline __m512 load16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* softmax(q · kᵀ * scale) · v for one query, per head, over pool rows [start, start + len); dim a
- * multiple of 16. */
+/* softmax(q · kᵀ * scale) · v for one query, per head, over pool rows [start, start + len), or over
+ * rows[0..len) when `rows` is not NULL; dim a multiple of 16. */
 TARGET void quant_attend_bf16(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, long start, long len,
-                              int heads, int kv_heads, int dim, float scale, uint16_t *out, float *buf, int threads) {
+                              const int64_t *rows, int heads, int kv_heads, int dim, float scale, uint16_t *out,
+                              float *buf, int threads) {
     int group = heads / kv_heads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < heads; h++) {
@@ -85,7 +88,7 @@ TARGET void quant_attend_bf16(const uint16_t *q, const uint16_t *k_pool, const u
         int kvh = h / group;
         float best = -INFINITY;
         for (long t = 0; t < len; t++) {
-            const uint16_t *kt = k_pool + ((start + t) * kv_heads + kvh) * dim;
+            const uint16_t *kt = k_pool + ((rows ? rows[t] : start + t) * kv_heads + kvh) * dim;
             __m512 sum = _mm512_setzero_ps();
             for (int d = 0; d < dim; d += 16) sum = _mm512_fmadd_ps(load16(qh + d), load16(kt + d), sum);
             scores[t] = _mm512_reduce_add_ps(sum) * scale;
@@ -96,7 +99,7 @@ TARGET void quant_attend_bf16(const uint16_t *q, const uint16_t *k_pool, const u
         for (long t = 0; t < len; t++) {
             float p = expf(scores[t] - best);
             total += p;
-            const uint16_t *vt = v_pool + ((start + t) * kv_heads + kvh) * dim;
+            const uint16_t *vt = v_pool + ((rows ? rows[t] : start + t) * kv_heads + kvh) * dim;
             for (int d = 0; d < dim; d += 16)
                 _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(vt + d), _mm512_loadu_ps(acc + d)));
         }
@@ -134,7 +137,7 @@ TARGET void quant_decode_layer(const struct quant_layer_weights *w, const struct
     ((rope_fn)s->rope)(qkv, qkv_size, s->cos, s->sin_folded, q, w->k_pool, w->v_pool, s->slot, 1, s->heads,
                        s->kv_heads, s->dim, 1);
     quant_attend_bf16(q, (const uint16_t *)w->k_pool, (const uint16_t *)w->v_pool, s->span_start, s->span_len,
-                      s->heads, s->kv_heads, s->dim, s->scale, attn, attn_buf, s->threads);
+                      s->rows, s->heads, s->kv_heads, s->dim, s->scale, attn, attn_buf, s->threads);
     matmul(&w->o, attn, o_out, s, mm);
     norm(summed, o_out, out_hidden, w->post_norm, normed, 1, s->hidden, s->eps, 1, s->lanes, norm_scratch,
          norm_scratch + s->hidden);

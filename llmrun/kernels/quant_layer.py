@@ -8,7 +8,8 @@ checked once, on the first layer it meets, against the decoder's layer over the 
 that layer's weights: the K/V writes identical, the outputs within ATTENTION_TOLERANCE. It runs where
 the layer shape is Llama's exactly (LayerShape.plain_llama), the run dtype is bf16, the C set's
 SiLU·mul checked out, every matmul weight is a QuantWeight whose format the VNNI kernel passed, the
-layer has no biases, and the step is one sequence's with contiguous K/V rows.
+layer has no biases, and the step is one sequence's decode (its K/V rows in place, or read through
+its block table where they are not contiguous, as after a prefix-cache hit).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class QuantLayerStep(ctypes.Structure):
                 + [(name, _i32) for name in ("exp_width", "lanes", "threads", "hidden", "heads", "kv_heads", "dim",
                                              "intermediate")]
                 + [("eps", _f), ("scale", _f), ("cos", _p), ("sin_folded", _p), ("slot", _p), ("span_start", _i64),
-                   ("span_len", _i64), ("scratch", _p)])
+                   ("span_len", _i64), ("rows", _p), ("scratch", _p)])
 
 
 def declare_quant_layer(lib: ctypes.CDLL) -> None:
@@ -80,7 +81,7 @@ class QuantLayer:
         return cls(kernels, quant)
 
     def call(self, hidden: torch.Tensor, rope, meta, scale: float, reference) -> Optional["QuantLayerCall"]:
-        if self.verified is False or hidden.shape[0] != 1 or meta.decode_span is None:
+        if self.verified is False or hidden.shape[0] != 1 or meta.one_sequence_keys() is None:
             return None
         return QuantLayerCall(self, hidden, rope, meta, scale, reference)
 
@@ -104,16 +105,17 @@ class QuantLayer:
         s, k = self.shape, self.kernels
         lib, native = self.quant.lib, k.lib
         address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
-        start, length = meta.decode_span
+        start, length, rows = meta.one_sequence_keys()
         step = QuantLayerStep(address(native.add_rms_norm), address(native.rope_qkv), address(native.silu_mul),
                               k.exp_fn, k.exp_width, k.lanes, torch.get_num_threads(), s.hidden_size, s.num_heads,
                               s.num_kv_heads, s.head_dim, s.intermediate_size, s.eps, scale, rope[0].data_ptr(),
-                              rope[1].data_ptr(), meta.slot_mapping.data_ptr(), start, length, None)
+                              rope[1].data_ptr(), meta.slot_mapping.data_ptr(), start, length,
+                              None if rows is None else rows.data_ptr(), None)
         size = lib.quant_layer_scratch_bytes(ctypes.byref(step))
         if self._scratch.numel() < size:
             self._scratch = torch.empty(2 * size, dtype=torch.uint8)  # room for the context to grow
         step.scratch = self._scratch.data_ptr()
-        step.keep = (self._scratch, rope, meta.slot_mapping)  # alive while the step runs
+        step.keep = (self._scratch, rope, meta.slot_mapping, rows)  # alive while the step runs
         return step
 
     def run(self, step: QuantLayerStep, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor, hidden: torch.Tensor,

@@ -56,6 +56,18 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return self.decode_slots is not None or self.decode_span is not None
 
+    def one_sequence_keys(self) -> Optional[tuple[int, int, Optional[object]]]:
+        """One sequence's decode step: (start, length, None) when its keys sit in contiguous slots,
+        (0, length, LongTensor [length] of its slots in order) when they do not (a prefix-cache hit,
+        a table grown around other sequences); None for any other step."""
+        if self.decode_span is not None:
+            return (*self.decode_span, None)
+        slots = self.decode_slots
+        if (slots is None or self.decode_mask is not None or self.decode_lens is not None or slots.shape[0] != 1
+                or slots.device.type != "cpu"):
+            return None
+        return 0, slots.shape[1], slots[0].contiguous()
+
 
 def token_slots(block_table: Sequence[int], block_size: int, start: int, stop: int):
     """Slot index of token positions [start, stop) of a sequence, block * block_size + offset, as a

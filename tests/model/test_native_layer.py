@@ -91,6 +91,33 @@ def test_engine_layers_in_c_give_the_fused_paths_logits_and_tokens(lib, checkpoi
     assert torch.equal(logits, fused_logits)
 
 
+def prefix_hit_runs(engine, first, second, steps):
+    """Greedy tokens and logits of `second` after `first` left its blocks in the prefix cache: the
+    second request reuses the shared prefix's blocks and gets new ones elsewhere in the pool."""
+    engine.allocator.reset_prefix_cache()
+    greedy_with_logits(engine, first, 3)
+    return greedy_with_logits(engine, second, steps)
+
+
+def test_after_a_prefix_cache_hit_the_layer_gathers_its_keys_with_the_same_bits(lib, checkpoint, monkeypatch):
+    """A prefix-cache hit leaves a sequence's K/V rows apart in the pool: the C layer then reads them
+    through the block table (gathered in order, as ATen's path gathers them) and gives its bits."""
+    first = list(range(5, 45))
+    second = first[:32] + list(range(100, 110))  # two full blocks of 16 shared
+    engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0, ctx=1024))
+    rows = []
+    real = NativeLayer.run
+    monkeypatch.setattr(NativeLayer, "run",
+                        lambda self, step, *a: rows.append(step.rows) or real(self, step, *a))
+    tokens, logits = prefix_hit_runs(engine, first, second, 8)
+    assert engine.allocator.num_cached_blocks >= 2 and any(rows), "no step read its keys through the block table"
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "layer")
+    engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0, ctx=1024))
+    assert engine.decoder.kernels.layer is None
+    fused_tokens, fused_logits = prefix_hit_runs(engine, first, second, 8)
+    assert tokens == fused_tokens and torch.equal(logits, fused_logits)
+
+
 def test_a_layer_that_disagrees_with_the_fused_path_is_not_used(lib, checkpoint, monkeypatch):
     engine = build_engine(checkpoint, EngineOptions(dtype="float32", gpu_mem_bytes=0))
     decoder = engine.decoder

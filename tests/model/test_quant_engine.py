@@ -88,6 +88,30 @@ def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypa
     assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
+def test_after_a_prefix_cache_hit_the_bf16_layer_reads_its_keys_through_the_block_table(tiny, home, monkeypatch):
+    """A prefix-cache hit leaves the sequence's K/V rows apart in the pool: the layer in one C call
+    still runs (its keys read row by row through the block table) and gives the tokens it gives
+    the same request with the prefix computed again in contiguous rows."""
+    if not quant_layer_should_run():
+        pytest.skip("no bf16 quantized layer in one C call here (tests/test_simulated_cpus.py covers its absence)")
+    import llmrun.kernels.quant_layer as quant_layer
+
+    first, second = PROMPT + [7, 8, 9, 10, 11, 12, 13, 14, 15], PROMPT[:16] + [200, 201, 202, 203, 204]
+    rows = []
+    real = quant_layer.QuantLayer.run
+    monkeypatch.setattr(quant_layer.QuantLayer, "run",
+                        lambda self, step, *a: rows.append(step.rows) or real(self, step, *a))
+    with engine(tiny, "bfloat16", "int4") as e:
+        e.allocator.reset_prefix_cache()
+        expected, _ = greedy_with_logits(e, second, 10)  # alone: contiguous rows
+        assert not any(rows)
+        e.allocator.reset_prefix_cache()
+        greedy_with_logits(e, first, 3)
+        tokens, _ = greedy_with_logits(e, second, 10)  # its first block from the cache
+    assert any(rows), "no step read its keys through the block table"
+    assert tokens == expected
+
+
 def test_the_layer_check_refuses_a_layer_that_differs(tiny, home):
     """The check compares with the decoder's layer for real: against a reference whose MLP output is
     off by 20 % it fails, and the layer stays off for the engine's life."""
