@@ -29,6 +29,8 @@ ASSUMED_FIGURES = {
     "page_cache_read_bytes_s": 4e9,     # pread of a file the page cache holds (a memory copy)
     "disk_read_bytes_s": 1.4e9,         # uncached NVMe-class reads (ARCHITECTURE.md reference figure)
     "host_to_gpu_bytes_s": 20e9,        # pinned PCIe copies
+    "cpu_unpacked_read_bytes_s": 3e9,   # 16-bit weights a CPU step computes as staged (streamed layers):
+                                        # not prepacked, so oneDNN lays each out again per call
     "cpu_layer_step_s": 0.35e-3,        # per decoder layer and decode step, beyond reading its weights
     "gpu_layer_step_s": 0.01e-3,        # (kernel launches, small ops; CUDA graphs on a GPU)
 }

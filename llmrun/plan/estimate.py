@@ -2,7 +2,9 @@
 
 A decode step reads every weight once (resident, or staged after streaming) plus the KV cache, and
 pays a fixed cost per layer (small ops, launches); layers that stream also move their bytes from the
-page cache or the disk (the compute device's own pread on a CPU, the pinned link on a GPU). The same
+page cache or the disk (the compute device's own pread on a CPU, the pinned link on a GPU). On a CPU,
+16-bit weights that stream are computed as staged, without the prepacking resident ones get, at
+their own rate (`unpacked_read`). The same
 model holds for float and quantized weights: the bytes come from the checkpoint index. What runs
 achieve refines the figures (`learnt_figures`), so the next plan on this machine says what it does.
 """
@@ -18,6 +20,8 @@ from llmrun.plan.placement import Placement, Tier
 ASSUMED_GPU_FLOPS = 100e12   # sustained fp16/bf16 dense matmul
 ASSUMED_CPU_FLOPS = 0.3e12   # a few cores with AVX-512/AMX
 SHORT_CONTEXT = 256          # the decode estimate's context; the full context is given beside it
+UNPACKED_DTYPES = ("bfloat16", "float16")  # prepacked when resident on a CPU (weights/packing.py), not when staged
+UNPACKED_FIGURE = "cpu_unpacked_read_bytes_s"
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ def _roles(placement: Placement, figures: dict[str, Figure], dtype: str) -> dict
     step = figures.get(f"{step_figure_name(device)}/{dtype}") or figures[step_figure_name(device)]
     roles = {"compute_read": figures[f"{device}_read_bytes_s"], "layer_step": step}
     if placement.streamed_bytes_per_token(Tier.DISK):
+        if device == "cpu" and dtype in UNPACKED_DTYPES:
+            roles["unpacked_read"] = (figures.get(f"{UNPACKED_FIGURE}/{dtype}") or figures[UNPACKED_FIGURE])
         roles["page_cache_read"] = figures["page_cache_read_bytes_s"]
         roles["disk_read"] = figures["disk_read_bytes_s"]
     if device == "gpu":
@@ -65,10 +71,13 @@ def _compute_bytes(placement: Placement, kv_tokens: int, rows: int) -> int:
 
 def _step_times(placement: Placement, roles: dict[str, Figure], kv_tokens: int, disk_warm: bool) -> list[float]:
     """Seconds of one decode step: compute, then each transfer that may overlap it."""
-    compute = (_compute_bytes(placement, kv_tokens, placement.batch) / roles["compute_read"].value
-               + placement.sizes.num_layers * roles["layer_step"].value)
-    times = [compute]
     from_disk = placement.streamed_bytes_per_token(Tier.DISK)
+    unpacked = from_disk if "unpacked_read" in roles else 0
+    compute = ((_compute_bytes(placement, kv_tokens, placement.batch) - unpacked) / roles["compute_read"].value
+               + placement.sizes.num_layers * roles["layer_step"].value)
+    if unpacked:
+        compute += unpacked / roles["unpacked_read"].value
+    times = [compute]
     if from_disk:
         times.append(from_disk / roles["page_cache_read" if disk_warm else "disk_read"].value)
     if "host_to_gpu" in roles:
@@ -114,8 +123,10 @@ def learnt_figures(placement: Placement, estimate: SpeedEstimate, dtype: str, st
     """The figures one sequence decoding at `step_s` seconds a token shows, keyed as the
     calibration file keys them. The time beyond the estimate's other terms is put on the one term a
     placement exercises: the per-layer step cost (resident; the memory read when even that is
-    faster than the read figure), the page cache or disk rate (CPU streaming from disk), the pinned
-    link (GPU streaming from CPU memory). Nothing is learnt from a run that cannot tell."""
+    faster than the read figure), the rate 16-bit streamed layers compute at (CPU streaming from
+    disk in bf16/fp16: the reads have their own probe), the page cache or disk rate (CPU streaming
+    float32 from disk), the pinned link (GPU streaming from CPU memory). Nothing is learnt from a
+    run that cannot tell."""
     if step_s <= 0:
         return {}
     device = "gpu" if placement.compute_tier is Tier.GPU else "cpu"
@@ -131,6 +142,13 @@ def learnt_figures(placement: Placement, estimate: SpeedEstimate, dtype: str, st
             return {step_name: Figure((step_s - read_s) / num_layers, RUNS)}
         return {f"{device}_read_bytes_s": Figure(compute_bytes / step_s, RUNS), step_name: Figure(0.0, RUNS)}
     compute_s = read_s + num_layers * roles["layer_step"].value
+    if device == "cpu" and from_disk and "unpacked_read" in roles:
+        # 16-bit streamed layers: the time beyond the resident reads, the step costs and the measured
+        # read rate is their computing as staged
+        reader = roles["page_cache_read" if estimate.disk_warm else "disk_read"].value
+        rest = step_s - (compute_bytes - from_disk) / roles["compute_read"].value - num_layers * roles[
+            "layer_step"].value - from_disk / reader
+        return {f"{UNPACKED_FIGURE}/{dtype}": Figure(from_disk / rest, RUNS)} if rest > 0 else {}
     if device == "cpu" and from_disk and step_s > compute_s:
         name = "page_cache_read_bytes_s" if estimate.disk_warm else "disk_read_bytes_s"
         return {name: Figure(from_disk / (step_s - compute_s), RUNS)}

@@ -93,36 +93,57 @@ def test_disk_reads_come_from_the_page_cache_when_it_has_room():
     values = figures(cpu_read_bytes_s=10e9, cpu_layer_step_s=1e-3, page_cache_read_bytes_s=5e9,
                      disk_read_bytes_s=1e9)
     compute_s = read_bytes(placement, SHORT_CONTEXT) / 10e9 + 8e-3
-    warm = estimate_speed(placement, values, "bfloat16", WARM)
+    warm = estimate_speed(placement, values, "float32", WARM)
     assert warm.disk_warm and warm.decode_tok_s_low == pytest.approx(1 / (compute_s + from_disk / 5e9))
     assert warm.decode_tok_s_high == pytest.approx(1 / max(compute_s, from_disk / 5e9))
-    cold = estimate_speed(placement, values, "bfloat16", NO_ROOM)
+    cold = estimate_speed(placement, values, "float32", NO_ROOM)
     assert not cold.disk_warm and cold.decode_tok_s_low == pytest.approx(1 / (compute_s + from_disk / 1e9))
     # the first pass: a quarter in the page cache now (mincore), the rest from the disk
     assert cold.first_read_s == pytest.approx(from_disk * (0.25 / 5e9 + 0.75 / 1e9))
     assert cold.resident_fraction == 0.25
 
 
-@pytest.mark.parametrize("kind", ["resident", "resident_fast", "disk_warm", "disk_cold", "gpu_link"])
+def test_16_bit_layers_streamed_to_a_cpu_are_computed_at_their_own_rate():
+    """Streamed bf16/fp16 layers run from staged, unpacked weights (resident ones are prepacked): their
+    bytes are computed at the unpacked rate (assumed until a run teaches it, per dtype); float32's
+    streamed layers run as the resident ones do."""
+    placement = disk_streamed_cpu()
+    from_disk = placement.streamed_bytes_per_token(Tier.DISK)
+    values = figures(cpu_read_bytes_s=10e9, cpu_layer_step_s=1e-3, page_cache_read_bytes_s=5e9)
+    bf16 = estimate_speed(placement, values, "bfloat16", WARM)
+    assert bf16.figures["unpacked_read"] == Figure(ASSUMED_FIGURES["cpu_unpacked_read_bytes_s"], ASSUMED)
+    compute_s = ((read_bytes(placement, SHORT_CONTEXT) - from_disk) / 10e9 + 8e-3
+                 + from_disk / ASSUMED_FIGURES["cpu_unpacked_read_bytes_s"])
+    assert bf16.decode_tok_s_low == pytest.approx(1 / (compute_s + from_disk / 5e9))
+    assert "unpacked_read" not in estimate_speed(placement, values, "float32", WARM).figures
+    assert "unpacked_read" not in estimate_speed(resident_cpu(), values, "bfloat16", WARM).figures
+    learnt = figures(cpu_read_bytes_s=10e9, cpu_layer_step_s=1e-3, page_cache_read_bytes_s=5e9,
+                     cpu_unpacked_read_bytes_s__float16=1e9)
+    assert estimate_speed(placement, learnt, "float16", WARM).figures["unpacked_read"] == Figure(1e9, PROBE)
+    assert estimate_speed(placement, learnt, "bfloat16", WARM).figures["unpacked_read"].source == ASSUMED
+
+
+@pytest.mark.parametrize("kind", ["resident", "resident_fast", "disk_warm", "disk_cold", "disk_bf16", "gpu_link"])
 def test_a_run_teaches_the_figure_its_placement_exercises(kind):
     """Learning from a run at step_s seconds a token, then estimating again, gives that run's speed."""
     values = figures(cpu_read_bytes_s=10e9, page_cache_read_bytes_s=5e9, disk_read_bytes_s=1e9,
                      gpu_read_bytes_s=1e12, host_to_gpu_bytes_s=20e9)
-    placement, outlook, step_s, name, end = {
-        "resident": (resident_cpu(), WARM, 0.5, "cpu_layer_step_s/bfloat16", "low"),
-        "resident_fast": (resident_cpu(), WARM, 0.01, "cpu_read_bytes_s", "low"),
-        "disk_warm": (disk_streamed_cpu(), WARM, 0.5, "page_cache_read_bytes_s", "low"),
-        "disk_cold": (disk_streamed_cpu(), NO_ROOM, 0.9, "disk_read_bytes_s", "low"),
-        "gpu_link": (cpu_streamed_gpu(), WARM, 0.2, "host_to_gpu_bytes_s", "high"),
+    placement, outlook, step_s, name, end, dtype = {
+        "resident": (resident_cpu(), WARM, 0.5, "cpu_layer_step_s/bfloat16", "low", "bfloat16"),
+        "resident_fast": (resident_cpu(), WARM, 0.01, "cpu_read_bytes_s", "low", "bfloat16"),
+        "disk_warm": (disk_streamed_cpu(), WARM, 0.5, "page_cache_read_bytes_s", "low", "float32"),
+        "disk_cold": (disk_streamed_cpu(), NO_ROOM, 0.9, "disk_read_bytes_s", "low", "float32"),
+        "disk_bf16": (disk_streamed_cpu(), WARM, 0.5, "cpu_unpacked_read_bytes_s/bfloat16", "low", "bfloat16"),
+        "gpu_link": (cpu_streamed_gpu(), WARM, 0.2, "host_to_gpu_bytes_s", "high", "bfloat16"),
     }[kind]
-    before = estimate_speed(placement, values, "bfloat16", outlook)
-    learnt = learnt_figures(placement, before, "bfloat16", step_s)
+    before = estimate_speed(placement, values, dtype, outlook)
+    learnt = learnt_figures(placement, before, dtype, step_s)
     assert name in learnt and all(f.source == RUNS for f in learnt.values())
-    after = estimate_speed(placement, {**values, **learnt}, "bfloat16", outlook)
+    after = estimate_speed(placement, {**values, **learnt}, dtype, outlook)
     assert getattr(after, f"decode_tok_s_{end}") == pytest.approx(1 / step_s)
     role = {"cpu_layer_step_s/bfloat16": "layer_step", "cpu_read_bytes_s": "compute_read",
             "page_cache_read_bytes_s": "page_cache_read", "disk_read_bytes_s": "disk_read",
-            "host_to_gpu_bytes_s": "host_to_gpu"}[name]
+            "cpu_unpacked_read_bytes_s/bfloat16": "unpacked_read", "host_to_gpu_bytes_s": "host_to_gpu"}[name]
     assert after.figures[role].source == RUNS
 
 
