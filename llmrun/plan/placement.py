@@ -209,10 +209,12 @@ class _Staging:
 
 
 def _staging(sizes: ModelSizes, room: int, head: int) -> _Staging:
-    """Two staging slots (one computing, one filling) of whole layers or, when that leaves more
-    layers in the fast tier, of single matrices (the streamed layers' norms then resident). The
-    head stays in the fast tier when any choice leaves room for it, else it streams in chunks of a
-    slot's size."""
+    """Two staging slots (one computing, one filling) of whole layers or, where those do not fit, of
+    single matrices (the streamed layers' norms then resident). The head stays in the fast tier when
+    any choice leaves room for it, else it streams in chunks of a slot's size. Whole layers win even
+    where matrices would keep one more layer resident: each piece handed over costs the step a wait,
+    and SmolLM2 bf16 under --cpu-mem 150MB decoded ~12 % slower by matrices with 23 layers streamed
+    than by layers with 24 (docs/performance.md)."""
     whole = max(sizes.layer_bytes)
     by_matrix = max(sizes.matrix_bytes(i) for i in range(sizes.num_layers))
     vectors = sum(sizes.vector_bytes(i) for i in range(sizes.num_layers))
@@ -224,11 +226,7 @@ def _staging(sizes: ModelSizes, room: int, head: int) -> _Staging:
     if not fitting:
         raise _NoRoom()
 
-    def resident_bytes(choice: _Staging) -> int:
-        left = room - choice.num_bytes - (head if choice.head_fast else 0)
-        return (head if choice.head_fast else 0) + sum(sizes.layer_bytes[:_prefix_fit(sizes.layer_bytes, 0, left)])
-
-    return max(fitting, key=lambda c: (c.head_fast, resident_bytes(c)))  # the first of equals: whole layers
+    return max(fitting, key=lambda c: (c.head_fast, c.piece_bytes == whole))  # the first of equals: whole layers
 
 
 def _slow_tiers(fast: Tier) -> list[Tier]:
