@@ -2,12 +2,12 @@
 
 Importing torch and loading a model create a few hundred thousand long-lived objects; with the
 collector on, its passes over them cost 0.3-0.4 s of a `llmrun run` start on the development VM
-(docs/performance.md). The console entry point (launch.py) pauses collection first thing; once a model is
-loaded, what start-up built is frozen (moved where collections never look again, as CPython's
-gc.freeze documents for long-lived state) and collection resumes, so a chat or a server still frees
-its cycles, and its later passes skip the frozen objects. A command that never loads a model gets
-collection back after RESUME_AFTER_S at the latest. Code that never called pause_collection (the
-tests, a library user) is left exactly as it was.
+(docs/performance.md). The console entry point (launch.py) pauses collection first thing; once a
+model is loaded, what start-up built is frozen (moved where collections never look again, as
+CPython's gc.freeze documents for long-lived state) and collection resumes, so a chat or a server
+still frees its cycles, and its later passes skip the frozen objects. A command that never loads a
+model gets collection back after RESUME_AFTER_S at the latest. Code that never called
+pause_collection (the tests, a library user) is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -47,4 +47,3 @@ def resume_collection() -> None:
 
 def collection_paused() -> bool:
     return _paused
-

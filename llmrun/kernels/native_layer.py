@@ -1,15 +1,15 @@
 """The float32 decode layer in one C call (native_layer.c): its binding, its self-check, when it runs.
 
 One sequence's float32 decode step spends ~4 ms a token outside its matmuls on a 2-core CPU: the
-Python and dispatch around ~10 ops a layer and SDPA's setup. native_layer.c runs a whole Llama
-layer for one token in C, calling the same BLAS `sgemm_` ATen calls (MKL's, from libtorch) with
-the same arguments, and reproducing ATen's flash attention for one query. It runs only where
-the layer shape is Llama's exactly (LayerShape.plain_llama: no q/k norms, soft-capping or sliding
-windows, one RoPE table), the layer has no biases, and the step is one sequence's decode: its K/V
-rows read in place where they are contiguous, else (after a prefix-cache hit) gathered in order
-into scratch first, as ATen's path gathers them, so the same sums. Before use it is checked against ATen: the attention on synthetic data over
-several context lengths here, and each decoder's first layer on its own weights against the
-decoder's layer function over the same kernel set (`NativeLayer.agrees`).
+Python and dispatch around ~10 ops a layer and SDPA's setup. native_layer.c runs a whole Llama layer
+for one token in C, calling the same BLAS `sgemm_` ATen calls (MKL's, from libtorch) with the same
+arguments, and reproducing ATen's flash attention for one query. It runs only where the layer shape
+is Llama's exactly (LayerShape.plain_llama: no q/k norms, soft-capping or sliding windows, one RoPE
+table), the layer has no biases, and the step is one sequence's decode: its K/V rows read in place
+where they are contiguous, else (after a prefix-cache hit) gathered in order into scratch first, as
+ATen's path gathers them, so the same sums. Before use it is checked against ATen: the attention on
+synthetic data over several context lengths here, and each decoder's first layer on its own weights
+against the decoder's layer function over the same kernel set (`NativeLayer.agrees`).
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ def _staging(sizes: ModelSizes, room: int, head: int) -> _Staging:
     if not fitting:
         raise _NoRoom()
 
-    return max(fitting, key=lambda c: (c.head_fast, c.piece_bytes == whole))  # the first of equals: whole layers
+    return max(fitting, key=lambda c: (c.head_fast, c.piece_bytes == whole))
 
 
 def _slow_tiers(fast: Tier) -> list[Tier]:
