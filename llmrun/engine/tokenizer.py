@@ -140,8 +140,9 @@ def _build_backend(path: Path, config: dict):
     calls in the same order), no truncation or padding; returns it and the named special tokens.
 
     The result is kept, serialized, in the cache folder (keyed by the file, its size and time, the
-    tokenizer config, the tokenizers version and this module's source): re-adding the special tokens
-    costs more than reading the finished tokenizer back."""
+    tokenizer config, the tokenizers version and this module's source; one entry per tokenizer file,
+    a newer one replacing it): re-adding the special tokens costs more than reading the finished
+    tokenizer back."""
     from tokenizers import Tokenizer as Backend
 
     cache_file = None
@@ -160,6 +161,7 @@ def _build_backend(path: Path, config: dict):
         text = json.dumps({"backend": backend.to_str(), "named": {k: str(v) for k, v in named.items()}})
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cache_file, text.encode("utf-8"))
+        _drop_stale(cache_file)
     except (OSError, StorageError):  # a read-only cache folder: built again next time
         pass
     return backend, named
@@ -171,12 +173,23 @@ def _cache_file(path: Path, config: dict) -> Path:
     import tokenizers
 
     stat = path.stat()
+    where = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     digest = hashlib.sha256()
-    for part in (str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), tokenizers.__version__,
+    for part in (str(stat.st_size), str(stat.st_mtime_ns), tokenizers.__version__,
                  json.dumps(config, sort_keys=True, default=str)):
         digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
     digest.update(Path(__file__).read_bytes())
-    return cache_dir() / "tokenizers" / f"{digest.hexdigest()[:32]}.json"
+    return cache_dir() / "tokenizers" / f"{where}-{digest.hexdigest()[:16]}.json"
+
+
+def _drop_stale(kept: Path) -> None:
+    """Once `kept` is written, the entries it replaces go: the same tokenizer file's older ones (its
+    files, config, or llmrun since changed) and any of the unkeyed form before (never read again)."""
+    where = kept.name.split("-", 1)[0]
+    for entry in kept.parent.glob("*.json"):
+        stale = entry.name.startswith(where + "-") or "-" not in entry.name
+        if stale and entry != kept:
+            entry.unlink(missing_ok=True)
 
 
 def _build_backend_now(path: Path, config: dict):

@@ -204,8 +204,18 @@ def test_a_built_tokenizer_is_kept_and_read_back_until_its_files_change(tmp_path
     config["split_special_tokens"] = True  # another config: another entry, another tokenizer
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     changed = load_tokenizer(folder)
-    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
     assert changed.encode(text) != first.encode(text)
+    # one entry per tokenizer file: the new one replaced the old; another folder's entry stays
+    assert [p.name for p in (tmp_path / "cache" / "tokenizers").glob("*.json")] != [kept[0].name]
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
+    other = load_tokenizer(tokenizer_folder(tmp_path, "other", checkpoints.llama_config()))
+    assert other.encode(text) == first.encode(text)
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
+    legacy = tmp_path / "cache" / "tokenizers" / ("0" * 32 + ".json")  # the unkeyed form of before
+    legacy.write_text("{}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": False}))
+    load_tokenizer(folder)
+    assert not legacy.exists() and len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
 
 
 def test_an_unwritable_cache_still_loads_the_tokenizer(tmp_path, monkeypatch):
