@@ -1,5 +1,5 @@
-"""What each command imports (start-up time, issue 14): plan/models/--help load neither torch nor
-transformers; run loads torch but not transformers; none loads pydantic (Typer 0.29 did, per option). Checked in a fresh interpreter, not timed."""
+"""What each command imports (start-up time, issue 14): plan/models/--help and run --url load neither
+torch nor transformers; run loads torch but not transformers; none loads pydantic (Typer 0.29 did, per option). Checked in a fresh interpreter, not timed."""
 
 import os
 import subprocess
@@ -33,6 +33,11 @@ def imported_after(args, home: Path) -> set[str]:
 @pytest.mark.parametrize("args", [["--help"], ["models"], ["plan", "smollm2"], ["run", "--help"]])
 def test_light_commands_import_neither_torch_nor_transformers_nor_pydantic(smollm2_home, args):
     assert imported_after(args, smollm2_home) == set()
+
+
+def test_run_through_a_server_imports_neither_torch_nor_transformers(smollm2_home):
+    """`run --url` only sends a request (here to a port nobody listens on: a one-line error)."""
+    assert imported_after(["run", "smollm2", "hi", "--url", "http://127.0.0.1:9"], smollm2_home) == set()
 
 
 def test_run_imports_torch_but_not_transformers_nor_pydantic(smollm2_home):
