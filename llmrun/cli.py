@@ -89,14 +89,12 @@ def _report(data: dict, as_json: bool, render) -> None:
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop):
     """SamplingParams from the options run and chat share (0 turns top-k and min-p off)."""
-    from llmrun.engine.sampler import SamplingParams
+    from llmrun.engine.params import SamplingParams  # torch-free: run --url loads nothing
 
     return SamplingParams(
         temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
         repetition_penalty=repeat_penalty, seed=seed, max_new_tokens=max_tokens, stop=tuple(stop or ()),
     )
-
-
 
 
 @app.command("run")
@@ -129,6 +127,7 @@ def run_command(
 
     Example: echo "Some text" | llmrun run smollm2 "Summarise this." -t 0
     """
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     if url is not None:  # a running server answers: nothing loads here
         from llmrun.oneshot import read_prompt
         from llmrun.serve.client import refuse_local_options, run_remote
@@ -136,22 +135,26 @@ def run_command(
         refuse_local_options({"--each-line": each_line, "--ctx": ctx is not None, "--dtype": dtype != "auto",
                               "--gpu-mem": gpu_mem is not None, "--cpu-mem": cpu_mem is not None,
                               "--batch": batch != 1, "--quant": quant != "none"})
-        params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
         run_remote(url, model, read_prompt(prompt, raw=raw), params, system=system, raw=raw, as_json=as_json,
                    quiet=quiet)
         return
+    _run_here(model, prompt, params, _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant), system=system,
+              raw=raw, each_line=each_line, as_json=as_json, quiet=quiet)
+
+
+def _run_here(model: str, prompt: Optional[str], params, request, *, system: Optional[str], raw: bool,
+              each_line: bool, as_json: bool, quiet: bool) -> None:
+    """`run` on this machine: the prompt (or --each-line's lines) through a model loaded here."""
     from dataclasses import replace
 
     from llmrun.engine.prompt import prompt_ids
     from llmrun.oneshot import generate_lines, generate_one, read_lines, read_prompt
     from llmrun.runtime import open_model
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
     lines = read_lines(prompt, raw=raw) if each_line else []
     texts = [line.text for line in lines] if each_line else [read_prompt(prompt, raw=raw)]
-    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     # KV memory for the prompts decoded together: --batch at most, never more prompts than were read
-    request = replace(request, batch=min(batch, len(texts)))
+    request = replace(request, batch=min(request.batch, len(texts)))
     opened = open_model(model, request, show_progress=not (as_json or each_line))
     with opened.engine:
         ids = [prompt_ids(opened.tokenizer, text, system=system, raw=raw) for text in texts]
