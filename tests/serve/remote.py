@@ -50,6 +50,16 @@ class RemoteServer:
     def stderr(self) -> str:
         return "".join(self.lines)
 
+    def lines_with(self, text: str, timeout_s: float = 10) -> list[str]:
+        """The stderr lines holding `text`, waiting up to `timeout_s` for the first: the server
+        writes a request's line as it answers, and this process's reader may not have it yet."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [line for line in self.lines if text in line]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
     def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(self.url + path, headers=headers or {})
         try:

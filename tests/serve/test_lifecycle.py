@@ -35,7 +35,7 @@ def test_health_is_503_while_loading_then_200_and_idle_uses_no_cpu(serve_model, 
         remote.wait_ready()
         client = OpenAI(base_url=remote.url + "/v1", api_key="k1", max_retries=0)  # --api-key works as the variable
         reply = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0)
-        log = [line for line in remote.lines if reply.id in line]
+        log = remote.lines_with(reply.id)
         assert len(log) == 1 and "/v1/completions 200" in log[0], remote.stderr
         assert f"completion={reply.usage.completion_tokens}" in log[0], log
         time.sleep(1.0)  # let OpenMP's threads go to sleep after the request
