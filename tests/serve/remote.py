@@ -32,7 +32,8 @@ class RemoteServer:
         self.lines: list[str] = []
         self._listening = threading.Event()
         self.url = ""
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
         if not self._listening.wait(start_timeout_s) or not self.url:
             self.kill()
             raise AssertionError(f"the server did not start listening:\n{self.stderr}")
@@ -120,6 +121,7 @@ class RemoteServer:
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise AssertionError(f"the server did not exit {timeout_s} s after signal {sig}:\n{self.stderr}")
+        self._reader.join(10)  # every line it wrote is in `lines` once stop() returns
         return self.proc.returncode
 
     def kill(self) -> None:
