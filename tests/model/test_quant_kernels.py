@@ -74,6 +74,28 @@ def test_the_kernel_is_the_reference_within_its_rounding(matmul, form, dtype):
             assert ((actual.double() - expected).abs() <= slack).all()
 
 
+@pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")
+def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
+    """bf16 rows: one row alone (four weight rows a tile), among 16 rows (one weight row and up to four
+    rows a tile), split over one thread or two, and an output count that is not a multiple of four: the
+    same bits for every row (a request's tokens must not depend on the batch it decodes in). Every tile
+    sums its lanes in one order (reduce4 in quant_kernels.c); this catches a tile that mixes up rows or
+    outputs, while an order of sums that differed would show here only where it moves a bf16 rounding."""
+    bits, group, with_mins = form
+    qw = weight_for(bits, group, 203, 768, with_mins, seed=11)
+    x = probe_inputs(DECODE_ROWS, 768, torch.bfloat16, torch.Generator().manual_seed(11))
+    together = matmul.matmul(x, qw)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for r in (0, 5, DECODE_ROWS - 1):
+                assert torch.equal(matmul.matmul(x[r:r + 1], qw), together[r:r + 1])
+            assert torch.equal(matmul.matmul(x[3:6], qw), together[3:6])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_large_model_row_and_a_strided_input(matmul):
     """A 14336-wide down projection (Llama 3 8B) and an input row that is a view with a wider stride."""
     qw = weight_for(4, 64, 64, 14336, True, seed=1)
@@ -132,6 +154,17 @@ def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
     assert torch.equal(matmul.dequantized(qw, dtype), dequantize(qw).to(dtype))
     x = probe_inputs(DECODE_ROWS + 1, 768, dtype, torch.Generator().manual_seed(7))
     assert torch.equal(matmul.linear(x, qw), linear(x, dequantize(qw).to(dtype)))
+
+
+@pytest.mark.parametrize("with_mins", [False, True])
+def test_a_weight_dequantized_one_value_at_a_time_is_the_reference_too(with_mins):
+    """A group that is not a multiple of 16 (a per-channel int8 weight of 72 inputs) takes the C
+    code's one-value-at-a-time loop, as every weight does on a CPU without AVX-512."""
+    if load_quant_library() is None:
+        pytest.skip("no C compiler here: prompt chunks run the reference")
+    qw = weight_for(8, 72, 40, 72, with_mins, seed=5)
+    for dtype in DTYPES:
+        assert torch.equal(CpuQuantMatmul().dequantized(qw, dtype), dequantize(qw).to(dtype))
 
 
 def test_the_reference_is_dequantize_then_matmul():
