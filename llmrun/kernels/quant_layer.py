@@ -15,6 +15,7 @@ its block table where they are not contiguous, as after a prefix-cache hit).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import replace
 from typing import Optional
 
@@ -25,6 +26,7 @@ from llmrun.quant.format import QuantWeight
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 ATTENTION_TOLERANCE = 0.03  # of the largest output: attention rounds once here, where SDPA rounds elsewhere
+KEPT_LAYERS = 512  # layers' weight structures kept between steps (streamed layers bring new ones)
 
 _p, _i64, _i32, _f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
@@ -68,6 +70,7 @@ class QuantLayer:
         self.kernels, self.quant, self.shape = kernels, quant, kernels.shape
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._takes: dict[int, bool] = {}  # layer index -> whether its tensors are ones the C layer reads
+        self._structs: dict[int, tuple] = {}  # id(qkv weight) -> (its weights' refs, addresses, the C struct)
         self.verified: Optional[bool] = None  # whether it agreed with the decoder's layer (once)
         self.ran = False
 
@@ -120,14 +123,29 @@ class QuantLayer:
 
     def run(self, step: QuantLayerStep, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor, hidden: torch.Tensor,
             delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = QuantLayerWeights(w["input_norm"].data_ptr(), w["post_norm"].data_ptr(),
-                                    *(_matrix(w[key]) for key in MATRICES), k_pool.data_ptr(), v_pool.data_ptr())
+        weights = self._weights(w, k_pool, v_pool)
         out_hidden, out_delta = torch.empty_like(hidden), torch.empty_like(hidden)
         self.quant.lib.quant_decode_layer(ctypes.byref(weights), ctypes.byref(step), hidden.data_ptr(),
                                           None if delta is None else delta.data_ptr(), out_hidden.data_ptr(),
                                           out_delta.data_ptr())
         self.ran = self.quant.ran = True  # (its matmuls are the quantized matmul's kernel)
         return out_hidden, out_delta
+
+    def _weights(self, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor) -> QuantLayerWeights:
+        """The layer's C struct, built once per set of weights: a QuantWeight never changes its tensors
+        (frozen), so the same four objects (held weakly) and the same norm and pool addresses give the
+        same struct; a streamed layer's new weights build a new one. (Saves ~20 us a layer and step.)"""
+        matrices = [w[key] for key in MATRICES]
+        addresses = (w["input_norm"].data_ptr(), w["post_norm"].data_ptr(), k_pool.data_ptr(), v_pool.data_ptr())
+        kept = self._structs.get(id(matrices[0]))
+        if kept is not None and kept[1] == addresses and all(r() is m for r, m in zip(kept[0], matrices)):
+            return kept[2]
+        weights = QuantLayerWeights(addresses[0], addresses[1], *(_matrix(m) for m in matrices), addresses[2],
+                                    addresses[3])
+        if len(self._structs) >= KEPT_LAYERS:
+            self._structs.clear()
+        self._structs[id(matrices[0])] = (tuple(weakref.ref(m) for m in matrices), addresses, weights)
+        return weights
 
     def agrees(self, reference, w: dict, rope, meta, scale: float) -> bool:
         """Whether the layer gives the decoder's layer's K/V writes exactly and its outputs within
