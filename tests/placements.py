@@ -59,7 +59,7 @@ def placement_options(name: str, folder, dtype="float32", **kwargs) -> EngineOpt
     staged matrix by matrix, the head in chunks). GPU compute: gpu | gpu-cpu (layers streamed from
     pinned memory) | gpu-disk (from disk through pinned buffers).
     """
-    plan_kwargs = {"dtype": dtype, **{k: kwargs[k] for k in ("ctx", "batch") if k in kwargs}}
+    plan_kwargs = {"dtype": dtype, **{k: kwargs[k] for k in ("ctx", "batch", "quant") if k in kwargs}}
     if name == "resident":
         return EngineOptions(dtype=dtype, gpu_mem_bytes=0, **kwargs)
     if name == "disk-floor":

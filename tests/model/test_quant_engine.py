@@ -88,6 +88,22 @@ def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypa
     assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
+def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home):
+    """Layers streamed from disk bring new QuantWeights every step: the layer's C structure is rebuilt
+    for them (kernels/quant_layer.py keeps one per set of weights), so the tokens and logits are the
+    resident run's exactly."""
+    from tests.placements import placement_options
+
+    runs = []
+    for placement in ("resident", "disk"):  # disk: at least half the layers streamed whole
+        with build_engine(tiny, placement_options(placement, tiny, "bfloat16", quant="int4")) as e:
+            assert (e.weights.streamer is not None) == (placement == "disk")
+            runs.append(greedy_with_logits(e, PROMPT, 12))
+            assert e.decoder.kernels.describe().get("quant_layer", False) is quant_layer_should_run()
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 def test_after_a_prefix_cache_hit_the_bf16_layer_reads_its_keys_through_the_block_table(tiny, home, monkeypatch):
     """A prefix-cache hit leaves the sequence's K/V rows apart in the pool: the layer in one C call
     still runs (its keys read row by row through the block table) and gives the tokens it gives
