@@ -385,17 +385,20 @@ TARGET static inline void store16(void *out, long i, __m512 v, int bf16) {
 /* One weight row dequantized 16 inputs at a time (group a multiple of 16, so each 16 share a group). */
 TARGET static void dequantize_row16(const uint8_t *w, const float *s, const float *m, long k, int bits, long group,
                                     void *out, long at, int bf16) {
-    for (long i = 0; i < k; i += 16) {
-        __m512i ints;
-        if (bits == 4) {
-            __m128i packed = _mm_loadl_epi64((const __m128i *)(w + i / 2)), nibble = _mm_set1_epi8(0x0f);
-            __m128i lo = _mm_and_si128(packed, nibble), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-            ints = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)); /* inputs i, i + 1, ... in order */
-        } else {
-            ints = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i)));
+    for (long g = 0, i = 0; i < k; g++) {
+        __m512 scale = _mm512_set1_ps(s[g]), min = _mm512_set1_ps(m ? m[g] : 0.0f);
+        for (long end = i + group; i < end; i += 16) {
+            __m512i ints;
+            if (bits == 4) {
+                __m128i packed = _mm_loadl_epi64((const __m128i *)(w + i / 2)), nibble = _mm_set1_epi8(0x0f);
+                __m128i lo = _mm_and_si128(packed, nibble), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+                ints = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)); /* inputs i, i + 1, ... in order */
+            } else {
+                ints = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i)));
+            }
+            __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), scale);
+            store16(out, at + i, m ? _mm512_add_ps(product, min) : product, bf16);
         }
-        __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), _mm512_set1_ps(s[i / group]));
-        store16(out, at + i, m ? _mm512_add_ps(product, _mm512_set1_ps(m[i / group])) : product, bf16);
     }
 }
 
