@@ -17,7 +17,8 @@
  * the last 32, so lanes 0-3 and 8-11 hold block 0's inputs, 4-7 and 12-15 block 1's. The activations
  * are stored in that same order (per chunk: even inputs, then odd), so no nibble is shuffled in the
  * inner loop. An int8 chunk is 64 bytes in input order (lanes 0-7: block 0); VPDPBUSD multiplies
- * unsigned by signed bytes, so the activations are stored as q + 128 and 128 * sum(w) is taken back.
+ * unsigned by signed bytes, so the weights are read as w + 128 (one XOR) and 128 * sum(q_x) per lane,
+ * computed once per activation row, is taken back.
  *
  * The sums are float32 in another order than a dequantize-then-matmul, and the activations are
  * rounded to int8: results differ from that reference within a bound kernels/quant_cpu.py checks on
