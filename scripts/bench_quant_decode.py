@@ -16,8 +16,10 @@ from llmrun.hub.resolve import resolve_model
 
 
 def timed(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode tok/s over every row) of one greedy generation."""
+    """(prefill seconds, decode tok/s over every row) of one greedy generation, its prompts prefilled
+    in full (the prefix cache emptied first: the warm-up and earlier rounds left them cached)."""
     engine.eos_ids = frozenset()
+    engine.allocator.reset_prefix_cache()
     stamps = []
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
     start = time.perf_counter()
