@@ -156,12 +156,16 @@ TARGET static inline __attribute__((always_inline)) __m512i chunk_values(const u
 /* The sums of four vectors' lanes, in one order whatever the vectors are (so an output's bits do
  * not depend on which outputs or rows are computed beside it). */
 TARGET static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+#define HALVES(v) \
+    _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
     __m256 ab = _mm256_hadd_ps(HALVES(a), HALVES(b)), cd = _mm256_hadd_ps(HALVES(c), HALVES(d));
 #undef HALVES
     __m256 abcd = _mm256_hadd_ps(ab, cd);
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
+
+/* reduce4 for quant_layer.c's attention scores. */
+TARGET __m128 quant_lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) { return reduce4(a, b, c, d); }
 
 #define PREFETCH 8192 /* bytes ahead in a weight row's stream */
 

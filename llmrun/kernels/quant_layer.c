@@ -30,6 +30,7 @@ void quant_matmul(const void *x, long x_stride, int bf16, long rows, long k, con
                   uint8_t *scratch, int threads);
 long quant_row_scratch_bytes(long k, long group);
 void quant_store_bf16(const float *in, uint16_t *out, long n);
+TARGET __m128 quant_lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d);
 
 /* A quantized matrix (format.py's QuantWeight), as quant_layer.py's QuantMatrix mirrors it. */
 struct quant_matrix {
@@ -75,36 +76,112 @@ TARGET static inline __m512 load16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+typedef __m512 (*exp16_fn)(__m512);
+typedef __m256 (*exp8_fn)(__m256);
+
+/* scores[i] = exp(scores[i] - best) for i < len, `width` at a time with ATen's vectorised exp (Sleef's),
+ * the tail with expf; returns their sum. */
+TARGET static float exp_scores(float *scores, long len, float best, void *exp_fn, int width) {
+    long t = 0;
+    __m512 total16 = _mm512_setzero_ps();
+    __m256 total8 = _mm256_setzero_ps();
+    if (exp_fn && width == 16)
+        for (; t + 16 <= len; t += 16) {
+            __m512 e = ((exp16_fn)exp_fn)(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(best)));
+            _mm512_storeu_ps(scores + t, e);
+            total16 = _mm512_add_ps(total16, e);
+        }
+    else if (exp_fn && width == 8)
+        for (; t + 8 <= len; t += 8) {
+            __m256 e = ((exp8_fn)exp_fn)(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(best)));
+            _mm256_storeu_ps(scores + t, e);
+            total8 = _mm256_add_ps(total8, e);
+        }
+    float eight[8];
+    _mm256_storeu_ps(eight, total8);
+    float total = _mm512_reduce_add_ps(total16);
+    for (int i = 0; i < 8; i++) total += eight[i];
+    for (; t < len; t++) {
+        scores[t] = expf(scores[t] - best);
+        total += scores[t];
+    }
+    return total;
+}
+
+/* One head's softmax(q · kᵀ * scale) · v over `len` K/V rows (pool rows start.. or rows[]), dim = 16 * DV
+ * (DV a constant once inlined, so q and the output stay in registers): scores 16 keys at a time with one
+ * transposed sum, exp vectorised, values accumulated in float32, rounded to bf16 once. */
+TARGET static inline __attribute__((always_inline)) void attend_head(const uint16_t *qh, const uint16_t *k_pool,
+                                                                    const uint16_t *v_pool, long start, long len,
+                                                                    const int64_t *rows, long row_width, float scale,
+                                                                    float *scores, float *acc_out, void *exp_fn,
+                                                                    int width, uint16_t *out, const int DV) {
+    __m512 q[16], acc[16];
+#pragma GCC unroll 16
+    for (int d = 0; d < 16; d++) { /* (all 16 set, so no lane is read unset whatever DV is) */
+        q[d] = d < DV ? load16(qh + 16 * d) : _mm512_setzero_ps();
+        acc[d] = _mm512_setzero_ps();
+    }
+    float best = -INFINITY;
+    for (long t0 = 0; t0 < len; t0 += 16) {
+        __m512 dots[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            long t = t0 + i < len ? t0 + i : len - 1; /* (past the end: a repeat, never stored) */
+            const uint16_t *kt = k_pool + (rows ? rows[t] : start + t) * row_width;
+            __m512 sum = _mm512_mul_ps(q[0], load16(kt));
+#pragma GCC unroll 16
+            for (int d = 1; d < DV; d++) sum = _mm512_fmadd_ps(q[d], load16(kt + 16 * d), sum);
+            dots[i] = sum;
+        }
+        __m512 all = _mm512_castps128_ps512(quant_lane_sums4(dots[0], dots[1], dots[2], dots[3]));
+        all = _mm512_insertf32x4(all, quant_lane_sums4(dots[4], dots[5], dots[6], dots[7]), 1);
+        all = _mm512_insertf32x4(all, quant_lane_sums4(dots[8], dots[9], dots[10], dots[11]), 2);
+        all = _mm512_insertf32x4(all, quant_lane_sums4(dots[12], dots[13], dots[14], dots[15]), 3);
+        all = _mm512_mul_ps(all, _mm512_set1_ps(scale));
+        __mmask16 keep = len - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - t0)) - 1);
+        _mm512_mask_storeu_ps(scores + t0, keep, all);
+        float chunk_best = _mm512_mask_reduce_max_ps(keep, all);
+        best = chunk_best > best ? chunk_best : best;
+    }
+    float total = exp_scores(scores, len, best, exp_fn, width);
+    for (long t = 0; t < len; t++) {
+        const uint16_t *vt = v_pool + (rows ? rows[t] : start + t) * row_width;
+        __m512 p = _mm512_set1_ps(scores[t]);
+#pragma GCC unroll 16
+        for (int d = 0; d < DV; d++) acc[d] = _mm512_fmadd_ps(p, load16(vt + 16 * d), acc[d]);
+    }
+    __m512 inverse = _mm512_set1_ps(1.0f / total);
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; d++) _mm512_storeu_ps(acc_out + 16 * d, _mm512_mul_ps(acc[d], inverse));
+    quant_store_bf16(acc_out, out, 16L * DV);
+}
+
 /* softmax(q · kᵀ * scale) · v for one query, per head, over pool rows [start, start + len), or over
- * rows[0..len) when `rows` is not NULL; dim a multiple of 16. */
+ * rows[0..len) when `rows` is not NULL; dim a multiple of 16, at most 256. `exp_fn`: ATen's vectorised exp,
+ * `width` floats at a time (the C set's, as its SiLU·mul uses). */
 TARGET void quant_attend_bf16(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, long start, long len,
                               const int64_t *rows, int heads, int kv_heads, int dim, float scale, uint16_t *out,
-                              float *buf, int threads) {
+                              float *buf, void *exp_fn, int width, int threads) {
     int group = heads / kv_heads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < heads; h++) {
         float *scores = buf + (long)omp_get_thread_num() * (len + dim + 16), *acc = scores + len;
         const uint16_t *qh = q + (long)h * dim;
-        int kvh = h / group;
-        float best = -INFINITY;
-        for (long t = 0; t < len; t++) {
-            const uint16_t *kt = k_pool + ((rows ? rows[t] : start + t) * kv_heads + kvh) * dim;
-            __m512 sum = _mm512_setzero_ps();
-            for (int d = 0; d < dim; d += 16) sum = _mm512_fmadd_ps(load16(qh + d), load16(kt + d), sum);
-            scores[t] = _mm512_reduce_add_ps(sum) * scale;
-            best = scores[t] > best ? scores[t] : best;
+        const uint16_t *kh = k_pool + (long)(h / group) * dim, *vh = v_pool + (long)(h / group) * dim;
+        long row_width = (long)kv_heads * dim;
+        uint16_t *oh = out + (long)h * dim;
+        switch (dim / 16) { /* the usual head sizes with q and the output in registers */
+            case 4:
+                attend_head(qh, kh, vh, start, len, rows, row_width, scale, scores, acc, exp_fn, width, oh, 4);
+                break;
+            case 8:
+                attend_head(qh, kh, vh, start, len, rows, row_width, scale, scores, acc, exp_fn, width, oh, 8);
+                break;
+            default: /* (dim at most 256: quant_layer.py) */
+                attend_head(qh, kh, vh, start, len, rows, row_width, scale, scores, acc, exp_fn, width, oh, dim / 16);
+                break;
         }
-        float total = 0.0f;
-        for (int d = 0; d < dim; d++) acc[d] = 0.0f;
-        for (long t = 0; t < len; t++) {
-            float p = expf(scores[t] - best);
-            total += p;
-            const uint16_t *vt = v_pool + ((rows ? rows[t] : start + t) * kv_heads + kvh) * dim;
-            for (int d = 0; d < dim; d += 16)
-                _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(vt + d), _mm512_loadu_ps(acc + d)));
-        }
-        for (int d = 0; d < dim; d++) acc[d] /= total;
-        quant_store_bf16(acc, out + (long)h * dim, dim);
     }
 }
 
@@ -137,7 +214,8 @@ TARGET void quant_decode_layer(const struct quant_layer_weights *w, const struct
     ((rope_fn)s->rope)(qkv, qkv_size, s->cos, s->sin_folded, q, w->k_pool, w->v_pool, s->slot, 1, s->heads,
                        s->kv_heads, s->dim, 1);
     quant_attend_bf16(q, (const uint16_t *)w->k_pool, (const uint16_t *)w->v_pool, s->span_start, s->span_len,
-                      s->rows, s->heads, s->kv_heads, s->dim, s->scale, attn, attn_buf, s->threads);
+                      s->rows, s->heads, s->kv_heads, s->dim, s->scale, attn, attn_buf, s->exp_fn, s->exp_width,
+                      s->threads);
     matmul(&w->o, attn, o_out, s, mm);
     norm(summed, o_out, out_hidden, w->post_norm, normed, 1, s->hidden, s->eps, 1, s->lanes, norm_scratch,
          norm_scratch + s->hidden);

@@ -79,7 +79,8 @@ class QuantLayer:
         """The layer for a bf16 C set whose SiLU·mul checked out, on Llama's layer exactly; else None.
         (The quantized library is built when a step first offers it a layer: float runs never do.)"""
         if (kernels.dtype != torch.bfloat16 or kernels.exp_fn is None or not kernels.shape.plain_llama
-                or kernels.shape.head_dim % 16 or check_forced_to_fail("quant_layer")):
+                or kernels.shape.head_dim % 16 or kernels.shape.head_dim > 256
+                or check_forced_to_fail("quant_layer")):
             return None
         return cls(kernels, quant)
 
