@@ -5,9 +5,9 @@
  * the K/V writes and SiLU·mul are native_kernels.c's own functions (their addresses handed in, so the
  * same code as the fused Python path), the matmuls quant_kernels.c's `quant_matmul`, and attention
  * for the one query over the sequence's K/V rows (a span of the pools, or rows listed by its block
- * table) is computed here in float32 (scores,
- * max, expf, sums), rounded to bf16 once, where SDPA rounds in its own places: this layer is checked
- * against the decoder's layer over the same kernel set within a tolerance, not bit for bit.
+ * table) is computed here in float32 (scores 16 keys at a time, max, ATen's vectorised exp, sums),
+ * rounded to bf16 once, where SDPA rounds in its own places: this layer is checked against the
+ * decoder's layer over the same kernel set within a tolerance, not bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
