@@ -31,11 +31,12 @@ from llmrun.kernels.quant_check import checked_on
 from llmrun.kernels.quant_layer import QuantLayer, declare_quant_layer
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight
+from llmrun.quant.spec import CPU_DECODE_ROWS
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-DECODE_ROWS = 16  # forwards of up to this many rows run the integer kernel; more dequantize for a GEMM
+DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
 CHUNK = 64  # inputs per step of the kernel's inner loop
 
 

@@ -31,6 +31,8 @@ class ModelSizes:
     dtype_bytes: int                  # bytes per element of the run dtype
     layer_matrix_bytes: tuple[int, ...] = ()  # per layer, its largest matrix as staged (q/k/v, gate/up fused)
     layer_vector_bytes: tuple[int, ...] = ()  # per layer, its norms (resident when it streams matrix by matrix)
+    dequantized_bytes: int = 0  # a layer's largest compressed matrix in the run dtype (prompt chunks dequantize it)
+    head_dequantized_bytes: int = 0  # the compressed output head (or tied embeddings) in the run dtype
 
     def matrix_bytes(self, layer: int) -> int:
         """The largest piece layer `layer` streams in when staged matrix by matrix (the whole layer
@@ -96,11 +98,15 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
     layer_bytes = [0] * num_layers
     embed = lm_head = other = 0
     pieces: dict[tuple[int, str], tuple[int, bool]] = {}  # (layer, piece) -> (bytes, holds a matrix)
+    compressed: dict[tuple, int] = {}  # (layer, piece) -> values of its compressed matrices
     for name, info in index.tensors.items():
         part = quantized_part(name)  # a compressed weight's part counts what it takes once loaded
         size = (part_memory_bytes(part, info.dtype, info.num_elements) if part
                 else tensor_bytes_in(info.dtype, info.num_elements, dtype_bytes))
         layer = tensor_layer(name, num_layers)
+        if part == "qweight":  # int4 packs two values a byte (U8), int8 one (I8)
+            key = (layer, _piece_name(name))
+            compressed[key] = compressed.get(key, 0) + info.num_elements * (2 if info.dtype == "U8" else 1)
         if layer is not None:
             layer_bytes[layer] += size
             piece_bytes, is_matrix = pieces.get((layer, _piece_name(name)), (0, False))
@@ -131,4 +137,8 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
         dtype_bytes=dtype_bytes,
         layer_matrix_bytes=layer_matrix_bytes,
         layer_vector_bytes=layer_vector_bytes,
+        dequantized_bytes=max((v for (layer, _), v in compressed.items() if layer is not None), default=0)
+        * dtype_bytes,
+        head_dequantized_bytes=max((v for (layer, _), v in compressed.items() if layer is None), default=0)
+        * dtype_bytes,
     )

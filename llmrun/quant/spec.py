@@ -16,6 +16,7 @@ from llmrun.weights.index import DTYPE_BYTES, CheckpointIndex, TensorInfo
 QUANT_CHOICES = ("none", "int8", "int4")
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 32
+CPU_DECODE_ROWS = 16  # rows the CPU's quantized matmul reads packed; more dequantize the weight for a GEMM
 PER_CHANNEL = 0  # QuantSpec.group_size for int8 with one scale per output channel
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # In-memory bytes per stored element of each part: qweight keeps its bytes, scales and mins are float32,

@@ -96,3 +96,29 @@ def test_a_group_that_does_not_divide_a_layer_names_it():
     fragment = "group 128 does not divide model.layers.0.self_attn.o_proj.weight's 576 inputs"
     with pytest.raises(UsageError, match=fragment):
         check_groups(index, QuantSpec(4, 128))
+
+
+def test_the_plan_reserves_a_dequantized_matrix_for_prompt_chunks():
+    """A prompt chunk of a compressed model dequantizes one matrix at a time to the run dtype: the
+    workspace holds the largest (q/k/v and gate/up fused as they run), and the head too where more
+    rows ask for logits than the decode kernel reads packed (16 on the CPU, 1 on a GPU)."""
+    from llmrun.plan.model_sizes import model_sizes
+    from llmrun.plan.placement import PlanOptions, Tier, workspace_bytes
+
+    shapes = {f"model.layers.0.mlp.{m}_proj.weight": (1536, 576) for m in ("gate", "up")}
+    shapes.update({"model.layers.0.mlp.down_proj.weight": (576, 1536), "model.embed_tokens.weight": (4096, 576)})
+    index = _index(shapes)
+    config = {"num_hidden_layers": 1, "hidden_size": 576, "num_attention_heads": 9, "vocab_size": 4096,
+              "intermediate_size": 1536, "tie_word_embeddings": True}
+    head = CheckpointIndex(None, {**planned_index(index, QuantSpec(8, 32)).tensors,
+                                  "model.embed_tokens.weight.qweight": TensorInfo("", None, "I8", (4096, 576), 0, 0)})
+    for bits, planned in ((4, planned_index(index, QuantSpec(4, 32))), (8, head)):
+        sizes = model_sizes(planned, config, 2)
+        assert sizes.dequantized_bytes == 2 * 1536 * 576 * 2  # gate and up, fused, in bf16
+        plain = model_sizes(index, config, 2)
+        for batch, fast, with_head in ((1, Tier.CPU, False), (16, Tier.CPU, False), (17, Tier.CPU, True),
+                                       (2, Tier.GPU, True)):
+            options = PlanOptions(ctx=256, batch=batch, dtype_bytes=2)
+            extra = workspace_bytes(sizes, options, fast) - workspace_bytes(plain, options, fast)
+            expected = max(sizes.dequantized_bytes, 4096 * 576 * 2 if with_head and bits == 8 else 0)
+            assert extra == expected, (bits, batch, fast)
