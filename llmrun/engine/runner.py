@@ -40,8 +40,10 @@ class ModelRunner:
         Every scheduled sequence's `num_cached` advances by its `num_new`. A sequence's bits do not
         depend on the step's other sequences: each prompt chunk runs in a forward of its own, and
         decode rows share a forward only where the matmuls give each row its bits alone
-        (kernels/row_check.py); elsewhere they too run one by one. On CUDA the decode rows run
-        the static-shape step (engine/graphs.py) whatever prompt chunks run beside them.
+        (kernels/row_check.py); elsewhere they too run one by one. The step's forwards run in
+        lockstep, layer by layer (`decoder.forward_many`), so a layer's weights are fetched, and a
+        compressed one dequantized, once a step. On CUDA the decode rows run the static-shape step
+        (engine/graphs.py) whatever prompt chunks run beside them.
         """
         rows = [step for step in steps if step.num_new == 1]
         chunks = [step for step in steps if step.num_new > 1]
@@ -51,10 +53,8 @@ class ModelRunner:
             parts.append((rows, self.static.run(rows, tables, replay=self.replay_graphs)))
             rows = []
         forwards = self._groups(rows) + [[chunk] for chunk in chunks]
-        for group in forwards:
-            sampling = [step for step in group if step.completes_prompt]  # before the forward advances them
-            parts.append((sampling, self._forward(group)))
         if forwards:
+            parts.extend(self._forward_lockstep(forwards))
             self.step_observer.step_done()
         return self._in_step_order(steps, parts)
 
@@ -83,8 +83,28 @@ class ModelRunner:
             self._rows_checked[num_rows] = num_rows == 1 or rows_alone(self.decoder, num_rows)
         return self._rows_checked[num_rows]
 
-    def _forward(self, steps: list[ScheduledSeq]) -> torch.Tensor:
-        """One decoder forward over these sequences; logits of those that complete their prompt."""
+    def _forward_lockstep(self, groups: list[list[ScheduledSeq]]) -> list[tuple[list[ScheduledSeq], torch.Tensor]]:
+        """One decoder forward per group, run in lockstep layer by layer (each group's ops are its own
+        forward's; a layer's weights are fetched once for all): (the group's sequences that complete
+        their prompt, their logits) per group."""
+        inputs = [self._inputs(group) for group in groups]
+        sampling = [[step for step in group if step.completes_prompt] for group in groups]  # before advancing
+        hiddens = self.decoder.forward_many(self.weights, [(ids, pos, meta) for ids, pos, meta, _ in inputs],
+                                            self.cache)
+        out = []
+        for group, chosen, hidden, (_, _, _, last_rows) in zip(groups, sampling, hiddens, inputs):
+            for step in group:
+                step.seq.num_cached += step.num_new
+            if not last_rows:
+                out.append((chosen, hidden.new_empty((0, 0))))
+                continue
+            rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+            out.append((chosen, self.decoder.logits(self.weights, hidden.index_select(0, rows))))
+        return out
+
+    def _inputs(self, steps: list[ScheduledSeq]):
+        """A forward's token ids, positions, attention metadata, and the rows of the sequences that
+        complete their prompt (their logits are sampled)."""
         input_ids, positions, seq_steps, last_rows = [], [], [], []
         for step in steps:
             seq, start = step.seq, step.seq.num_cached
@@ -96,10 +116,4 @@ class ModelRunner:
         meta = build_metadata(seq_steps, self.cache.shape.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.decoder.forward(self.weights, ids, pos, meta, self.cache)
-        for step in steps:
-            step.seq.num_cached += step.num_new
-        if not last_rows:
-            return hidden.new_empty((0, 0))
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        return self.decoder.logits(self.weights, hidden.index_select(0, rows))
+        return ids, pos, meta, last_rows

@@ -12,6 +12,7 @@ kernels/choose.py hands a decoder's kernel set one `QuantMatmul` per device; a d
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -35,6 +36,11 @@ class QuantMatmul:
 
     def linear(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return quant_linear(x, qw, bias)
+
+    def sharing_dequantized(self):
+        """A scope (one layer of forwards run in lockstep) in which a weight dequantized for a prompt
+        chunk is kept for the next chunk that needs it; nothing is kept here."""
+        return nullcontext()
 
     def layer_for(self, kernels):
         """A whole decode layer over quantized weights in one call for this kernel set, where this

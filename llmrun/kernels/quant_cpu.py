@@ -19,6 +19,7 @@ values, rounded once) and run ATen's GEMM over it (oneDNN's AMX kernel for bf16)
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable, Optional
@@ -75,6 +76,7 @@ class CpuQuantMatmul(QuantMatmul):
         self._checked: dict[tuple, bool] = {}  # (bits, group, in, dtype) -> the kernel passed its check
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self.ran = False  # whether a decode step ran the kernel (for reports)
+        self._shared: Optional[dict] = None  # (id, dtype) -> (weight, dequantized) inside sharing_dequantized()
 
     @cached_property
     def lib(self) -> Optional[ctypes.CDLL]:
@@ -93,7 +95,27 @@ class CpuQuantMatmul(QuantMatmul):
             out = self.matmul(x, qw)
             self.ran = True
             return out if bias is None else out + bias
-        return linear(x, self.dequantized(qw, x.dtype), bias)
+        return linear(x, self._dequantized_for_chunk(qw, x.dtype), bias)
+
+    @contextmanager
+    def sharing_dequantized(self):
+        """Within the scope (one layer of a step's forwards run in lockstep), a weight dequantized
+        for one prompt chunk serves the next: a layer's weights are dequantized once a step, not once
+        a chunk. What was kept (at most one layer's matrices; the plan counts them) goes at the end."""
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def _dequantized_for_chunk(self, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+        if self._shared is None:
+            return self.dequantized(qw, dtype)
+        key = (id(qw), dtype)
+        kept = self._shared.get(key)
+        if kept is None or kept[0] is not qw:
+            kept = self._shared[key] = (qw, self.dequantized(qw, dtype))  # (qw held: its id stays its own)
+        return kept[1]
 
     def kernel_checked(self, bits: int, group_size: int, in_features: int, dtype: torch.dtype) -> bool:
         """Whether the VNNI kernel runs this format, input size and dtype: checked once each."""

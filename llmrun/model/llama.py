@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from llmrun.kernels.interface import Kernels, LayerShape
@@ -116,22 +120,41 @@ class LlamaDecoder:
         the next norm adds it (a fused set then runs the add with the norm, or on CUDA adds it in the
         matmul before). A step the kernel set runs a whole layer for (a float32 decode step of one
         sequence on the CPU: kernels/native_layer.py) calls it for every layer whose tensors it takes."""
+        return self.forward_many(weights, [(input_ids, positions, meta)], cache)[0]
+
+    def forward_many(self, weights, parts: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
+                     cache: PagedKVCache) -> list[torch.Tensor]:
+        """Several forwards (input_ids, positions, meta) in lockstep, layer by layer: each part runs
+        exactly the ops its own forward would, so its bits are its own, but a layer's weights are
+        fetched once for all of them (streamed once a step; a compressed weight dequantized once for
+        every prompt chunk, kernels/quant.py's `sharing_dequantized`)."""
+        states = [self._begin(weights, *part) for part in parts]
+        shared = self.kernels.quant.sharing_dequantized if len(parts) > 1 else nullcontext
+        for layer_idx in range(self.config.num_hidden_layers):
+            with weights.layer(layer_idx) as w, shared():
+                k_slots, v_slots = cache.layer(layer_idx)
+                for state in states:
+                    self._run_layer(state, layer_idx, w, k_slots, v_slots)
+        return [state.ops.add_norm(state.hidden, state.delta, weights.globals["norm"])[1] for state in states]
+
+    def _begin(self, weights, input_ids: torch.Tensor, positions: torch.Tensor,
+               meta: AttentionMetadata) -> "_Forward":
         hidden = self.embed(weights, input_ids)
         ops = self.kernels.for_rows(hidden.shape[0])
         ropes = [table.lookup(positions, meta) for table in self.rotaries]
         metas = {window: windowed(meta, window) for window in set(self.windows) if window is not None}
         metas[None] = meta
         whole = ops.whole_layer(hidden, ropes[0], meta, self.scale, self.layer_over(ops))
-        delta = None
-        for layer_idx in range(self.config.num_hidden_layers):
-            rope, layer_meta = ropes[self.layer_rotary[layer_idx]], metas[self.windows[layer_idx]]
-            with weights.layer(layer_idx) as w:
-                k_slots, v_slots = cache.layer(layer_idx)
-                if whole is not None and isinstance(w, dict) and whole.takes(layer_idx, w):  # all at once
-                    hidden, delta = whole.run(w, k_slots, v_slots, hidden, delta)
-                else:
-                    hidden, delta = self.layer(ops, w, hidden, delta, rope, layer_meta, k_slots, v_slots)
-        return ops.add_norm(hidden, delta, weights.globals["norm"])[1]
+        return _Forward(ops, ropes, metas, whole, hidden)
+
+    def _run_layer(self, state: "_Forward", layer_idx: int, w, k_slots, v_slots) -> None:
+        rope, layer_meta = state.ropes[self.layer_rotary[layer_idx]], state.metas[self.windows[layer_idx]]
+        whole = state.whole
+        if whole is not None and isinstance(w, dict) and whole.takes(layer_idx, w):  # all at once
+            state.hidden, state.delta = whole.run(w, k_slots, v_slots, state.hidden, state.delta)
+        else:
+            state.hidden, state.delta = self.layer(state.ops, w, state.hidden, state.delta, rope, layer_meta,
+                                                   k_slots, v_slots)
 
     def layer_over(self, ops: Kernels):
         """`layer` over one kernel set: (w, hidden, delta, rope, meta, k_slots, v_slots) -> (hidden, delta)."""
@@ -155,3 +178,16 @@ class LlamaDecoder:
         as the head's rows arrive (the whole head at once when it is resident)."""
         chunks = [self.kernels.linear(hidden, head) for head in weights.head_chunks()]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
+
+
+@dataclass
+class _Forward:
+    """One part of `forward_many` between layers: its kernel set, rotary tables, metadata per
+    window, whole-layer call, and its residual stream (hidden, and the delta the next norm adds)."""
+
+    ops: Kernels
+    ropes: list
+    metas: dict
+    whole: object
+    hidden: torch.Tensor
+    delta: Optional[torch.Tensor] = None

@@ -33,6 +33,7 @@ class ModelSizes:
     layer_vector_bytes: tuple[int, ...] = ()  # per layer, its norms (resident when it streams matrix by matrix)
     dequantized_bytes: int = 0  # a layer's largest compressed matrix in the run dtype (prompt chunks dequantize it)
     head_dequantized_bytes: int = 0  # the compressed output head (or tied embeddings) in the run dtype
+    layer_dequantized_bytes: int = 0  # the largest layer's compressed matrices, all of them, in the run dtype
 
     def matrix_bytes(self, layer: int) -> int:
         """The largest piece layer `layer` streams in when staged matrix by matrix (the whole layer
@@ -141,4 +142,14 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
         * dtype_bytes,
         head_dequantized_bytes=max((v for (layer, _), v in compressed.items() if layer is None), default=0)
         * dtype_bytes,
+        layer_dequantized_bytes=max(_per_layer(compressed).values(), default=0) * dtype_bytes,
     )
+
+
+def _per_layer(values: dict[tuple, int]) -> dict[int, int]:
+    """Values per (layer, piece) summed per layer (the embeddings and head, layer None, left out)."""
+    totals: dict[int, int] = {}
+    for (layer, _), count in values.items():
+        if layer is not None:
+            totals[layer] = totals.get(layer, 0) + count
+    return totals

@@ -77,12 +77,13 @@ def test_decode_rows_follow_the_row_check(tiny, monkeypatch):
     engine = build_engine(tiny, EngineOptions(dtype="bfloat16", gpu_mem_bytes=0, ctx=256, batch=5))
     prompts = tiny_prompts(5)
     alone = [generate_with_logits(engine, [prompt], 4) for prompt in prompts]
-    forward = engine.runner._forward
+    lockstep = engine.runner._forward_lockstep
     for passes in (False, True):
         monkeypatch.setattr(runner_module, "rows_alone", lambda decoder, num_rows: passes)
         engine.runner._rows_checked.clear()
         forwards = []
-        monkeypatch.setattr(engine.runner, "_forward", lambda steps: forwards.append(len(steps)) or forward(steps))
+        monkeypatch.setattr(engine.runner, "_forward_lockstep",
+                            lambda groups: forwards.extend(len(g) for g in groups) or lockstep(groups))
         tokens, logits = generate_with_logits(engine, prompts, 4)
         assert tokens == [a[0][0] for a in alone]
         assert all(torch.equal(got, a[1][0]) for got, a in zip(logits, alone))

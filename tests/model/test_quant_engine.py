@@ -104,6 +104,35 @@ def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home)
     assert torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_steps_prompt_chunks_dequantize_each_weight_once(tiny, home, monkeypatch, dtype):
+    """Two prompts prefilled in one step run their forwards in lockstep, layer by layer: each layer's
+    compressed weights are dequantized once for both chunks (not once a chunk), and each prompt
+    still gets the tokens it gets alone."""
+    from llmrun.engine.sampler import SamplingParams
+    from llmrun.kernels.quant_cpu import load_quant_library
+
+    if load_quant_library() is None:
+        pytest.skip("no C compiler here: prompt chunks run the reference, which dequantizes inside")
+    prompts = [PROMPT, PROMPT[::-1] + PROMPT[:5]]  # 23 and 28 tokens: one chunk each, no shared prefix
+    with build_engine(tiny, EngineOptions(gpu_mem_bytes=0, dtype=dtype, quant="int4", batch=4)) as e:
+        quant, made = e.decoder.kernels.quant, []
+        dequantized = quant.dequantized
+        monkeypatch.setattr(quant, "dequantized", lambda qw, dt: made.append(id(qw)) or dequantized(qw, dt))
+        generation = e.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4))
+        generation.run_to_end()
+        together = [r.tokens for r in generation.results]
+        assert len(made) == len(set(made)) == 4 * e.decoder.config.num_hidden_layers  # qkv, o, gate/up, down
+        monkeypatch.setattr(quant, "dequantized", dequantized)
+        alone = []
+        for prompt in prompts:
+            e.allocator.reset_prefix_cache()
+            one = e.generate([prompt], SamplingParams(temperature=0, max_new_tokens=4))
+            one.run_to_end()
+            alone.append(one.results[0].tokens)
+    assert together == alone
+
+
 def test_after_a_prefix_cache_hit_the_bf16_layer_reads_its_keys_through_the_block_table(tiny, home, monkeypatch):
     """A prefix-cache hit leaves the sequence's K/V rows apart in the pool: the layer in one C call
     still runs (its keys read row by row through the block table) and gives the tokens it gives

@@ -98,10 +98,12 @@ def test_a_group_that_does_not_divide_a_layer_names_it():
         check_groups(index, QuantSpec(4, 128))
 
 
-def test_the_plan_reserves_a_dequantized_matrix_for_prompt_chunks():
+def test_the_plan_reserves_dequantized_matrices_for_prompt_chunks():
     """A prompt chunk of a compressed model dequantizes one matrix at a time to the run dtype: the
-    workspace holds the largest (q/k/v and gate/up fused as they run), and the head too where more
-    rows ask for logits than the decode kernel reads packed (16 on the CPU, 1 on a GPU)."""
+    workspace holds the largest (q/k/v and gate/up fused as they run); on the CPU, where a step's
+    prompt chunks run in lockstep and share a layer's dequantized matrices (batch > 1), the whole
+    layer's; and the head too where more rows ask for logits than the decode kernel reads packed
+    (16 on the CPU, 1 on a GPU)."""
     from llmrun.plan.model_sizes import model_sizes
     from llmrun.plan.placement import PlanOptions, Tier, workspace_bytes
 
@@ -112,13 +114,13 @@ def test_the_plan_reserves_a_dequantized_matrix_for_prompt_chunks():
               "intermediate_size": 1536, "tie_word_embeddings": True}
     head = CheckpointIndex(None, {**planned_index(index, QuantSpec(8, 32)).tensors,
                                   "model.embed_tokens.weight.qweight": TensorInfo("", None, "I8", (4096, 576), 0, 0)})
+    largest, layer, head_bytes = 2 * 1536 * 576 * 2, 3 * 1536 * 576 * 2, 4096 * 576 * 2  # in bf16
     for bits, planned in ((4, planned_index(index, QuantSpec(4, 32))), (8, head)):
         sizes = model_sizes(planned, config, 2)
-        assert sizes.dequantized_bytes == 2 * 1536 * 576 * 2  # gate and up, fused, in bf16
+        assert (sizes.dequantized_bytes, sizes.layer_dequantized_bytes) == (largest, layer)
         plain = model_sizes(index, config, 2)
-        for batch, fast, with_head in ((1, Tier.CPU, False), (16, Tier.CPU, False), (17, Tier.CPU, True),
-                                       (2, Tier.GPU, True)):
+        for batch, fast, matrices, with_head in ((1, Tier.CPU, largest, False), (16, Tier.CPU, layer, False),
+                                                 (17, Tier.CPU, layer, True), (2, Tier.GPU, largest, True)):
             options = PlanOptions(ctx=256, batch=batch, dtype_bytes=2)
             extra = workspace_bytes(sizes, options, fast) - workspace_bytes(plain, options, fast)
-            expected = max(sizes.dequantized_bytes, 4096 * 576 * 2 if with_head and bits == 8 else 0)
-            assert extra == expected, (bits, batch, fast)
+            assert extra == max(matrices, head_bytes if with_head and bits == 8 else 0), (bits, batch, fast)
