@@ -127,7 +127,10 @@ class LlamaDecoder:
         """Several forwards (input_ids, positions, meta) in lockstep, layer by layer: each part runs
         exactly the ops its own forward would, so its bits are its own, but a layer's weights are
         fetched once for all of them (streamed once a step; a compressed weight dequantized once for
-        every prompt chunk, kernels/quant.py's `sharing_dequantized`)."""
+        every prompt chunk, kernels/quant.py's `sharing_dequantized`). Where layers stream matrix by
+        matrix (each matrix readable once, in order) the parts run one after another instead."""
+        if len(parts) > 1 and getattr(weights, "stages_matrices", False):
+            return [self.forward_many(weights, [part], cache)[0] for part in parts]
         states = [self._begin(weights, *part) for part in parts]
         shared = self.kernels.quant.sharing_dequantized if len(parts) > 1 else nullcontext
         for layer_idx in range(self.config.num_hidden_layers):

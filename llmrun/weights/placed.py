@@ -188,6 +188,11 @@ class PlacedWeights:
             self._row_reader.fill_packed(row_range(packed, token, token + 1), out[row : row + 1])
         return out.to(self.device)
 
+    @property
+    def stages_matrices(self) -> bool:
+        """Whether some layer streams matrix by matrix (a StagedLayer: each matrix readable once)."""
+        return bool(self.vectors)
+
     @contextmanager
     def layer(self, layer_idx: int) -> Iterator[Mapping]:
         """The layer's tensors by layout key: a dict when resident or staged whole, a StagedLayer

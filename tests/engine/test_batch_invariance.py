@@ -122,3 +122,20 @@ def test_what_the_row_check_passes_holds_on_the_real_weights(tiny):
                 x = x.to(engine.decoder.dtype)
                 alone = torch.cat([linear(x[row : row + 1], weight) for row in range(num_rows)])
                 assert torch.equal(linear(x, weight), alone), (dtype, num_rows, tuple(weight.shape))
+
+
+@pytest.mark.parametrize("placement", ["disk", "disk-floor"])
+def test_a_steps_forwards_in_lockstep_over_streamed_layers(tiny, placement):
+    """Prompts prefilled in one step run their forwards layer by layer together: over layers
+    streamed whole (each read once a step), and at the floor, where a layer streams matrix by
+    matrix and each matrix can be read once (there the forwards run one after another): each prompt
+    gets its tokens alone."""
+    from tests.parity import batched_and_alone
+    from tests.placements import placement_options
+
+    options = placement_options(placement, tiny, "float32", ctx=256, batch=4)
+    with build_engine(tiny, options) as engine:
+        assert engine.weights.streamer is not None
+        assert engine.weights.stages_matrices == (placement == "disk-floor")
+        together, alone = batched_and_alone(engine, tiny_prompts(3), 4)
+    assert together == alone
