@@ -36,19 +36,13 @@
 #define CHUNK 64
 #define BLOCK 32
 
-int quant_supported(void) {
+/* AVX-512 with byte/word operations: what the vector dequantize needs. */
+static int has_avx512bw(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 
-static inline float load_x(const void *x, long i, int bf16) {
-    if (!bf16) return ((const float *)x)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+int quant_supported(void) { return has_avx512bw() && __builtin_cpu_supports("avx512vnni"); }
 
 static inline void store_y(void *out, long i, float v, int bf16) {
     if (!bf16) {
@@ -414,8 +408,7 @@ TARGET static void dequantize_row16(const uint8_t *w, const float *s, const floa
 void quant_dequantize(const uint8_t *qweight, const float *scales, const float *mins, long n, long k, int bits,
                       long group, void *out, int bf16, int threads) {
     long groups = k / group, weight_row = bits == 4 ? k / 2 : k;
-    __builtin_cpu_init();
-    int wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && group % 16 == 0;
+    int wide = has_avx512bw() && group % 16 == 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long o = 0; o < n; o++) {
         const uint8_t *w = qweight + o * weight_row;
