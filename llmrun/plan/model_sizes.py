@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from llmrun.quant.spec import part_memory_bytes, quantized_part
+from llmrun.quant.spec import CPU_DECODE_ROWS, part_memory_bytes, quantized_part
 from llmrun.weights.index import DTYPE_BYTES, CheckpointIndex
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -34,6 +34,15 @@ class ModelSizes:
     dequantized_bytes: int = 0  # a layer's largest compressed matrix in the run dtype (prompt chunks dequantize it)
     head_dequantized_bytes: int = 0  # the compressed output head (or tied embeddings) in the run dtype
     layer_dequantized_bytes: int = 0  # the largest layer's compressed matrices, all of them, in the run dtype
+
+    def dequantized_workspace(self, batch: int, on_gpu: bool) -> int:
+        """What prompt chunks of a compressed model dequantize at once: its largest matrix, or on
+        the CPU a whole layer's where several chunks share a step (they run in lockstep and share a
+        layer's dequantized weights); the head too where more rows ask for logits than the decode
+        kernel reads packed (1 on a GPU, CPU_DECODE_ROWS on the CPU)."""
+        matrices = self.layer_dequantized_bytes if batch > 1 and not on_gpu else self.dequantized_bytes
+        head = batch > (1 if on_gpu else CPU_DECODE_ROWS)
+        return max(matrices, self.head_dequantized_bytes if head else 0)
 
     def matrix_bytes(self, layer: int) -> int:
         """The largest piece layer `layer` streams in when staged matrix by matrix (the whole layer
@@ -138,18 +147,19 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
         dtype_bytes=dtype_bytes,
         layer_matrix_bytes=layer_matrix_bytes,
         layer_vector_bytes=layer_vector_bytes,
-        dequantized_bytes=max((v for (layer, _), v in compressed.items() if layer is not None), default=0)
-        * dtype_bytes,
-        head_dequantized_bytes=max((v for (layer, _), v in compressed.items() if layer is None), default=0)
-        * dtype_bytes,
-        layer_dequantized_bytes=max(_per_layer(compressed).values(), default=0) * dtype_bytes,
+        **_dequantized_sizes(compressed, dtype_bytes),
     )
 
 
-def _per_layer(values: dict[tuple, int]) -> dict[int, int]:
-    """Values per (layer, piece) summed per layer (the embeddings and head, layer None, left out)."""
-    totals: dict[int, int] = {}
-    for (layer, _), count in values.items():
+def _dequantized_sizes(compressed: dict[tuple, int], dtype_bytes: int) -> dict[str, int]:
+    """From the values of each (layer, piece)'s compressed matrices (layer None: embeddings, head):
+    the largest layer piece, the largest layer in all, and the head, in the run dtype."""
+    per_layer: dict[int, int] = {}
+    for (layer, _), count in compressed.items():
         if layer is not None:
-            totals[layer] = totals.get(layer, 0) + count
-    return totals
+            per_layer[layer] = per_layer.get(layer, 0) + count
+    pieces = [count for (layer, _), count in compressed.items() if layer is not None]
+    head = [count for (layer, _), count in compressed.items() if layer is None]
+    return {"dequantized_bytes": max(pieces, default=0) * dtype_bytes,
+            "layer_dequantized_bytes": max(per_layer.values(), default=0) * dtype_bytes,
+            "head_dequantized_bytes": max(head, default=0) * dtype_bytes}

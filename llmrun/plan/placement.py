@@ -8,7 +8,6 @@ from typing import Optional
 
 from llmrun.errors import LlmrunError
 from llmrun.plan.model_sizes import ModelSizes
-from llmrun.quant.spec import CPU_DECODE_ROWS
 from llmrun.sizes import format_bytes, size_option_text
 
 MiB = 1024**2
@@ -123,18 +122,13 @@ class Placement:
 
 def workspace_bytes(sizes: ModelSizes, options: PlanOptions, fast: Tier = Tier.CPU) -> int:
     """Activations of one prefill chunk: hidden/MLP buffers, last-token logits, on the CPU the
-    attention scores (CUDA's fused attention kernels never materialise them), and a compressed
-    model's largest matrix dequantized for the chunk's GEMM (one at a time; on the CPU a whole layer's
-    where several prompt chunks share a step, as they run in lockstep; the head too where more rows
-    ask for logits at once than the decode kernel reads packed: 1 on a GPU, 16 on the CPU)."""
+    attention scores (CUDA's fused attention kernels never materialise them), and what a compressed
+    model's chunks dequantize for their GEMMs (ModelSizes.dequantized_workspace)."""
     chunk = min(options.prefill_chunk, options.ctx) * options.batch
     per_token = (6 * sizes.hidden_size + 3 * sizes.intermediate_size) * options.dtype_bytes
     scores = min(options.prefill_chunk, options.ctx) * options.ctx * sizes.num_attention_heads * 4
     logits = options.batch * sizes.vocab_size * 4
-    head = options.batch > (1 if fast is Tier.GPU else CPU_DECODE_ROWS)
-    lockstep = options.batch > 1 and fast is not Tier.GPU  # (kernels/quant_cpu.py's sharing_dequantized)
-    matrices = sizes.layer_dequantized_bytes if lockstep else sizes.dequantized_bytes
-    dequantized = max(matrices, sizes.head_dequantized_bytes if head else 0)
+    dequantized = sizes.dequantized_workspace(options.batch, on_gpu=fast is Tier.GPU)
     return chunk * per_token + logits + (0 if fast is Tier.GPU else scores) + dequantized
 
 
