@@ -13,7 +13,7 @@ import torch
 from llmrun.kernels.interface import check_forced_to_fail
 from llmrun.kernels.native import LayerShape, NativeKernels, aten_runs_avx512, load_library
 from llmrun.kernels.native_layer import blas_sgemm
-from llmrun.kernels.quant_cpu import CpuQuantMatmul, load_quant_library
+from llmrun.kernels.quant_cpu import CpuQuantMatmul, amx_allowed, load_quant_library
 from llmrun.weights.packing import pack_weight
 
 # tests.checkpoints.llama_config(): its layer, and its matmuls (out x in) one sequence's steps run
@@ -88,3 +88,17 @@ def quant_kernel_should_pass() -> bool:
     lib = load_quant_library()
     return (lib is not None and bool(lib.quant_supported()) and aten_runs_avx512()
             and not check_forced_to_fail("quant"))
+
+
+def amx_gemm_passes(bits: int = 4, group_size: int = 32, in_features: int = 576) -> bool:
+    """Whether the CPU's AMX GEMM for quantized prompt chunks (kernels/quant_amx.c) passed its check."""
+    return CpuQuantMatmul().gemm_checked(bits, group_size, in_features)
+
+
+def amx_gemm_should_pass() -> bool:
+    """Where that check must pass: the library built with it, the CPU has AMX bf16 and Linux grants its
+    state (the library's own answer), ONEDNN_MAX_CPU_ISA leaves AMX on, and the check is not failed on
+    purpose."""
+    lib = load_quant_library()
+    return (lib is not None and hasattr(lib, "quant_gemm_amx") and bool(lib.quant_amx_ready()) and amx_allowed()
+            and not check_forced_to_fail("amx"))

@@ -14,12 +14,15 @@ CHECK_ROWS = (1, 3, 16)
 PROBE_OUT = 256  # output rows a format's check probes: every output's sum is computed alike
 
 
-def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, act_quantized: bool) -> bool:
+def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, act_quantized: bool,
+                       weight_rounded: bool = False) -> bool:
     """Whether `actual` (x @ W.T by some implementation) is the reference up to what that implementation's
     arithmetic may change: float32 sums in another order (a relative 2e-5 of sum |w x|, k up to ~16K),
-    the output rounded to its dtype (half a unit in the last place, twice for slack), and, where
+    the output rounded to its dtype (half a unit in the last place, twice for slack), where
     the activations are rounded to int8 per block of 32 (`act_quantized`), up to half a step of each
-    block's scale (max |x| / 127) times sum |w| over the block."""
+    block's scale (max |x| / 127) times sum |w| over the block, and where the dequantized weight is
+    rounded to x's dtype before the products (`weight_rounded`), half a unit in its last place of each
+    weight: sum |w x| times half the dtype's epsilon."""
     weight = dequantize(qw).double().cpu()
     xs = x.double().cpu()
     actual = actual.double().cpu()
@@ -29,6 +32,8 @@ def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, a
         steps = xs.abs().reshape(xs.shape[0], -1, ACT_BLOCK).amax(-1) / 127  # [rows, blocks]
         per_input = steps.repeat_interleave(ACT_BLOCK, dim=1)  # [rows, in]
         bound = bound + 0.5 * 1.001 * (per_input @ weight.abs().T)
+    if weight_rounded:
+        bound = bound + 0.5 * 1.001 * torch.finfo(x.dtype).eps * (xs.abs() @ weight.abs().T)
     if x.dtype != torch.float32:
         bound = bound + expected.abs() * torch.finfo(x.dtype).eps + torch.finfo(x.dtype).tiny
     return bool(((actual - expected).abs() <= bound).all())
@@ -77,7 +82,7 @@ def probe_inputs(rows: int, in_features: int, dtype: torch.dtype, generator: tor
 
 
 def checked_on(run, bits: int, group_size: int, in_features: int, dtype: torch.dtype, act_quantized: bool,
-               name: str, device="cpu", rows: tuple[int, ...] = CHECK_ROWS) -> bool:
+               name: str, device="cpu", rows: tuple[int, ...] = CHECK_ROWS, weight_rounded: bool = False) -> bool:
     """Whether `run(x, qw)` stays within the bound on probe weights of this format and input size
     (with and without mins where the format allows both), for each row count in `rows`.
     LLMRUN_FAIL_CHECKS=`name` fails it on purpose."""
@@ -91,6 +96,6 @@ def checked_on(run, bits: int, group_size: int, in_features: int, dtype: torch.d
             x = probe_inputs(num_rows, in_features, torch.float32, generator)
             largest = float((x.abs() @ magnitudes.T).max())  # kept well inside the dtype's range (float16)
             x = (x * min(1.0, torch.finfo(dtype).max / 16 / largest)).to(dtype)
-            if not within_quant_bound(run(x.to(device), on_device), x, qw, act_quantized):
+            if not within_quant_bound(run(x.to(device), on_device), x, qw, act_quantized, weight_rounded):
                 return False
     return True

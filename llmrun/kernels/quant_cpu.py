@@ -12,8 +12,14 @@ slower than this one. Each weight format, input size and dtype is checked agains
 ATen held below AVX-512), no compiler, or a format the kernel does not read (an int8 group that is not
 16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
-Longer forwards dequantize the weight once (in C, one pass, to the run dtype: format.dequantize's
-values, rounded once) and run ATen's GEMM over it (oneDNN's AMX kernel for bf16).
+Longer bf16 forwards (prompt chunks) run the AMX GEMM (kernels/quant_amx.c) where the CPU has AMX:
+the weight dequantized 16 output rows at a time (format.dequantize's values rounded once to bf16)
+into a buffer the caches hold and multiplied with AMX bf16 tiles, checked like the decode kernel
+(the bound adds the weight's rounding to bf16). A row's bits do not depend on the other rows of its
+call. Elsewhere (no AMX, float32 rows, a failed check) the weight is dequantized once (in C, one
+pass, to the run dtype) and ATen's GEMM runs over it. Within `sharing_dequantized` (prompt chunks of
+one step run layer by layer) a layer's weights are dequantized once for all the step's chunks and
+the GEMM reads them from there (the same values, so the same bits).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from llmrun import settings
 from llmrun.kernels.native import FLAGS, GEMV_FLAGS, aten_runs_avx512, build_library, c_compiler
 from llmrun.kernels.quant import QuantMatmul, quant_linear, quant_parts
 from llmrun.kernels.quant_check import checked_on
@@ -36,8 +43,10 @@ from llmrun.quant.spec import CPU_DECODE_ROWS
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
+AMX_SOURCE = Path(__file__).with_name("quant_amx.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
+GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part of a second block of 16 rows, part of a second sweep
 CHUNK = 64  # inputs per step of the kernel's inner loop
 
 
@@ -45,11 +54,21 @@ CHUNK = 64  # inputs per step of the kernel's inner loop
 def load_quant_library() -> Optional[ctypes.CDLL]:
     """quant_kernels.c built (once per source version, cached like native.py's library), or None."""
     compiler = c_compiler()
-    lib = None if compiler is None else build_library(compiler, (SOURCE, LAYER_SOURCE), FLAGS + GEMV_FLAGS)
+    lib = None
+    for sources in ((SOURCE, LAYER_SOURCE, AMX_SOURCE), (SOURCE, LAYER_SOURCE)):  # a compiler without AMX: no AMX
+        lib = lib or (None if compiler is None else build_library(compiler, sources, FLAGS + GEMV_FLAGS))
     if lib is None or not hasattr(lib, "quant_matmul"):  # (a non-x86-64 build has no kernels)
         return None
     declare_quant_layer(lib)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    if hasattr(lib, "quant_gemm_amx"):
+        lib.quant_amx_ready.restype = i32
+        lib.quant_gemm_amx.argtypes = [p, i64, i64, i64, p, p, p, i32, i64, p, i64, p, p, i64, p, i32]
+        lib.quant_gemm_amx.restype = i32
+        lib.quant_amx_tile_weight.argtypes = [p, p, p, i32, i64, i64, i64, p, i32]
+        lib.quant_amx_tile_weight.restype = None
+        lib.quant_amx_scratch.argtypes = [i64, i64, i32]
+        lib.quant_amx_scratch.restype = i64
     lib.quant_supported.restype = i32
     lib.quant_row_scratch_bytes.argtypes = [i64, i64]
     lib.quant_row_scratch_bytes.restype = i64
@@ -58,6 +77,13 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
     lib.quant_dequantize.argtypes = [p, p, p, i64, i64, i32, i64, p, i32, i32]
     lib.quant_dequantize.restype = None
     return lib
+
+
+def amx_allowed() -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA leaves AMX on (unset, ALL/DEFAULT, or an AMX level): capped below,
+    llmrun's own AMX kernel stays off too, as if on a CPU without AMX (an AMD EPYC)."""
+    cap = (settings.ONEDNN_MAX_CPU_ISA.text() or "").upper()
+    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
 
 
 def kernel_reads(bits: int, group_size: int, in_features: int) -> bool:
@@ -75,7 +101,9 @@ class CpuQuantMatmul(QuantMatmul):
         self._load_library = load_library  # called on the first quantized matmul: float runs never build it
         self._checked: dict[tuple, bool] = {}  # (bits, group, in, dtype) -> the kernel passed its check
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch_bf16 = torch.empty(0, dtype=torch.bfloat16)  # the AMX GEMM's activations, as tiles
         self.ran = False  # whether a decode step ran the kernel (for reports)
+        self.gemm_ran = False  # whether a prompt chunk ran the AMX GEMM
         self._shared: Optional[dict] = None  # (id, dtype) -> (weight, dequantized) inside sharing_dequantized()
 
     @cached_property
@@ -87,6 +115,13 @@ class CpuQuantMatmul(QuantMatmul):
         """Whether the VNNI kernel may run here: built, the CPU has the instructions, ATen runs AVX-512."""
         return self.lib is not None and aten_runs_avx512() and bool(self.lib.quant_supported())
 
+    @cached_property
+    def amx(self) -> bool:
+        """Whether the AMX GEMM may run prompt chunks here: built, the CPU has AMX bf16 and Linux lets
+        this process use it, and ONEDNN_MAX_CPU_ISA, where it keeps oneDNN off AMX, keeps it off too."""
+        return (self.lib is not None and hasattr(self.lib, "quant_gemm_amx") and amx_allowed()
+                and bool(self.lib.quant_amx_ready()))
+
     def linear(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not (x.dtype in DTYPES and x.dim() == 2 and x.stride(1) == 1 and self.lib is not None
                 and all(t.is_contiguous() and t.device.type == "cpu" for t in quant_parts(qw))):
@@ -95,6 +130,9 @@ class CpuQuantMatmul(QuantMatmul):
             out = self.matmul(x, qw)
             self.ran = True
             return out if bias is None else out + bias
+        if x.dtype == torch.bfloat16 and self.gemm_checked(qw.bits, qw.group_size, qw.in_features):
+            self.gemm_ran = True  # (inside sharing_dequantized, over the layer's weight dequantized once)
+            return self.gemm(x, qw, bias, None if self._shared is None else self._kept(qw, "amx", self.amx_tiles))
         return linear(x, self._dequantized_for_chunk(qw, x.dtype), bias)
 
     @contextmanager
@@ -111,10 +149,14 @@ class CpuQuantMatmul(QuantMatmul):
     def _dequantized_for_chunk(self, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
         if self._shared is None:
             return self.dequantized(qw, dtype)
-        key = (id(qw), dtype)
+        return self._kept(qw, dtype, lambda weight: self.dequantized(weight, dtype))
+
+    def _kept(self, qw: QuantWeight, form, make: Callable[[QuantWeight], torch.Tensor]) -> torch.Tensor:
+        """`make(qw)`, kept within sharing_dequantized for the next chunk (per weight and form)."""
+        key = (id(qw), form)
         kept = self._shared.get(key)
         if kept is None or kept[0] is not qw:
-            kept = self._shared[key] = (qw, self.dequantized(qw, dtype))  # (qw held: its id stays its own)
+            kept = self._shared[key] = (qw, make(qw))  # (qw held: its id stays its own)
         return kept[1]
 
     def kernel_checked(self, bits: int, group_size: int, in_features: int, dtype: torch.dtype) -> bool:
@@ -125,6 +167,46 @@ class CpuQuantMatmul(QuantMatmul):
                                   and checked_on(self.matmul, bits, group_size, in_features, dtype,
                                                  act_quantized=dtype == torch.bfloat16, name="quant"))
         return self._checked[key]
+
+    def gemm_checked(self, bits: int, group_size: int, in_features: int) -> bool:
+        """Whether the AMX GEMM runs bf16 rows of this format and input size: checked once each."""
+        key = ("amx", bits, group_size, in_features)
+        if key not in self._checked:
+            self._checked[key] = (self.amx and in_features % 32 == 0 and group_size % (32 if bits == 4 else 16) == 0
+                                  and checked_on(self.gemm, bits, group_size, in_features, torch.bfloat16,
+                                                 act_quantized=False, weight_rounded=True, name="amx",
+                                                 rows=GEMM_CHECK_ROWS))
+        return self._checked[key]
+
+    def gemm(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None,
+             tiled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [rows, in] (bf16) @ W.T (+ bias) in bf16 by AMX tiles (quant_amx.c): the weight dequantized
+        32 output rows at a time, or read from `tiled` (`amx_tiles`: the same values laid out once);
+        the same bits either way."""
+        rows, k = x.shape
+        threads = torch.get_num_threads()
+        need = self.lib.quant_amx_scratch(rows, k, threads) + 32  # (and room to align to 64 bytes)
+        if self._scratch_bf16.numel() < need:
+            self._scratch_bf16 = torch.empty(need, dtype=torch.bfloat16)
+        out = torch.empty((rows, qw.out_features), dtype=torch.bfloat16)
+        fused_bias = bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous()
+        mins = None if qw.mins is None else qw.mins.data_ptr()
+        failed = self.lib.quant_gemm_amx(x.data_ptr(), x.stride(0), rows, k, qw.qweight.data_ptr(),
+                                         qw.scales.data_ptr(), mins, qw.bits, qw.group_size,
+                                         None if tiled is None else tiled.data_ptr(), qw.out_features,
+                                         bias.data_ptr() if fused_bias else None, out.data_ptr(), out.stride(0),
+                                         (self._scratch_bf16.data_ptr() + 63) // 64 * 64, threads)
+        if failed:
+            raise RuntimeError("the AMX GEMM cannot run here (gemm_checked decides where it may)")
+        return out if bias is None or fused_bias else out + bias
+
+    def amx_tiles(self, qw: QuantWeight) -> torch.Tensor:
+        """The weight dequantized to bf16 in the AMX GEMM's tile layout (outputs in blocks of 16)."""
+        tiled = torch.empty(-(-qw.out_features // 16) * 16 * qw.in_features, dtype=torch.bfloat16)
+        mins = None if qw.mins is None else qw.mins.data_ptr()
+        self.lib.quant_amx_tile_weight(qw.qweight.data_ptr(), qw.scales.data_ptr(), mins, qw.bits, qw.group_size,
+                                       qw.out_features, qw.in_features, tiled.data_ptr(), torch.get_num_threads())
+        return tiled
 
     def matmul(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         """x [rows, in] @ W.T in x's dtype: bf16 rows by the VNNI kernel (int8 activations per block
@@ -156,6 +238,8 @@ class CpuQuantMatmul(QuantMatmul):
     def describe(self) -> dict:
         if not self._checked:
             return {}
-        formats = sorted(f"int{bits} g{group} k{k}" for (bits, group, k, _), ok in self._checked.items() if ok)
+        formats = sorted(f"int{key[0]} g{key[1]} k{key[2]}" for key, ok in self._checked.items()
+                         if ok and key[0] != "amx")
         return {"quant_matmul": self.name if self.vnni else "dequantize+GEMM", "quant_formats": formats,
-                "quant_decode_kernel": self.ran}
+                "quant_decode_kernel": self.ran,
+                "quant_prompt_kernel": "AMX bf16, dequantized in blocks" if self.gemm_ran else "dequantize+GEMM"}

@@ -117,13 +117,15 @@ def test_a_steps_prompt_chunks_dequantize_each_weight_once(tiny, home, monkeypat
     prompts = [PROMPT, PROMPT[::-1] + PROMPT[:5]]  # 23 and 28 tokens: one chunk each, no shared prefix
     with build_engine(tiny, EngineOptions(gpu_mem_bytes=0, dtype=dtype, quant="int4", batch=4)) as e:
         quant, made = e.decoder.kernels.quant, []
-        dequantized = quant.dequantized
+        dequantized, amx_tiles = quant.dequantized, quant.amx_tiles  # (bf16 on an AMX CPU: the GEMM's tiles)
         monkeypatch.setattr(quant, "dequantized", lambda qw, dt: made.append(id(qw)) or dequantized(qw, dt))
+        monkeypatch.setattr(quant, "amx_tiles", lambda qw: made.append(id(qw)) or amx_tiles(qw))
         generation = e.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4))
         generation.run_to_end()
         together = [r.tokens for r in generation.results]
         assert len(made) == len(set(made)) == 4 * e.decoder.config.num_hidden_layers  # qkv, o, gate/up, down
         monkeypatch.setattr(quant, "dequantized", dequantized)
+        monkeypatch.setattr(quant, "amx_tiles", amx_tiles)
         alone = []
         for prompt in prompts:
             e.allocator.reset_prefix_cache()

@@ -145,7 +145,8 @@ def test_a_check_forced_to_fail_keeps_the_kernel_off(monkeypatch):
 @pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")
 def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
     """More rows than a decode step: the weight dequantized in C is format.dequantize's, rounded to the
-    run dtype, bit for bit, and the matmul is ATen's over it."""
+    run dtype, bit for bit, and the matmul is ATen's over it (bf16 rows where the AMX GEMM passed its
+    check: that GEMM's, tests/model/test_quant_amx.py)."""
     if load_quant_library() is None:
         pytest.skip("no C compiler here: prompt chunks run the reference")
     bits, group, with_mins = form
@@ -153,7 +154,10 @@ def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
     qw = weight_for(bits, group, 200, 768, with_mins, seed=7)
     assert torch.equal(matmul.dequantized(qw, dtype), dequantize(qw).to(dtype))
     x = probe_inputs(DECODE_ROWS + 1, 768, dtype, torch.Generator().manual_seed(7))
-    assert torch.equal(matmul.linear(x, qw), linear(x, dequantize(qw).to(dtype)))
+    amx = dtype == torch.bfloat16 and matmul.gemm_checked(bits, qw.group_size, 768)
+    expected = matmul.gemm(x, qw) if amx else linear(x, dequantize(qw).to(dtype))
+    assert torch.equal(matmul.linear(x, qw), expected)
+    assert matmul.gemm_ran is amx
 
 
 @pytest.mark.parametrize("with_mins", [False, True])
