@@ -50,13 +50,14 @@ LLMRUN_API_KEY = Setting("LLMRUN_API_KEY", "the key `llmrun serve` requires (`Au
                          "--api-key is given, and the one `llmrun run --url` sends")
 LLMRUN_NO_NATIVE = Setting("LLMRUN_NO_NATIVE", "`1` turns llmrun's C and Triton decode kernels off (the plain "
                            "ATen path, same tokens, slower)")
-LLMRUN_FAIL_CHECKS = Setting("LLMRUN_FAIL_CHECKS", "for tests: kernel checks to fail on purpose, e.g. `gemv,layer` "
-                             "(as on a CPU where they fail)")
+LLMRUN_FAIL_CHECKS = Setting("LLMRUN_FAIL_CHECKS", "for tests: kernel checks to fail on purpose, as on a CPU "
+                             "where they fail (comma-separated: `gemv`, `layer`, `quant`, `quant_layer`, `amx`)")
 LLMRUN_NO_CUDA_GRAPHS = Setting("LLMRUN_NO_CUDA_GRAPHS", "`1` runs CUDA decode steps eagerly instead of replaying "
                                 "CUDA graphs")
 LLMRUN_NO_PACK = Setting("LLMRUN_NO_PACK", "`1` keeps 16-bit CPU weights unpacked (no oneDNN prepacking; for "
                          "comparisons)")
-ONEDNN_MAX_CPU_ISA = Setting("ONEDNN_MAX_CPU_ISA", "caps the instructions oneDNN uses (e.g. `AVX512_CORE`: no AMX); "
+ONEDNN_MAX_CPU_ISA = Setting("ONEDNN_MAX_CPU_ISA", "caps the instructions oneDNN uses (e.g. `AVX512_CORE`: no AMX; "
+                             "below AMX it keeps llmrun's own AMX kernel off too); "
                              "llmrun keys its remembered kernel checks by it", owner="oneDNN")
 CC = Setting("CC", "the C compiler that builds the CPU kernels (default: cc, then gcc)", owner="make")
 TRITON_INTERPRET = Setting("TRITON_INTERPRET", "`1` runs the Triton kernels in Triton's CPU interpreter (tests "

@@ -2,21 +2,18 @@
  * times the weight dequantized 32 output rows at a time into a buffer the caches hold, multiplied with
  * AMX bf16 tiles (TDPBF16PS: a 16x32 by 32x16 product an instruction, summed in float32). A chunk thus
  * neither writes the whole dequantized weight to memory nor has oneDNN reorder a plain weight for
- * every call, and the vector units dequantize the next rows while the tile unit multiplies.
+ * every call.
  *
  * A tile product is A (16 rows of 32 bf16) by B (32 x 16 in AMX's pair layout: B[p][2j + e] is input
- * 2p + e of column j) into C (16 x 16 float32). Two ways, as the chunk's shape favours:
- *   - fewer rows than half the inputs: the dequantized weight rows are A tiles as they lie, the
- *     activations are packed into B tiles once a call, and C (outputs by rows) is transposed as it is
- *     rounded to bf16 into out;
- *   - more rows, or a weight tiled once for a step's chunks (quant_amx_tile_weight): the activation rows
- *     are A tiles as they lie, and the weight is laid out as B tiles (each 16 x 16 block of input pairs
- *     transposed).
- * Both sum each output over the inputs 32 at a time in order, with the same products, so they give the
- * same bits (tested), and a row's bits do not depend on the rows or outputs beside it. Two A and two B
- * tiles make four products a step. The weights are format.dequantize's values rounded once to bf16
- * (those of quant_kernels.c's dequantize, which the GEMM this replaces ran over); the sums are float32
- * in another order than the reference's, within what kernels/quant_check.py allows, checked before use.
+ * 2p + e of column j) into C (16 x 16 float32). The activation rows are A tiles as they lie; the
+ * weight is laid out as B tiles (dequantized row by row, int4 through a 16-entry table a group, then
+ * each 16 x 16 block of input pairs transposed), either 32 outputs at a time in the call or whole,
+ * once, for a step's prompt chunks to share (quant_amx_tile_weight). Two A and two B tiles make four
+ * products a step of 32 inputs. Each output is summed over the inputs 32 at a time in order, so a
+ * row's bits do not depend on the rows or outputs beside it, nor on which of the two weight forms ran
+ * (tested). The weights are format.dequantize's values rounded once to bf16 (those of
+ * quant_kernels.c's dequantize, which the GEMM this replaces ran over); the sums are float32 in
+ * another order than the reference's, within what kernels/quant_check.py allows, checked before use.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -143,37 +140,6 @@ TARGET static void dequantize_span(const uint8_t *w, const float *s, const float
     }
 }
 
-/* Weight rows o0.. of the packed weight (quant_kernels.c's forms) dequantized into rows of k bf16, a
- * step of 32 inputs at a time, zero past n: a piece of work done a few steps at a time between
- * the tile products (quant_gemm_amx), where the vector units would otherwise wait on AMX. */
-struct dequant_work {
-    const uint8_t *qweight;
-    const float *scales, *mins;
-    int bits;
-    long group, k, n, o0, count; /* rows o0..o0+count-1 */
-    uint16_t *rows;
-    long row, at; /* where the work has got to: row `row` (from 0), input `at` */
-};
-
-TARGET static void dequantize_steps(struct dequant_work *job, long steps) {
-    long groups = job->k / job->group, weight_row = job->bits == 4 ? job->k / 2 : job->k;
-    while (steps > 0 && job->row < job->count) {
-        long o = job->o0 + job->row, end = job->at + steps * STEP < job->k ? job->at + steps * STEP : job->k;
-        uint16_t *row = job->rows + job->row * job->k;
-        if (o >= job->n)
-            memset(row + job->at, 0, (end - job->at) * sizeof(uint16_t));
-        else
-            dequantize_span(job->qweight + o * weight_row, job->scales + o * groups,
-                            job->mins ? job->mins + o * groups : 0, job->at, end, job->bits, job->group, row);
-        steps -= (end - job->at) / STEP;
-        job->at = end;
-        if (end == job->k) {
-            job->row++;
-            job->at = 0;
-        }
-    }
-}
-
 /* One weight row's k values dequantized (dequantize_step's values). */
 TARGET static void dequantize_row(const uint8_t *w, const float *s, const float *m, long k, int bits, long group,
                                   uint16_t *row) {
@@ -228,30 +194,26 @@ TARGET static void store_c(int t, float *c) {
     }
 }
 
-/* A C tile (float32, 16 x 16) rounded to bf16 into out[r0 + j][o0 + i], plus the bias: c[j][i] or, where
- * `transposed`, c[i][j] (a tile of outputs by rows). */
-TARGET static void store_tile(float *c, int transposed, long r0, long rows, long o0, long n, const uint16_t *bias,
+/* A C tile (float32, 16 rows x 16 outputs) rounded to bf16 into out[r0 + j][o0 + i], plus the bias. */
+TARGET static void store_tile(const float *c, long r0, long rows, long o0, long n, const uint16_t *bias,
                               uint16_t *out, long out_stride) {
     if (o0 >= n || r0 >= rows) return;
     long width = n - o0 < 16 ? n - o0 : 16;
     __mmask16 keep = (__mmask16)((1u << width) - 1);
-    __m512 add = _mm512_setzero_ps(), r[16];
+    __m512 add = _mm512_setzero_ps();
     if (bias)
         add = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, bias + o0)), 16));
-    for (int j = 0; j < 16; j++) r[j] = _mm512_load_ps(c + 16 * j);
-    if (transposed) transpose16(r);
     for (long j = 0; j < 16 && r0 + j < rows; j++) {
-        __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(r[j], add));
+        __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c + 16 * j), add));
         _mm256_mask_storeu_epi16(out + (r0 + j) * out_stride + o0, keep, bf);
     }
 }
 
 /* C tiles 0-3 = A i . B j (tile 2i + j) summed over the steps of 32 inputs, from zero: A i is 16 rows
- * of 32 bf16 at a[i] + 32 s (row stride stride[i] values), B j the 512 values at b[j] + 512 s. After
- * each step, `per_step` steps of `job` (where not NULL) run while the tile products are under way. */
+ * of 32 bf16 at a[i] + 32 s (row stride stride[i] values), B j the 512 values at b[j] + 512 s. */
 TARGET static void products(const uint16_t *a[2], const long stride[2], const uint16_t *b[2], int two_a, int two_b,
-                            long steps, struct dequant_work *job, long per_step) {
+                            long steps) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -269,45 +231,27 @@ TARGET static void products(const uint16_t *a[2], const long stride[2], const ui
             _tile_dpbf16ps(2, 5, 6);
             if (two_b) _tile_dpbf16ps(3, 5, 7);
         }
-        if (job) dequantize_steps(job, per_step);
     }
 }
 
-/* Rows 16 blk.. of x (zero past `rows`) as B tiles: packed[(blk * steps + s) * 512 + 32 p + 2 j + e] =
- * x[16 blk + j][32 s + 2 p + e]. */
-TARGET static void pack_rows(const uint16_t *x, long x_stride, long rows, long k, long blk, uint16_t *packed) {
-    long steps = k / STEP;
-    for (long s = 0; s < steps; s++) {
-        __m512 r[16];
-        for (long j = 0; j < 16; j++) {
-            long row = blk * 16 + j;
-            r[j] = row < rows ? _mm512_loadu_ps((const float *)(x + row * x_stride + s * STEP)) : _mm512_setzero_ps();
-        }
-        transpose16(r);
-        float *tile = (float *)(packed + (blk * steps + s) * TILE_VALUES);
-        for (int p = 0; p < 16; p++) _mm512_storeu_ps(tile + 16 * p, r[p]);
-    }
-}
-
-/* The bf16 values of scratch quant_gemm_amx needs: the activations as tiles, and each thread's weight rows. */
-long quant_amx_scratch(long rows, long k, int threads) { return ((rows + 15) / 16 * 16 + threads * 64L) * k; }
+/* The bf16 values of scratch quant_gemm_amx needs: the last rows padded to a tile, and each thread's
+ * two blocks of B tiles and 16 weight rows. */
+long quant_amx_scratch(long k, int threads) { return (16 + threads * 48L) * k; }
 
 /* out[r][o] = x[r] . W[o] (+ bias[o]), rounded once to bf16, for rows r < rows and outputs o < n. x:
  * bf16 [rows][k], row stride x_stride, k a multiple of 32. W: `tiled` (quant_amx_tile_weight's
  * layout) where not NULL, else the packed weight (qweight, scales, mins, bits, group: quant_kernels.c's
- * forms, group a multiple of 16, of 32 for int4), dequantized here 32 outputs at a time. bias: bf16 [n] or NULL.
- * scratch: (ceil(rows / 16) * 16 + threads * 64) * k bf16, 64-byte aligned (quant_amx_scratch).
- * The way is chosen as the file's header says (the weight's transposes cost less than the outputs'
- * from half the inputs' rows on). Returns 0, or -1 (and computes nothing) where AMX cannot run. */
+ * forms, group a multiple of 16, of 32 for int4), tiled here 32 outputs at a time. bias: bf16 [n] or
+ * NULL. scratch: quant_amx_scratch(k, threads) bf16, 64-byte aligned. Returns 0, or -1 (and computes
+ * nothing) where AMX cannot run. */
 TARGET int quant_gemm_amx(const uint16_t *x, long x_stride, long rows, long k, const uint8_t *qweight,
                           const float *scales, const float *mins, int bits, long group, const uint16_t *tiled,
                           long n, const uint16_t *bias, uint16_t *out, long out_stride, uint16_t *scratch,
                           int threads) {
     if (!quant_amx_ready()) return -1; /* (a tile instruction would fault: SIGILL) */
     long steps = k / STEP, whole = rows / 16, blocks = (rows + 15) / 16, pairs = (n + 31) / 32;
-    int weights_as_a = !tiled && 2 * rows < k;
     uint16_t *tail = scratch;
-    if (!weights_as_a && whole < blocks) { /* the last rows, padded with zeros, so a tile never reads past x */
+    if (whole < blocks) { /* the last rows, padded with zeros, so a tile never reads past x */
         memset(tail, 0, 16 * k * sizeof(uint16_t));
         for (long r = whole * 16; r < rows; r++)
             memcpy(tail + (r - whole * 16) * k, x + r * x_stride, k * sizeof(uint16_t));
@@ -315,56 +259,27 @@ TARGET int quant_gemm_amx(const uint16_t *x, long x_stride, long rows, long k, c
 #pragma omp parallel num_threads(threads)
     {
         int team = omp_get_num_threads(), me = omp_get_thread_num();
-        if (weights_as_a) {
-#pragma omp for schedule(static)
-            for (long blk = 0; blk < blocks; blk++) pack_rows(x, x_stride, rows, k, blk, scratch);
-        } /* (the loop's end waits for every thread) */
-        uint16_t *own = scratch + blocks * 16 * k + me * 64 * k; /* 2 x 32 weight rows, or 2 B tiles + 16 rows */
+        uint16_t *own = scratch + 16 * k + me * 48 * k; /* two blocks of B tiles, then 16 weight rows */
         float c[256] __attribute__((aligned(64)));
         configure_tiles();
-        long first = pairs * me / team, last = pairs * (me + 1) / team;
-        for (long pair = first; pair < last; pair++) {
+        for (long pair = pairs * me / team; pair < pairs * (me + 1) / team; pair++) {
             long o0 = pair * 32;
             int two_w = o0 + 16 < n;
-            if (weights_as_a) { /* this pair's rows were dequantized while the last pair's products ran */
-                struct dequant_work now = {qweight, scales, mins, bits, group, k, n, o0, 32,
-                                           own + (pair - first) % 2 * 32 * k, 0, 0};
-                if (pair == first) dequantize_steps(&now, 32 * steps);
-                const uint16_t *w[2] = {now.rows, now.rows + 16 * k};
-                struct dequant_work next = {qweight, scales, mins, bits, group, k, n, o0 + 32, pair + 1 < last ? 32 : 0,
-                                            own + (pair + 1 - first) % 2 * 32 * k, 0, 0};
-                long per_step = (32 * steps + (blocks + 1) / 2 * steps - 1) / ((blocks + 1) / 2 * steps);
-                long stride[2] = {k, k};
-                for (long blk = 0; blk < blocks; blk += 2) {
-                    int two_x = blk + 1 < blocks;
-                    const uint16_t *b[2] = {scratch + blk * steps * TILE_VALUES,
-                                            scratch + (blk + 1) * steps * TILE_VALUES};
-                    products(w, stride, b, two_w, two_x, steps, &next, per_step);
-                    for (int t = 0; t < 4; t++) { /* tile 2i + j: outputs of A i, rows of B j */
-                        if ((t >= 2 && !two_w) || (t % 2 && !two_x)) continue;
-                        store_c(t, c);
-                        store_tile(c, 1, (blk + t % 2) * 16, rows, o0 + 16 * (t / 2), n, bias, out, out_stride);
-                    }
-                }
-                dequantize_steps(&next, 32 * steps); /* (what is left of it) */
-            } else {
-                const uint16_t *w[2] = {tiled ? tiled + o0 * k : own, tiled ? tiled + (o0 + 16) * k : own + 16 * k};
-                if (!tiled) {
-                    tile_weight(qweight, scales, mins, bits, group, n, k, o0, own + 32 * k, own);
-                    if (two_w)
-                        tile_weight(qweight, scales, mins, bits, group, n, k, o0 + 16, own + 32 * k, own + 16 * k);
-                }
-                for (long blk = 0; blk < blocks; blk += 2) {
-                    int two_x = blk + 1 < blocks;
-                    const uint16_t *a[2] = {blk < whole ? x + blk * 16 * x_stride : tail,
-                                            blk + 1 < whole ? x + (blk + 1) * 16 * x_stride : tail};
-                    long stride[2] = {blk < whole ? x_stride : k, blk + 1 < whole ? x_stride : k};
-                    products(a, stride, w, two_x, two_w, steps, 0, 0);
-                    for (int t = 0; t < 4; t++) { /* tile 2i + j: rows of A i, outputs of B j */
-                        if ((t >= 2 && !two_x) || (t % 2 && !two_w)) continue;
-                        store_c(t, c);
-                        store_tile(c, 0, (blk + t / 2) * 16, rows, o0 + 16 * (t % 2), n, bias, out, out_stride);
-                    }
+            const uint16_t *w[2] = {tiled ? tiled + o0 * k : own, tiled ? tiled + (o0 + 16) * k : own + 16 * k};
+            if (!tiled) {
+                tile_weight(qweight, scales, mins, bits, group, n, k, o0, own + 32 * k, own);
+                if (two_w) tile_weight(qweight, scales, mins, bits, group, n, k, o0 + 16, own + 32 * k, own + 16 * k);
+            }
+            for (long blk = 0; blk < blocks; blk += 2) {
+                int two_x = blk + 1 < blocks;
+                const uint16_t *a[2] = {blk < whole ? x + blk * 16 * x_stride : tail,
+                                        blk + 1 < whole ? x + (blk + 1) * 16 * x_stride : tail};
+                long stride[2] = {blk < whole ? x_stride : k, blk + 1 < whole ? x_stride : k};
+                products(a, stride, w, two_x, two_w, steps);
+                for (int t = 0; t < 4; t++) { /* tile 2i + j: rows of A i, outputs of B j */
+                    if ((t >= 2 && !two_x) || (t % 2 && !two_w)) continue;
+                    store_c(t, c);
+                    store_tile(c, (blk + t / 2) * 16, rows, o0 + 16 * (t % 2), n, bias, out, out_stride);
                 }
             }
         }

@@ -67,7 +67,7 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
         lib.quant_gemm_amx.restype = i32
         lib.quant_amx_tile_weight.argtypes = [p, p, p, i32, i64, i64, i64, p, i32]
         lib.quant_amx_tile_weight.restype = None
-        lib.quant_amx_scratch.argtypes = [i64, i64, i32]
+        lib.quant_amx_scratch.argtypes = [i64, i32]
         lib.quant_amx_scratch.restype = i64
     lib.quant_supported.restype = i32
     lib.quant_row_scratch_bytes.argtypes = [i64, i64]
@@ -99,9 +99,9 @@ class CpuQuantMatmul(QuantMatmul):
 
     def __init__(self, load_library: Callable[[], Optional[ctypes.CDLL]] = load_quant_library):
         self._load_library = load_library  # called on the first quantized matmul: float runs never build it
-        self._checked: dict[tuple, bool] = {}  # (bits, group, in, dtype) -> the kernel passed its check
+        self._checked: dict[tuple, bool] = {}  # (bits, group, in, dtype), ("amx", bits, group, in) -> it passed
         self._scratch = torch.empty(0, dtype=torch.uint8)
-        self._scratch_bf16 = torch.empty(0, dtype=torch.bfloat16)  # the AMX GEMM's activations, as tiles
+        self._scratch_bf16 = torch.empty(0, dtype=torch.bfloat16)  # the AMX GEMM's tiles of weights
         self.ran = False  # whether a decode step ran the kernel (for reports)
         self.gemm_ran = False  # whether a prompt chunk ran the AMX GEMM
         self._shared: Optional[dict] = None  # (id, dtype) -> (weight, dequantized) inside sharing_dequantized()
@@ -185,7 +185,7 @@ class CpuQuantMatmul(QuantMatmul):
         the same bits either way."""
         rows, k = x.shape
         threads = torch.get_num_threads()
-        need = self.lib.quant_amx_scratch(rows, k, threads) + 32  # (and room to align to 64 bytes)
+        need = self.lib.quant_amx_scratch(k, threads) + 32  # (and room to align to 64 bytes)
         if self._scratch_bf16.numel() < need:
             self._scratch_bf16 = torch.empty(need, dtype=torch.bfloat16)
         out = torch.empty((rows, qw.out_features), dtype=torch.bfloat16)

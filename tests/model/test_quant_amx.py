@@ -1,6 +1,6 @@
 """The AMX GEMM for prompt chunks over quantized weights (kernels/quant_amx.c, quant_cpu.py's `gemm`): against
 the exact product of what it multiplies and the reference's bound, a row's bits alone and among others
-(both of its ways of tiling, one thread or two), the tiled weight a step's chunks share, the bias, the
+(the weight tiled in the call or once for a step, one thread or two), the tiled weight's layout, the bias, the
 check that guards it, and the settings that keep it off. Where the CPU has no AMX (an AMD EPYC, or
 tests/test_simulated_cpus.py's no_amx case) the tests that need it skip and the last ones show the
 dequantize-and-GEMM path instead."""
@@ -44,9 +44,9 @@ def exact(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
 
 @pytest.mark.parametrize("form", FORMATS, ids=IDS)
 def test_the_gemm_is_the_reference_within_its_rounding(matmul, form):
-    """SmolLM2's matmul shapes and an odd one, rows from one tile to past half the inputs (where the
-    kernel switches from weight rows as A tiles to activation rows as A tiles): within the check's bound
-    of the reference, and within float32 sums and one bf16 rounding of the exact product."""
+    """SmolLM2's matmul shapes and an odd one, 17 to 300 rows (part-filled tiles of rows and of
+    outputs): within the check's bound of the reference, and within float32 sums and one bf16
+    rounding of the exact product."""
     bits, group, with_mins = form
     for out_features, in_features in [(960, 576), (576, 1536), (203, 192)]:
         if group and in_features % group:
@@ -64,10 +64,9 @@ def test_the_gemm_is_the_reference_within_its_rounding(matmul, form):
 
 @pytest.mark.parametrize("form", FORMATS, ids=IDS)
 def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
-    """A row alone, among 40 rows (weight rows as A tiles: under half the 256 inputs) and among 300
-    (activation rows as A tiles),
-    over one thread or two, with the weight dequantized in the call or tiled once for a step's chunks:
-    the same bits (an output's sum runs over the inputs in one order whatever is computed beside it)."""
+    """A row alone, among 40 rows and among 300, over one thread or two, with the weight dequantized in
+    the call or tiled once for a step's chunks: the same bits (an output's sum runs over the inputs in
+    one order whatever is computed beside it)."""
     bits, group, with_mins = form
     qw = weight_for(bits, group, 203, 256, with_mins, seed=11)  # 203 outputs: a part-filled tile
     x = probe_inputs(300, 256, torch.bfloat16, torch.Generator().manual_seed(11))
