@@ -110,25 +110,27 @@ TARGET static inline void dequantize_step(const uint8_t *w, const float *s, cons
                                           int bits, uint16_t *row) {
     if (bits == 4) {
         const __m512 ramp = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(dequantized(ramp, s[g0], m ? m + g0 : 0)));
+        __m256bh values = _mm512_cvtneps_pbh(dequantized(ramp, s[g0], m ? m + g0 : 0));
+        __m512i table = _mm512_castsi256_si512((__m256i)values);
         __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + at / 2)));
         /* lane j: low nibble (input at + 2j) in its low half, high nibble in its high half */
-        __m512i index = _mm512_ternarylogic_epi32(bytes, _mm512_slli_epi32(bytes, 12), _mm512_set1_epi32(0x000f000f),
-                                                  0xA8); /* (a | b) & c */
+        __m512i index = _mm512_ternarylogic_epi32(bytes, _mm512_slli_epi32(bytes, 12),
+                                                  _mm512_set1_epi32(0x000f000f), 0xA8); /* (a | b) & c */
         _mm512_storeu_si512((void *)(row + at), _mm512_permutexvar_epi16(index, table));
         return;
     }
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + at))));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + at + 16))));
-    __m512bh both = _mm512_cvtne2ps_pbh(dequantized(hi, s[g1], m ? m + g1 : 0), dequantized(lo, s[g0], m ? m + g0 : 0));
+    __m512bh both = _mm512_cvtne2ps_pbh(dequantized(hi, s[g1], m ? m + g1 : 0),
+                                        dequantized(lo, s[g0], m ? m + g0 : 0));
     _mm512_storeu_si512((void *)(row + at), (__m512i)both);
 }
 
-/* Steps from input `at` to `end` of one weight row (dequantize_step's values; no division inside). */
-TARGET static void dequantize_span(const uint8_t *w, const float *s, const float *m, long at, long end, int bits,
-                                   long group, uint16_t *row) {
-    long g = at / group, left = group - at % group; /* inputs left in group g */
-    for (; at < end; at += STEP) {
+/* One weight row's k values dequantized (dequantize_step's values; the groups counted, not divided). */
+TARGET static void dequantize_row(const uint8_t *w, const float *s, const float *m, long k, int bits, long group,
+                                  uint16_t *row) {
+    long g = 0, left = group; /* inputs left in group g */
+    for (long at = 0; at < k; at += STEP) {
         long g0 = g;
         if ((left -= 16) == 0) g++, left = group;
         long g1 = g;
@@ -138,12 +140,6 @@ TARGET static void dequantize_span(const uint8_t *w, const float *s, const float
         else
             dequantize_step(w, s, m, at, g0, g1, 8, row);
     }
-}
-
-/* One weight row's k values dequantized (dequantize_step's values). */
-TARGET static void dequantize_row(const uint8_t *w, const float *s, const float *m, long k, int bits, long group,
-                                  uint16_t *row) {
-    dequantize_span(w, s, m, 0, k, bits, group, row);
 }
 
 /* Outputs o0..o0+15 of the packed weight (zero past n) as B tiles, one per step of 32 inputs:

@@ -13,13 +13,13 @@ ATen held below AVX-512), no compiler, or a format the kernel does not read (an 
 16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
 Longer bf16 forwards (prompt chunks) run the AMX GEMM (kernels/quant_amx.c) where the CPU has AMX:
-the weight dequantized 16 output rows at a time (format.dequantize's values rounded once to bf16)
+the weight dequantized 32 output rows at a time (format.dequantize's values rounded once to bf16)
 into a buffer the caches hold and multiplied with AMX bf16 tiles, checked like the decode kernel
 (the bound adds the weight's rounding to bf16). A row's bits do not depend on the other rows of its
 call. Elsewhere (no AMX, float32 rows, a failed check) the weight is dequantized once (in C, one
 pass, to the run dtype) and ATen's GEMM runs over it. Within `sharing_dequantized` (prompt chunks of
-one step run layer by layer) a layer's weights are dequantized once for all the step's chunks and
-the GEMM reads them from there (the same values, so the same bits).
+one step run layer by layer) a layer's weights are dequantized (for the AMX GEMM: tiled) once for
+all the step's chunks and the GEMM reads them from there (the same values, so the same bits).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
 AMX_SOURCE = Path(__file__).with_name("quant_amx.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
-GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part of a second block of 16 rows, part of a second sweep
+GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part-filled tiles of rows, an odd number of them
 CHUNK = 64  # inputs per step of the kernel's inner loop
 
 
@@ -104,7 +104,7 @@ class CpuQuantMatmul(QuantMatmul):
         self._scratch_bf16 = torch.empty(0, dtype=torch.bfloat16)  # the AMX GEMM's tiles of weights
         self.ran = False  # whether a decode step ran the kernel (for reports)
         self.gemm_ran = False  # whether a prompt chunk ran the AMX GEMM
-        self._shared: Optional[dict] = None  # (id, dtype) -> (weight, dequantized) inside sharing_dequantized()
+        self._shared: Optional[dict] = None  # (id, form) -> (weight, its form) inside sharing_dequantized()
 
     @cached_property
     def lib(self) -> Optional[ctypes.CDLL]:
@@ -131,7 +131,7 @@ class CpuQuantMatmul(QuantMatmul):
             self.ran = True
             return out if bias is None else out + bias
         if x.dtype == torch.bfloat16 and self.gemm_checked(qw.bits, qw.group_size, qw.in_features):
-            self.gemm_ran = True  # (inside sharing_dequantized, over the layer's weight dequantized once)
+            self.gemm_ran = True  # (inside sharing_dequantized, over the layer's weight tiled once)
             return self.gemm(x, qw, bias, None if self._shared is None else self._kept(qw, "amx", self.amx_tiles))
         return linear(x, self._dequantized_for_chunk(qw, x.dtype), bias)
 
