@@ -13,7 +13,9 @@ import torch
 from llmrun.kernels.interface import check_forced_to_fail
 from llmrun.kernels.native import LayerShape, NativeKernels, aten_runs_avx512, load_library
 from llmrun.kernels.native_layer import blas_sgemm
+from llmrun.kernels.quant_check import probe_weight
 from llmrun.kernels.quant_cpu import CpuQuantMatmul, amx_allowed, load_quant_library
+from llmrun.quant.format import QuantWeight
 from llmrun.weights.packing import pack_weight
 
 # tests.checkpoints.llama_config(): its layer, and its matmuls (out x in) one sequence's steps run
@@ -102,3 +104,10 @@ def amx_gemm_should_pass() -> bool:
     lib = load_quant_library()
     return (lib is not None and hasattr(lib, "quant_gemm_amx") and bool(lib.quant_amx_ready()) and amx_allowed()
             and not check_forced_to_fail("amx"))
+
+
+def quant_probe(bits: int, group: int, out_features: int, in_features: int, with_mins: bool,
+                seed: int) -> QuantWeight:
+    """A check's probe weight of this format (group 0: one group a row, int8 per output channel)."""
+    return probe_weight(bits, group or in_features, out_features, in_features, with_mins,
+                        torch.Generator().manual_seed(seed))

@@ -8,11 +8,11 @@ dequantize-and-GEMM path instead."""
 import pytest
 import torch
 
-from llmrun.kernels.quant_check import checked_on, probe_inputs, probe_weight, within_quant_bound
+from llmrun.kernels.quant_check import checked_on, probe_inputs, within_quant_bound
 from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
-from tests.kernel_checks import amx_gemm_passes, amx_gemm_should_pass
+from tests.kernel_checks import amx_gemm_passes, amx_gemm_should_pass, quant_probe
 
 # (bits, group, with mins): llmrun's int4 groups and the int8 forms (Q8_0, Q5_K, Q6_K, per channel: 0)
 FORMATS = [(4, 32, True), (4, 64, True), (4, 128, True), (8, 32, False), (8, 32, True), (8, 16, False), (8, 0, False)]
@@ -32,10 +32,6 @@ def matmul():
     return CpuQuantMatmul()
 
 
-def weight_for(bits, group, out_features, in_features, with_mins, seed):
-    return probe_weight(bits, group or in_features, out_features, in_features, with_mins,
-                        torch.Generator().manual_seed(seed))
-
 
 def exact(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
     """What the kernel multiplies, multiplied exactly: bf16 rows by the weight rounded once to bf16."""
@@ -51,7 +47,7 @@ def test_the_gemm_is_the_reference_within_its_rounding(matmul, form):
     for out_features, in_features in [(960, 576), (576, 1536), (203, 192)]:
         if group and in_features % group:
             continue
-        qw = weight_for(bits, group, out_features, in_features, with_mins, seed=out_features)
+        qw = quant_probe(bits, group, out_features, in_features, with_mins, seed=out_features)
         for rows in (DECODE_ROWS + 1, 100, 300):
             x = probe_inputs(rows, in_features, torch.bfloat16, torch.Generator().manual_seed(rows))
             actual = matmul.gemm(x, qw)
@@ -68,7 +64,7 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
     the call or tiled once for a step's chunks: the same bits (an output's sum runs over the inputs in
     one order whatever is computed beside it)."""
     bits, group, with_mins = form
-    qw = weight_for(bits, group, 203, 256, with_mins, seed=11)  # 203 outputs: a part-filled tile
+    qw = quant_probe(bits, group, 203, 256, with_mins, seed=11)  # 203 outputs: a part-filled tile
     x = probe_inputs(300, 256, torch.bfloat16, torch.Generator().manual_seed(11))
     together = matmul.gemm(x, qw)
     tiled = matmul.amx_tiles(qw)
@@ -88,7 +84,7 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
 def test_the_tiled_weight_holds_the_dequantized_values(matmul):
     """amx_tiles: each block of 16 outputs, each step of 32 inputs, pairs of inputs side by side per
     output (AMX's B layout), the values format.dequantize's rounded once to bf16."""
-    qw = weight_for(4, 32, 40, 64, True, seed=5)  # 40 outputs: three blocks, the last part-filled
+    qw = quant_probe(4, 32, 40, 64, True, seed=5)  # 40 outputs: three blocks, the last part-filled
     tiles = matmul.amx_tiles(qw).view(3, 2, 16, 16, 2)  # [block][step][pair][output][of the pair]
     weight = torch.zeros(48, 64, dtype=torch.bfloat16)
     weight[:40] = dequantize(qw).to(torch.bfloat16)
@@ -100,7 +96,7 @@ def test_the_bias_is_added_before_the_rounding_and_a_strided_input(matmul):
     """A bf16 bias goes into the float32 sums before they are rounded; a float32 bias is added after,
     as ATen would; an input that is a view with a wider stride reads only its own columns; a 14336-wide
     down projection (Llama 3 8B)."""
-    qw = weight_for(4, 64, 80, 14336, True, seed=2)
+    qw = quant_probe(4, 64, 80, 14336, True, seed=2)
     wide = probe_inputs(20, 2 * 14336, torch.bfloat16, torch.Generator().manual_seed(2))
     x = wide[:, :14336]
     assert x.stride(0) == 2 * 14336
@@ -149,7 +145,7 @@ def test_oneDNN_held_below_amx_or_a_failed_check_keeps_it_off(monkeypatch, setti
     if matmul.lib is None:
         pytest.skip("no C compiler here: prompt chunks run the reference")
     assert not matmul.gemm_checked(4, 32, 576)
-    qw = weight_for(4, 32, 64, 576, True, seed=3)
+    qw = quant_probe(4, 32, 64, 576, True, seed=3)
     x = probe_inputs(DECODE_ROWS + 1, 576, torch.bfloat16, torch.Generator().manual_seed(3))
     assert torch.equal(matmul.linear(x, qw), linear(x, dequantize(qw).to(torch.bfloat16)))
     assert not matmul.gemm_ran

@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.kernels.quant import PLAIN, quant_linear
-from llmrun.kernels.quant_check import (ACT_BLOCK, checked_on, probe_inputs, probe_weight, term_magnitudes,
-                                        within_quant_bound)
+from llmrun.kernels.quant_check import ACT_BLOCK, checked_on, probe_inputs, term_magnitudes, within_quant_bound
 from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul, load_quant_library
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
-from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass
+from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass, quant_probe
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (bits, group, with mins): llmrun's int4 groups, and the int8 forms a GGUF maps to (Q8_0 g32, Q5_K g32
@@ -34,10 +33,6 @@ def matmul():
         pytest.skip("the quantized decode kernel is off here (no compiler, no AVX-512 VNNI, or its check failed)")
     return CpuQuantMatmul()
 
-
-def weight_for(bits, group, out_features, in_features, with_mins, seed):
-    group = group or in_features
-    return probe_weight(bits, group, out_features, in_features, with_mins, torch.Generator().manual_seed(seed))
 
 
 def emulated(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
@@ -61,7 +56,7 @@ def test_the_kernel_is_the_reference_within_its_rounding(matmul, form, dtype):
     for out_features, in_features in SMOLLM2_MATMULS:
         if group and in_features % group:
             continue  # (576 inputs do not take groups of 128)
-        qw = weight_for(bits, group, out_features, in_features, with_mins, seed=out_features + in_features)
+        qw = quant_probe(bits, group, out_features, in_features, with_mins, seed=out_features + in_features)
         assert matmul.kernel_checked(bits, qw.group_size, in_features, dtype)
         for rows in (1, 5, DECODE_ROWS):
             x = probe_inputs(rows, in_features, dtype, torch.Generator().manual_seed(rows))
@@ -82,7 +77,7 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
     sums its lanes in one order (reduce4 in quant_kernels.c); this catches a tile that mixes up rows or
     outputs, while an order of sums that differed would show here only where it moves a bf16 rounding."""
     bits, group, with_mins = form
-    qw = weight_for(bits, group, 203, 768, with_mins, seed=11)
+    qw = quant_probe(bits, group, 203, 768, with_mins, seed=11)
     x = probe_inputs(DECODE_ROWS, 768, torch.bfloat16, torch.Generator().manual_seed(11))
     together = matmul.matmul(x, qw)
     threads = torch.get_num_threads()
@@ -98,7 +93,7 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
 
 def test_a_large_model_row_and_a_strided_input(matmul):
     """A 14336-wide down projection (Llama 3 8B) and an input row that is a view with a wider stride."""
-    qw = weight_for(4, 64, 64, 14336, True, seed=1)
+    qw = quant_probe(4, 64, 64, 14336, True, seed=1)
     wide = probe_inputs(2, 2 * 14336, torch.bfloat16, torch.Generator().manual_seed(1))
     x = wide[:, :14336]
     assert x.stride(0) == 2 * 14336
@@ -135,7 +130,7 @@ def test_a_check_forced_to_fail_keeps_the_kernel_off(monkeypatch):
     monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "quant")
     matmul = CpuQuantMatmul()
     assert not matmul.kernel_checked(4, 32, 576, torch.bfloat16)
-    qw = weight_for(4, 32, 64, 576, True, seed=3)
+    qw = quant_probe(4, 32, 64, 576, True, seed=3)
     x = probe_inputs(1, 576, torch.float32, torch.Generator().manual_seed(3))
     assert torch.equal(matmul.linear(x, qw), F.linear(x, dequantize(qw)))  # the prompt path: the reference
     assert not matmul.ran
@@ -151,7 +146,7 @@ def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
         pytest.skip("no C compiler here: prompt chunks run the reference")
     bits, group, with_mins = form
     matmul = CpuQuantMatmul()
-    qw = weight_for(bits, group, 200, 768, with_mins, seed=7)
+    qw = quant_probe(bits, group, 200, 768, with_mins, seed=7)
     assert torch.equal(matmul.dequantized(qw, dtype), dequantize(qw).to(dtype))
     x = probe_inputs(DECODE_ROWS + 1, 768, dtype, torch.Generator().manual_seed(7))
     amx = dtype == torch.bfloat16 and matmul.gemm_checked(bits, qw.group_size, 768)
@@ -166,7 +161,7 @@ def test_a_weight_dequantized_one_value_at_a_time_is_the_reference_too(with_mins
     code's one-value-at-a-time loop, as every weight does on a CPU without AVX-512."""
     if load_quant_library() is None:
         pytest.skip("no C compiler here: prompt chunks run the reference")
-    qw = weight_for(8, 72, 40, 72, with_mins, seed=5)
+    qw = quant_probe(8, 72, 40, 72, with_mins, seed=5)
     for dtype in DTYPES:
         assert torch.equal(CpuQuantMatmul().dequantized(qw, dtype), dequantize(qw).to(dtype))
 
