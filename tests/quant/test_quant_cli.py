@@ -130,7 +130,8 @@ def test_an_interrupted_quantize_leaves_nothing(tmp_path):
                                                                 num_key_value_heads=16))
     proc = subprocess.Popen([sys.executable, "-m", "llmrun", "quantize", str(big), "--name", "big"],
                             env=cli_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's `&` ignores it
     deadline = time.monotonic() + 120
     while not (store(tmp_path).is_dir() and list(store(tmp_path).glob(".tmp-big-*"))):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
