@@ -164,15 +164,15 @@ TARGET __m128 quant_lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) { return 
 #define PREFETCH 8192 /* bytes ahead in a weight row's stream */
 
 /* y[o * NA + a] = weight row o . activation row a, for NO weight rows and NA activation rows
- * (NO * NA <= 4, constants once inlined, so every accumulator stays in a register): each chunk of a
+ * (NO, NA <= 4, constants once inlined, so every accumulator stays in a register): each chunk of a
  * weight row is unpacked once for all NA rows, each activation chunk loaded once for all NO rows.
  * group: 16, 32, or 64 for any multiple of 64 (then `per` chunks a group). */
 TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *w0, long w_row, const float *s0,
                                                              const float *m0, long groups, const uint8_t *x0,
                                                              long x_row, long k, const int bits, const int group,
                                                              long per, const int NO, const int NA, float *y) {
-    __m512 acc[4];
-#pragma GCC unroll 4
+    __m512 acc[16];
+#pragma GCC unroll 16
     for (int i = 0; i < NO * NA; i++) acc[i] = _mm512_setzero_ps();
     long chunks = k / CHUNK, j = 0;
 #pragma GCC unroll 4
@@ -226,32 +226,42 @@ TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *w0,
                                                       acc[o * NA + a]);
             }
         }
-    float sums[4];
     int count = NO * NA;
-    _mm_storeu_ps(sums, reduce4(acc[0], acc[count > 1 ? 1 : 0], acc[count > 2 ? 2 : 0], acc[count > 3 ? 3 : 0]));
 #pragma GCC unroll 4
-    for (int i = 0; i < count; i++) y[i] = sums[i];
+    for (int i = 0; i < count; i += 4) {
+        float sums[4];
+        _mm_storeu_ps(sums, reduce4(acc[i], acc[i + 1 < count ? i + 1 : i], acc[i + 2 < count ? i + 2 : i],
+                                    acc[i + 3 < count ? i + 3 : i]));
+        for (int j = 0; j < 4 && i + j < count; j++) y[i + j] = sums[j];
+    }
 }
 
 /* Outputs [first, last) of `rows` quantized activation rows, for one weight format (constants once
- * inlined): one row takes four weight rows a tile, more rows take one weight row and up to four rows. */
+ * inlined): tiles of four weight rows and up to four activation rows (the last outputs of a thread's
+ * share one weight row at a time). */
 TARGET static inline __attribute__((always_inline)) void int_dots(const uint8_t *qweight, const float *scales,
                                                                  const float *mins, long first, long last,
                                                                  const uint8_t *xq, long x_row, long rows, long k,
                                                                  const int bits, const int group, long per,
                                                                  long groups, uint16_t *out, long out_stride) {
     long w_row = bits == 4 ? k / 2 : k;
-    float y[4];
+    float y[16];
 #define TILE(o, r, NO, NA)                                                                                     \
     tile(qweight + (o) * w_row, w_row, scales + (o) * groups, mins ? mins + (o) * groups : 0, groups,        \
          xq + (r) * x_row, x_row, k, bits, group, per, NO, NA, y)
     long o = first;
-    if (rows == 1) {
-        for (; o + 4 <= last; o += 4) {
-            TILE(o, 0, 4, 1);
-            for (int i = 0; i < 4; i++) store_y(out, o + i, y[i], 1);
+    for (; o + 4 <= last; o += 4) /* y[oi * NA + a]: output o + oi of row r + a */
+        for (long r = 0; r < rows; r += 4) {
+            long count = rows - r >= 4 ? 4 : rows - r;
+            switch (count) {
+                case 1: TILE(o, r, 4, 1); break;
+                case 2: TILE(o, r, 4, 2); break;
+                case 3: TILE(o, r, 4, 3); break;
+                default: TILE(o, r, 4, 4); break;
+            }
+            for (long a = 0; a < count; a++)
+                for (int oi = 0; oi < 4; oi++) store_y(out, (r + a) * out_stride + o + oi, y[oi * count + a], 1);
         }
-    }
     for (; o < last; o++)
         for (long r = 0; r < rows; r += 4) {
             long count = rows - r >= 4 ? 4 : rows - r;

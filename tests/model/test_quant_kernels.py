@@ -71,9 +71,10 @@ def test_the_kernel_is_the_reference_within_its_rounding(matmul, form, dtype):
 
 @pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")
 def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
-    """bf16 rows: one row alone (four weight rows a tile), among 16 rows (one weight row and up to four
-    rows a tile), split over one thread or two, and an output count that is not a multiple of four: the
-    same bits for every row (a request's tokens must not depend on the batch it decodes in). Every tile
+    """bf16 rows: one row alone (four weight rows by one row a tile), among 16 rows (four weight rows by
+    four rows), among two, three or seven, split over one thread or two, and an output count that is
+    not a multiple of four (a thread's last outputs one weight row a tile): the same bits for every
+    row (a request's tokens must not depend on the batch it decodes in). Every tile
     sums its lanes in one order (reduce4 in quant_kernels.c); this catches a tile that mixes up rows or
     outputs, while an order of sums that differed would show here only where it moves a bf16 rounding."""
     bits, group, with_mins = form
@@ -86,7 +87,8 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
             torch.set_num_threads(count)
             for r in (0, 5, DECODE_ROWS - 1):
                 assert torch.equal(matmul.matmul(x[r:r + 1], qw), together[r:r + 1])
-            assert torch.equal(matmul.matmul(x[3:6], qw), together[3:6])
+            for start, end in ((3, 6), (8, 10), (2, 9)):  # three rows, two, seven (a tile of four and one of three)
+                assert torch.equal(matmul.matmul(x[start:end], qw), together[start:end])
     finally:
         torch.set_num_threads(threads)
 
