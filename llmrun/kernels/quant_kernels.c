@@ -249,30 +249,23 @@ TARGET static inline __attribute__((always_inline)) void int_dots(const uint8_t 
 #define TILE(o, r, NO, NA)                                                                                     \
     tile(qweight + (o) * w_row, w_row, scales + (o) * groups, mins ? mins + (o) * groups : 0, groups,        \
          xq + (r) * x_row, x_row, k, bits, group, per, NO, NA, y)
+    /* NO weight rows (a constant) by every row, four rows a tile: y[oi * NA + a] is output o + oi of row r + a */
+#define TILES(NO)                                                                                              \
+    for (long r = 0; r < rows; r += 4) {                                                                       \
+        long count = rows - r >= 4 ? 4 : rows - r;                                                             \
+        switch (count) {                                                                                       \
+            case 1: TILE(o, r, NO, 1); break;                                                                  \
+            case 2: TILE(o, r, NO, 2); break;                                                                  \
+            case 3: TILE(o, r, NO, 3); break;                                                                  \
+            default: TILE(o, r, NO, 4); break;                                                                 \
+        }                                                                                                      \
+        for (long a = 0; a < count; a++)                                                                       \
+            for (int oi = 0; oi < NO; oi++) store_y(out, (r + a) * out_stride + o + oi, y[oi * count + a], 1); \
+    }
     long o = first;
-    for (; o + 4 <= last; o += 4) /* y[oi * NA + a]: output o + oi of row r + a */
-        for (long r = 0; r < rows; r += 4) {
-            long count = rows - r >= 4 ? 4 : rows - r;
-            switch (count) {
-                case 1: TILE(o, r, 4, 1); break;
-                case 2: TILE(o, r, 4, 2); break;
-                case 3: TILE(o, r, 4, 3); break;
-                default: TILE(o, r, 4, 4); break;
-            }
-            for (long a = 0; a < count; a++)
-                for (int oi = 0; oi < 4; oi++) store_y(out, (r + a) * out_stride + o + oi, y[oi * count + a], 1);
-        }
-    for (; o < last; o++)
-        for (long r = 0; r < rows; r += 4) {
-            long count = rows - r >= 4 ? 4 : rows - r;
-            switch (count) {
-                case 1: TILE(o, r, 1, 1); break;
-                case 2: TILE(o, r, 1, 2); break;
-                case 3: TILE(o, r, 1, 3); break;
-                default: TILE(o, r, 1, 4); break;
-            }
-            for (long i = 0; i < count; i++) store_y(out, (r + i) * out_stride + o, y[i], 1);
-        }
+    for (; o + 4 <= last; o += 4) TILES(4)
+    for (; o < last; o++) TILES(1)
+#undef TILES
 #undef TILE
 }
 
