@@ -129,7 +129,7 @@ class LlamaDecoder:
         fetched once for all of them (streamed once a step; a compressed weight dequantized once for
         every prompt chunk, kernels/quant.py's `sharing_dequantized`). Where layers stream matrix by
         matrix (each matrix readable once, in order) the parts run one after another instead."""
-        if len(parts) > 1 and getattr(weights, "stages_matrices", False):
+        if len(parts) > 1 and weights.stages_matrices:
             return [self.forward_many(weights, [part], cache)[0] for part in parts]
         states = [self._begin(weights, *part) for part in parts]
         shared = self.kernels.quant.sharing_dequantized if len(parts) > 1 else nullcontext
