@@ -69,7 +69,8 @@ class _ReaderState:
         self.stop = True
         for slot in self.slots:
             slot.free.set()
-        thread.join(timeout=10)
+        if thread is not threading.current_thread():  # (the reader's own collection may drop its DiskReader)
+            thread.join(timeout=10)
 
 
 class DiskReader:
