@@ -57,8 +57,7 @@ class Engine:
     """
 
     def __init__(self, decoder, weights, tokenizer, eos_ids: Seq[int], *, plan: PlanReport,
-                 rss_before_weights_bytes: int, step_observer: StepObserver = NO_STEP_OBSERVER,
-                 max_prefill_tokens: int = 2048):
+                 rss_before_weights_bytes: int, step_observer: StepObserver = NO_STEP_OBSERVER):
         from llmrun.kv.paged_cache import KVCacheShape, PagedKVCache
 
         cfg, placement = decoder.config, plan.placement
@@ -77,7 +76,7 @@ class Engine:
         self.runner = ModelRunner(decoder, weights, self.cache, self.allocator, static, step_observer)
         self.max_num_seqs = placement.batch
         self._next_seq_id = 0
-        self._max_prefill_tokens = max_prefill_tokens
+        self._max_prefill_tokens = placement.prefill_chunk  # the chunk the plan's workspace holds
         self.batcher = Batcher(self, self.max_num_seqs)  # generate()'s requests; EngineLoop has its own
         self._closed = False
 

@@ -99,7 +99,7 @@ def estimate_speed(placement: Placement, figures: dict[str, Figure], dtype: str,
     if from_disk:
         held = page_cache.resident_fraction or 0.0
         first_read_s = from_disk * (held / roles["page_cache_read"].value + (1 - held) / roles["disk_read"].value)
-    chunk = min(512, placement.ctx) * placement.batch
+    chunk = placement.prefill_chunk * placement.batch
     flops = 2 * placement.sizes.num_parameters * chunk
     pass_s = max(flops / (ASSUMED_GPU_FLOPS if gpu else ASSUMED_CPU_FLOPS), sum(short))
     per_token = {placement.compute_tier.value: placement.weight_bytes(placement.compute_tier), "disk": from_disk}

@@ -12,6 +12,8 @@ from llmrun.sizes import format_bytes, size_option_text
 
 MiB = 1024**2
 DEFAULT_GPU_RUNTIME_BYTES = 768 * MiB   # CUDA context (~700 MB measured on an H200), cuBLAS, slack
+PREFILL_CHUNKS = (512, 256, 128, 64)    # prompt tokens a step runs at most: the choices, halving
+CHUNK_SAVING = 0.05                     # each halving must stream this share fewer bytes per token
 
 
 class PlanError(LlmrunError):
@@ -43,7 +45,7 @@ class PlanOptions:
     dtype_bytes: int
     batch: int = 1
     block_size: int = 16
-    prefill_chunk: int = 512
+    prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS  # the prefill chunks the plan chooses from, largest first
     gpu_runtime_bytes: int = DEFAULT_GPU_RUNTIME_BYTES
 
 
@@ -71,6 +73,7 @@ class Placement:
     budgets: Budgets
     sizes: ModelSizes
     staging_piece_bytes: int = 0       # the most one staged piece holds (weights/pieces.py); 0: nothing streams
+    prefill_chunk: int = PREFILL_CHUNKS[0]  # prompt tokens a step runs at most (the workspace's size)
 
     def weight_bytes(self, tier: Tier) -> int:
         sizes = self.sizes
@@ -96,6 +99,10 @@ class Placement:
             total += self.sizes.head_bytes + self.sizes.other_bytes
         return total
 
+    def streamed_bytes(self) -> int:
+        """Weight bytes moved to the compute device every decode step, from every slower tier."""
+        return sum(self.streamed_bytes_per_token(t) for t in Tier if t is not self.compute_tier)
+
     def layer_ranges(self, tier: Tier) -> list[tuple[int, int]]:
         """Contiguous [start, end) ranges of decoder layers in `tier`."""
         ranges: list[tuple[int, int]] = []
@@ -120,16 +127,18 @@ class Placement:
         return any(t is not self.compute_tier for t in self.layer_tiers) or self.head_tier is not self.compute_tier
 
 
-def workspace_bytes(sizes: ModelSizes, options: PlanOptions, fast: Tier = Tier.CPU) -> int:
-    """Activations of one prefill chunk: hidden/MLP buffers, last-token logits, on the CPU the
-    attention scores (CUDA's fused attention kernels never materialise them), and what a compressed
-    model's chunks dequantize for their GEMMs (ModelSizes.dequantized_workspace)."""
-    chunk = min(options.prefill_chunk, options.ctx) * options.batch
+def workspace_bytes(sizes: ModelSizes, options: PlanOptions, fast: Tier = Tier.CPU,
+                    chunk: Optional[int] = None) -> int:
+    """Activations of one prefill chunk (`chunk` tokens, the largest choice by default): hidden/MLP
+    buffers, last-token logits, on the CPU the attention scores (CUDA's fused attention kernels never
+    materialise them), and what a compressed model's chunks dequantize for their GEMMs
+    (ModelSizes.dequantized_workspace)."""
+    chunk = min(chunk or options.prefill_chunks[0], options.ctx)
     per_token = (6 * sizes.hidden_size + 3 * sizes.intermediate_size) * options.dtype_bytes
-    scores = min(options.prefill_chunk, options.ctx) * options.ctx * sizes.num_attention_heads * 4
+    scores = chunk * options.ctx * sizes.num_attention_heads * 4
     logits = options.batch * sizes.vocab_size * 4
     dequantized = sizes.dequantized_workspace(options.batch, on_gpu=fast is Tier.GPU)
-    return chunk * per_token + logits + (0 if fast is Tier.GPU else scores) + dequantized
+    return chunk * options.batch * per_token + logits + (0 if fast is Tier.GPU else scores) + dequantized
 
 
 def _prefix_fit(layer_bytes: tuple[int, ...], start: int, room: int) -> int:
@@ -161,6 +170,29 @@ def plan(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement
 
 
 def _place(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placement:
+    """The placement whose prefill chunk (one of options.prefill_chunks) streams the fewest weight
+    bytes per decode token, each halving of the chunk counted CHUNK_SAVING dearer: a smaller chunk's
+    workspace leaves room for more resident layers, but a long prompt then makes twice the passes
+    over the streamed ones, which ~1/CHUNK_SAVING decoded tokens repay. Where nothing streams the
+    largest chunk wins; where only a small chunk fits, it is taken."""
+    best, best_cost = None, 0.0
+    for halvings, chunk in enumerate(options.prefill_chunks):
+        try:
+            placement = _place_chunk(sizes, budgets, options, chunk)
+        except _NoRoom:
+            continue
+        cost = placement.streamed_bytes() / (1 - CHUNK_SAVING) ** halvings
+        if best is None or cost < best_cost:
+            best, best_cost = placement, cost
+        if not best.streams:
+            break
+    if best is None:
+        raise _NoRoom()
+    return best
+
+
+def _place_chunk(sizes: ModelSizes, budgets: Budgets, options: PlanOptions, chunk: int) -> Placement:
+    chunk = min(chunk, options.ctx)
     fast = Tier.GPU if budgets.has_gpu else Tier.CPU
     fast_budget = budgets.gpu_bytes if budgets.has_gpu else budgets.cpu_bytes
     num_blocks = -(-options.ctx // options.block_size) * options.batch
@@ -168,8 +200,8 @@ def _place(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placeme
     reservations = [
         Reservation("kv_cache", fast, kv_bytes,
                     f"{num_blocks} blocks x {options.block_size} tokens ({options.ctx} ctx x {options.batch} seq)"),
-        Reservation("workspace", fast, workspace_bytes(sizes, options, fast),
-                    f"activations for a {min(options.prefill_chunk, options.ctx)}-token prefill chunk"),
+        Reservation("workspace", fast, workspace_bytes(sizes, options, fast, chunk),
+                    f"activations for a {chunk}-token prefill chunk"),
     ]
     if fast is Tier.GPU:
         reservations.insert(0, Reservation("runtime", Tier.GPU, options.gpu_runtime_bytes,
@@ -199,7 +231,7 @@ def _place(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> Placeme
     if sizes.tied_embeddings:
         embed_tier = head_tier
     return Placement(tuple(layer_tiers), head_tier, embed_tier, fast, options.ctx, options.batch,
-                     options.block_size, num_blocks, tuple(reservations), budgets, sizes, piece_bytes)
+                     options.block_size, num_blocks, tuple(reservations), budgets, sizes, piece_bytes, chunk)
 
 
 @dataclass(frozen=True)

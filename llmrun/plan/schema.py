@@ -48,6 +48,7 @@ def plan_to_json(report: PlanReport, name: str, path: str, architecture: str) ->
         },
         "ctx": p.ctx,
         "batch": p.batch,
+        "prefill_chunk": p.prefill_chunk,
         "kv_cache": {"tier": p.kv_tier.value, "block_size": p.block_size, "num_blocks": p.num_kv_blocks,
                      "tokens": p.kv_tokens, "bytes_per_token": sizes.kv_bytes_per_token,
                      "bytes": next(r.num_bytes for r in p.reservations if r.name == "kv_cache")},

@@ -22,7 +22,7 @@ def shaped(num_layers=30, layer=14 * MB, matrix=7 * MB, vectors=4000, head=113 *
     )
 
 
-OPTIONS = PlanOptions(ctx=512, dtype_bytes=4)
+OPTIONS = PlanOptions(ctx=512, dtype_bytes=4, prefill_chunks=(512,))  # the chunk's choice: test_prefill_chunk.py
 
 
 def fixed(sizes):
