@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from llmrun.weights.loader import TensorFileReader
-from llmrun.weights.pieces import Piece
+from llmrun.weights.pieces import Piece, ViewCache
 
 
 class _Slot:
@@ -37,6 +37,7 @@ class _ReaderState:
 
     def __init__(self, order: list[int], pieces: list[Piece], slots: list[_Slot]):
         self.order, self.pieces, self.slots = order, pieces, slots
+        self.views = ViewCache(pieces)  # the reader thread's own
         self.reader = TensorFileReader()
         self.stop = False
         self.error: BaseException | None = None
@@ -54,7 +55,7 @@ class _ReaderState:
                     slot.copied = None
                 slot.free.clear()
                 index = self.order[position % len(self.order)]
-                self.pieces[index].fill(self.reader, slot.flat)
+                self.pieces[index].fill_views(self.reader, self.views.views(index, slot.flat))
                 slot.piece = index
                 slot.ready.set()
                 position += 1
@@ -126,6 +127,7 @@ class LayerStreamer:
         self.pieces = pieces
         self.sources = sources
         self.order = list(range(len(pieces)))
+        self.views = ViewCache(pieces)
         self.num_slots = prefetch_depth + 1
         self.bytes_moved = 0
         disk_pieces = [i for i in self.order if sources[i] is None]
@@ -142,9 +144,10 @@ class LayerStreamer:
         self.bytes_moved += piece.num_bytes
         if self._gpu is None:
             slot = self.disk.take(index)
-            return Held(piece.views(slot.flat), lambda: self.disk.give_back(slot))
+            return Held(self.views.views(index, slot.flat), lambda: self.disk.give_back(slot))
         buffer_slot = self._gpu.acquire(index, self)
-        return Held(piece.views(self._gpu.buffers[buffer_slot]), lambda: self._gpu.release(buffer_slot, self))
+        return Held(self.views.views(index, self._gpu.buffers[buffer_slot]),
+                    lambda: self._gpu.release(buffer_slot, self))
 
     @contextmanager
     def staged(self, index: int) -> Iterator[dict]:

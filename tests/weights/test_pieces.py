@@ -137,3 +137,20 @@ def test_a_streamed_layer_gives_its_matrices_in_layout_order_and_refuses_going_b
         assert torch.equal(w["down"], tensors[p + "mlp.down_proj.weight"])  # gate_up skipped, released
     with weights.layer(layer) as w:  # the cycle goes on: the same layer's next turn comes round again
         assert torch.equal(w["o"], tensors[p + "self_attn.o_proj.weight"])
+
+
+def test_a_piece_s_views_of_a_buffer_are_made_once_and_show_what_it_holds_now(qwen2):
+    from llmrun.weights.pieces import ViewCache
+
+    folder, index, tensors = qwen2
+    pieces, _ = cut_layer(1, pack_layout(index, LAYOUT), "BF16", 10**9)
+    cache = ViewCache(pieces)
+    buffers = [torch.zeros(pieces[0].num_bytes, dtype=torch.uint8) for _ in range(2)]
+    first = cache.views(0, buffers[0])
+    assert cache.views(0, buffers[0]) is first and cache.views(0, buffers[1]) is not first
+    assert all(v.untyped_storage().data_ptr() == buffers[0].data_ptr() for v in first.values())
+    with TensorFileReader() as reader:
+        pieces[0].fill_views(reader, first)  # filled through the cached views, read through them again
+    for key in LAYOUT:
+        assert torch.equal(cache.views(0, buffers[0])[key], expected(tensors, key, torch.bfloat16)), key
+    assert not cache.views(0, buffers[1])["qkv"].any()  # the other buffer's views: its own bytes
