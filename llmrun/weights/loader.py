@@ -37,6 +37,7 @@ class PackedTensor:
     key: str
     parts: tuple[TensorInfo, ...]
     shape: tuple[int, ...]
+    staged_as: str = ""  # the dtype it is staged in where not staged_tag's (a compressed weight's float32 scales)
 
     @property
     def num_elements(self) -> int:
@@ -84,7 +85,7 @@ def row_range(packed: PackedTensor, first: int, last: int) -> PackedTensor:
             parts.append(TensorInfo(part.name, part.file, part.dtype, (hi - lo, *part.shape[1:]),
                                     start, start + (hi - lo) * row_bytes))
         row += rows
-    return PackedTensor(packed.key, tuple(parts), (last - first, *packed.shape[1:]))
+    return PackedTensor(packed.key, tuple(parts), (last - first, *packed.shape[1:]), packed.staged_as)
 
 
 class TensorFileReader:

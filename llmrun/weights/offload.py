@@ -29,16 +29,24 @@ _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
 
 
 def needs_offload(packs: list[PackedTensor], dtype) -> bool:
-    """Whether a float tensor of the unit is stored in another dtype than the run's (packed integer
-    parts of quantized weights are read as they are)."""
-    return any(part.dtype in _FLOAT_TAGS and part.dtype != _TAGS.get(dtype)
+    """Whether a float tensor of the unit is stored in another dtype than it is used in: the run's,
+    or float32 for a streamed compressed weight's scales and minimums (packed integer parts of
+    quantized weights are read as they are)."""
+    return any(part.dtype in _FLOAT_TAGS and part.dtype != (packed.staged_as or _TAGS.get(dtype))
                for packed in packs for part in packed.parts)
 
 
 def _staged(packed: PackedTensor, dtype) -> str:
-    """The tag a tensor is used in: a float one in the run dtype, any other as stored."""
+    """The tag a tensor is used in: its `staged_as` where set, else a float one in the run dtype and
+    any other as stored."""
     tag = packed.parts[0].dtype
-    return _TAGS[dtype] if tag in _FLOAT_TAGS else tag
+    return packed.staged_as or (_TAGS[dtype] if tag in _FLOAT_TAGS else tag)
+
+
+def _unit_file(folder: Path, unit: int, packs: list[PackedTensor]) -> Path:
+    """A unit's converted file; a streamed compressed unit (its scales staged as float32) has its own,
+    beside the same unit's copy for a resident run."""
+    return folder / (f"unit-{unit}-f32-scales.bin" if any(p.staged_as for p in packs) else f"unit-{unit}.bin")
 
 
 def source_files(packs: dict[int, list[PackedTensor]]) -> list[Path]:
@@ -60,7 +68,7 @@ def offloaded(packs: dict[int, list[PackedTensor]], units: list[int], dtype) -> 
     out = {}
     with TensorFileReader() as reader:
         for unit in todo:
-            file = folder / f"unit-{unit}.bin"
+            file = _unit_file(folder, unit, packs[unit])
             if not file.exists():
                 _write_unit(reader, packs[unit], dtype, file)
             out[unit] = _repoint(packs[unit], dtype, file)
@@ -112,6 +120,6 @@ def _repoint(packs: list[PackedTensor], dtype, file: Path) -> list[PackedTensor]
         tag = _staged(packed, dtype)
         size = packed.num_elements * DTYPE_BYTES[tag]
         part = TensorInfo(packed.key, file, tag, packed.shape, offset, offset + size)
-        out.append(PackedTensor(packed.key, (part,), packed.shape))
+        out.append(PackedTensor(packed.key, (part,), packed.shape, packed.staged_as))
         offset += size
     return out

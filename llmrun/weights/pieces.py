@@ -93,7 +93,7 @@ def make_piece(unit: int, packs: list[PackedTensor], run_tag: str) -> Piece:
     """The tensors laid out one after another, each at an aligned offset."""
     staged, offset = [], 0
     for packed in packs:
-        tensor = StagedTensor(packed, staged_tag(packed.parts[0].dtype, run_tag), offset)
+        tensor = StagedTensor(packed, packed.staged_as or staged_tag(packed.parts[0].dtype, run_tag), offset)
         staged.append(tensor)
         offset = _aligned(offset + tensor.num_bytes)
     return Piece(unit, tuple(staged))

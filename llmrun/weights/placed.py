@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from llmrun.errors import UsageError
 from llmrun.plan.placement import Placement, Tier
+from llmrun.quant.format import QuantWeight
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
 from llmrun.weights.offload import kept_converted, offloaded
@@ -51,10 +52,14 @@ class PlacedWeights:
         packs = {unit: pack_layout(index, layout) for unit, (layout, _) in staged.items()}
         tiers = dict(enumerate(placement.layer_tiers))
         tiers[self.head_unit] = placement.head_tier
+        for unit, unit_packs in packs.items():  # streamed compressed units: their scales staged as float32
+            if tiers[unit] is not placement.compute_tier and self.unit_parts[unit]:
+                packs[unit] = self.quant.streamed(unit_packs)
         self.resident: dict[int, dict] = {}
         self.packed = can_pack(dtype, self.device)
         self.unit_pieces: dict[int, list[int]] = {}  # a streamed unit's pieces, by index in the cycle
         self.vectors: dict[int, dict] = {}  # resident norms of layers streamed matrix by matrix
+        self._assembled_views: dict[int, tuple[dict, dict]] = {}  # id(staged views) -> (them, assembled)
         self.streamer = None
         with TensorFileReader() as reader:
             self.globals = {p.key: self._load(reader, p) for p in pack_layout(index, decoder.global_layout())}
@@ -205,13 +210,30 @@ class PlacedWeights:
         pieces = self.unit_pieces[layer_idx]
         if layer_idx not in self.vectors:
             with self.streamer.staged(pieces[0]) as tensors:
-                yield self.unit_parts[layer_idx].assemble(tensors)
+                yield self._assembled(layer_idx, tensors)
             return
         staged = StagedLayer(self.streamer, pieces, self.vectors[layer_idx], self.unit_parts[layer_idx])
         try:
             yield staged
         finally:
             staged.release()
+
+    def _assembled(self, unit: int, tensors: dict) -> dict:
+        """A unit staged whole, its compressed weights put together. `tensors` are the streamer's
+        views of one slot, the same dict each time that slot holds this unit (ViewCache), so where
+        every QuantWeight is made of those views alone (scales staged as float32, one format a key)
+        the result is made once and given again (~200 us a layer and step; the QuantWeights' C
+        structures are then reused too); else (two-level scales expanded, formats stacked) each time."""
+        parts = self.unit_parts[unit]
+        made = self._assembled_views.get(id(tensors))
+        if made is not None and made[0] is tensors:
+            return made[1]
+        out = parts.assemble(tensors)
+        views = {id(t) for t in tensors.values()}
+        if all(id(t) in views for qw in out.values() if isinstance(qw, QuantWeight)
+               for t in (qw.qweight, qw.scales, qw.mins) if t is not None):
+            self._assembled_views[id(tensors)] = (tensors, out)  # (tensors held: its id stays its own)
+        return out
 
     def head_chunks(self) -> Iterator[torch.Tensor]:
         """The output head [vocab rows, hidden] in vocabulary order: whole when resident, else its

@@ -6,7 +6,8 @@ A layout key whose tensors are compressed (`qkv`: q, k and v) becomes the key it
 values and companions `qkv_scales`, `qkv_mins` (or the two-level `qkv_scale_codes`, `qkv_super_scales`,
 ...), each stacking its tensors' parts along the outputs as the float weights are stacked. Scales and
 minimums are read as raw bytes (the loader converts float tensors to the run dtype; these must stay
-exact) and viewed as their float type when assembled. Tensors of one key in different formats (a
+exact) and viewed as their float type when assembled; those of a streamed unit are staged as float32
+(`QuantLayout.streamed`), so its QuantWeights are views of the staging slot. Tensors of one key in different formats (a
 GGUF's Q4_K beside Q6_K) take keys of their own (`qkv`, `qkv_1`) and are stacked when assembled.
 """
 
@@ -23,6 +24,7 @@ from llmrun.quant.format import (
     split_parts,
 )
 from llmrun.weights.index import DTYPE_BYTES, CheckpointIndex, read_header
+from llmrun.weights.loader import PackedTensor
 
 _FLOAT_PARTS = {"scales", "mins", "super_scales", "super_mins"}
 
@@ -74,6 +76,20 @@ class QuantLayout:
                                                  shape=(info.shape[0], info.shape[1] * DTYPE_BYTES[info.dtype]))
         self.byte_index = CheckpointIndex(index.folder, tensors)
         self._tags = {n: index[n].dtype for n in index.tensors if n.rpartition(".")[2] in _FLOAT_PARTS}
+        self._float_infos = {n: index[n] for n in self._tags}
+
+    def streamed(self, packs: list[PackedTensor]) -> list[PackedTensor]:
+        """A streamed unit's tensors as they are staged: scales and minimums (float16 or float32
+        bytes) read as their float type and staged as float32, converted (exactly) by whoever fills
+        the slot, so a step's QuantWeights are views of the slot, made once (PlacedWeights.layer).
+        The plan counts these parts as float32 already (quant/spec.part_memory_bytes)."""
+        out = []
+        for packed in packs:
+            infos = [self._float_infos.get(part.name) for part in packed.parts]
+            if all(infos):
+                packed = PackedTensor(packed.key, tuple(infos), (packed.shape[0], infos[0].shape[1]), "F32")
+            out.append(packed)
+        return out
 
     def __bool__(self) -> bool:
         return bool(self.formats)
@@ -151,9 +167,9 @@ class UnitParts:
 
         def part(name: str) -> torch.Tensor:
             value = tensors[_staged_name(key, name)]
-            if name in tags:  # raw bytes [rows, cols * size] -> the float type (scales, mins)
+            if name in tags and value.dtype == torch.uint8:  # raw bytes [rows, cols * size] -> the float type
                 value = value.view(torch.float16 if tags[name] == "F16" else torch.float32)
-            return value
+            return value  # (a streamed unit's scales and mins arrive as float32: QuantLayout.streamed)
 
         if fmt.super_group:
             scales = TwoLevel(part("scale_codes"), part("super_scales")).expand(fmt.group_size, fmt.super_group)

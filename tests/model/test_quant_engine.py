@@ -2,6 +2,9 @@
 quantized matmul (kernels/choose.py), which agrees with the reference path (LLMRUN_NO_NATIVE=1:
 every QuantWeight dequantized for its matmul) and gives a request the same tokens alone or batched."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,18 +91,35 @@ def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypa
     assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
-def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home):
-    """Layers streamed from disk bring new QuantWeights every step: the layer's C structure is rebuilt
-    for them (kernels/quant_layer.py keeps one per set of weights), so the tokens and logits are the
-    resident run's exactly."""
+def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home, monkeypatch):
+    """A layer streamed from disk comes as views of a staging slot, its scales and minimums staged as
+    float32 (read from the offload cache's own copy), and its QuantWeights are put together once per
+    slot, not every step (the layer's C structure is then kept for them too): the tokens and logits
+    are the resident run's exactly."""
+    from llmrun.weights.quantized import UnitParts
     from tests.placements import placement_options
 
+    assembled = []
+    real = UnitParts.assemble
+    monkeypatch.setattr(UnitParts, "assemble", lambda self, tensors: assembled.append(1) or real(self, tensors))
     runs = []
     for placement in ("resident", "disk"):  # disk: at least half the layers streamed whole
         with build_engine(tiny, placement_options(placement, tiny, "bfloat16", quant="int4")) as e:
             assert (e.weights.streamer is not None) == (placement == "disk")
+            assembled.clear()
             runs.append(greedy_with_logits(e, PROMPT, 12))
             assert e.decoder.kernels.describe().get("quant_layer", False) is quant_layer_should_run()
+            if placement == "disk":
+                weights = e.weights
+                streamed = [u for u in weights.unit_pieces if u != weights.head_unit]
+                assert len(assembled) <= 2 * len(streamed) < 12 * len(streamed)  # once per slot, not per step
+                slots = {slot.flat.untyped_storage().data_ptr() for slot in weights.streamer.disk.slots}
+                for _, made in weights._assembled_views.values():
+                    qw = made["gate_up"]
+                    assert qw.scales.dtype == qw.mins.dtype == torch.float32
+                    assert {qw.scales.untyped_storage().data_ptr(), qw.qweight.untyped_storage().data_ptr()} <= slots
+                layer_files = {p.name for p in (Path(os.environ["LLMRUN_HOME"]) / "offload").rglob("unit-*.bin")}
+                assert {f"unit-{u}-f32-scales.bin" for u in streamed} <= layer_files
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
 
