@@ -104,14 +104,31 @@ class TensorFileReader:
 
     def _pread_into(self, info: TensorInfo, buffer) -> None:
         """Read the tensor's bytes into `buffer` (a contiguous CPU uint8 tensor of its size)."""
-        view = memoryview(buffer.numpy()).cast("B")
-        fd, done = self._fd(info.file), 0
+        self._pread_view(info, memoryview(buffer.numpy()).cast("B"))
+        self.bytes_read += info.num_bytes
+
+    def _pread_view(self, info: TensorInfo, view: memoryview, done: int = 0) -> None:
+        """The tensor's bytes from `done` on into `view` (a byte memoryview of its size)."""
+        fd = self._fd(info.file)
         while done < info.num_bytes:
             count = os.preadv(fd, [view[done:]], info.start + done)
             if count <= 0:
                 raise InvalidModelError(f"{info.file} is truncated (reading tensor {info.name})")
             done += count
-        self.bytes_read += info.num_bytes
+
+    def read_run(self, run: list[tuple[TensorInfo, memoryview]]) -> None:
+        """Tensors lying back to back in one file, each into its own byte view, with one preadv; a
+        short read (rare: a very large run, or a truncated file) is finished tensor by tensor."""
+        first = run[0][0]
+        total = sum(info.num_bytes for info, _ in run)
+        count = os.preadv(self._fd(first.file), [view for _, view in run], first.start)
+        if count < total:
+            start = 0
+            for info, view in run:
+                if start + info.num_bytes > count:
+                    self._pread_view(info, view, max(count - start, 0))
+                start += info.num_bytes
+        self.bytes_read += total
 
     def read_into(self, info: TensorInfo, dst) -> None:
         """Fill the contiguous CPU tensor `dst` (any dtype, same element count) with the tensor.

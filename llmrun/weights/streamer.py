@@ -55,7 +55,7 @@ class _ReaderState:
                     slot.copied = None
                 slot.free.clear()
                 index = self.order[position % len(self.order)]
-                self.pieces[index].fill_views(self.reader, self.views.views(index, slot.flat))
+                self.views.reads(index, slot.flat).fill(self.reader)
                 slot.piece = index
                 slot.ready.set()
                 position += 1

@@ -102,6 +102,40 @@ def test_tensors_that_are_not_floats_are_staged_as_stored(tmp_path):
     assert views["w_scales"].dtype is torch.bfloat16 and torch.equal(views["w_scales"], scales.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("most_per_call", [None, 100])
+def test_tensors_back_to_back_in_a_file_are_read_in_one_run_even_when_reads_come_short(tmp_path, monkeypatch,
+                                                                                      most_per_call):
+    """One preadv fills the places of tensors that follow each other in the file (a bfloat16 one
+    converts on its own); a read that returns fewer bytes is finished tensor by tensor."""
+    import os
+
+    from llmrun.weights import loader
+    from llmrun.weights.pieces import PieceReads
+
+    stored = {"a": torch.randn(5, 8), "b": torch.randn(3, 8), "c": torch.randn(7, 16),
+              "d": torch.randn(4, 8, dtype=torch.bfloat16)}
+    save_file(stored, tmp_path / "model.safetensors")
+    index = build_index(tmp_path)
+    piece = make_piece(0, pack_layout(index, {"ab": ("a", "b"), "c": ("c",), "d": ("d",)}), "F32")
+    if most_per_call is not None:
+        real = os.preadv
+
+        def short(fd, views, offset):  # at most `most_per_call` bytes a call, into the first view
+            return real(fd, [views[0][:most_per_call]], offset)
+
+        monkeypatch.setattr(loader.os, "preadv", short)
+    buffer = torch.empty(piece.num_bytes, dtype=torch.uint8)
+    reads = PieceReads(piece, piece.views(buffer))
+    assert [[info.name for info, _ in run] for run in reads.runs] == [["a", "b", "c"]]
+    assert [info.name for info, _ in reads.converted] == ["d"]
+    with TensorFileReader() as reader:
+        reads.fill(reader)
+        assert reader.bytes_read == sum(index[name].num_bytes for name in stored)
+    views = piece.views(buffer)
+    assert torch.equal(views["ab"], torch.cat([stored["a"], stored["b"]])) and torch.equal(views["c"], stored["c"])
+    assert torch.equal(views["d"], stored["d"].float())
+
+
 @pytest.fixture(scope="module")
 def floor_engine(tmp_path_factory):
     folder = save_checkpoint(tmp_path_factory.mktemp("llama") / "llama", llama_config(), seed=4)
@@ -150,7 +184,7 @@ def test_a_piece_s_views_of_a_buffer_are_made_once_and_show_what_it_holds_now(qw
     assert cache.views(0, buffers[0]) is first and cache.views(0, buffers[1]) is not first
     assert all(v.untyped_storage().data_ptr() == buffers[0].data_ptr() for v in first.values())
     with TensorFileReader() as reader:
-        pieces[0].fill_views(reader, first)  # filled through the cached views, read through them again
+        cache.reads(0, buffers[0]).fill(reader)  # filled through the cached views, read through them again
     for key in LAYOUT:
         assert torch.equal(cache.views(0, buffers[0])[key], expected(tensors, key, torch.bfloat16)), key
     assert not cache.views(0, buffers[1])["qkv"].any()  # the other buffer's views: its own bytes
