@@ -48,11 +48,12 @@ TESTS = [
 CHILD = """
 import json, sys, pytest, torch
 from llmrun.kernels.native import load_library
+from llmrun.kernels.quant_cpu import CpuQuantMatmul
 from tests.kernel_checks import (TINY_MATMULS, amx_gemm_passes, gemv_passes, layer_passes, onednn_bf16_kernel,
                                  quant_kernel_passes)
 print(json.dumps({"onednn": onednn_bf16_kernel(), "aten": torch.backends.cpu.get_cpu_capability(),
                   "library": load_library() is not None, "layer": layer_passes(), "quant": quant_kernel_passes(),
-                  "amx": amx_gemm_passes(),
+                  "amx": amx_gemm_passes(), "amx_int": CpuQuantMatmul().amx_int,
                   "gemv": any(gemv_passes(*shape) for shape in TINY_MATMULS)}), flush=True)
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))
 """
@@ -62,7 +63,7 @@ def assert_taken_away(case: str, found: dict) -> None:
     """What the case takes away is gone (on any machine: a case only takes away)."""
     assert not found["gemv"] and (found["layer"] is False or case == "no_amx"), found
     assert not found["quant"] or case == "no_amx", found  # VNNI needs no AMX: only that case keeps it
-    assert not found["amx"], found  # the AMX GEMM: gone in every case
+    assert not found["amx"] and not found["amx_int"], found  # the AMX GEMM and AMX decode tiles: gone in every case
     if case == "no_amx":
         assert "amx" not in found["onednn"], found
     if case == "no_avx512":

@@ -12,6 +12,11 @@ slower than this one. Each weight format, input size and dtype is checked agains
 ATen held below AVX-512), no compiler, or a format the kernel does not read (an int8 group that is not
 16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
+Where the CPU has AMX int8 (and ONEDNN_MAX_CPU_ISA leaves AMX on), bf16 decode steps of AMX_DECODE_ROWS
+rows or more take each unit's integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI
+kernel's float steps in its order: a row's bits are those it has alone (tested), at a fraction of the
+work the VNNI kernel spends on every weight row and activation row.
+
 Longer bf16 forwards (prompt chunks) run the AMX GEMM (kernels/quant_amx.c) where the CPU has AMX:
 the weight dequantized 32 output rows at a time (format.dequantize's values rounded once to bf16)
 into a buffer the caches hold and multiplied with AMX bf16 tiles, checked like the decode kernel
@@ -33,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from llmrun import settings
+from llmrun.kernels.interface import check_forced_to_fail
 from llmrun.kernels.native import FLAGS, GEMV_FLAGS, aten_runs_avx512, build_library, c_compiler
 from llmrun.kernels.quant import QuantMatmul, quant_linear, quant_parts
 from llmrun.kernels.quant_check import checked_on
@@ -44,10 +50,14 @@ from llmrun.quant.spec import CPU_DECODE_ROWS
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
 AMX_SOURCE = Path(__file__).with_name("quant_amx.c")
+AMX_INT_SOURCE = Path(__file__).with_name("quant_amx_int.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
 GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part-filled tiles of rows, an odd number of them
 CHUNK = 64  # inputs per step of the kernel's inner loop
+# decode steps of this many bf16 rows or more take their integer sums from AMX tiles (by bits: int4 weights
+# are unpacked for the tiles, int8 ones read as they lie; below, the VNNI kernel was faster: docs/performance.md)
+AMX_DECODE_ROWS = {4: 8, 8: 4}
 
 
 @lru_cache(maxsize=1)
@@ -55,7 +65,7 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
     """quant_kernels.c built (once per source version, cached like native.py's library), or None."""
     compiler = c_compiler()
     lib = None
-    for sources in ((SOURCE, LAYER_SOURCE, AMX_SOURCE), (SOURCE, LAYER_SOURCE)):  # a compiler without AMX: no AMX
+    for sources in ((SOURCE, LAYER_SOURCE, AMX_SOURCE, AMX_INT_SOURCE), (SOURCE, LAYER_SOURCE)):  # a compiler without AMX: no AMX
         lib = lib or (None if compiler is None else build_library(compiler, sources, FLAGS + GEMV_FLAGS))
     if lib is None or not hasattr(lib, "quant_matmul"):  # (a non-x86-64 build has no kernels)
         return None
@@ -69,6 +79,11 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
         lib.quant_amx_tile_weight.restype = None
         lib.quant_amx_scratch.argtypes = [i64, i32]
         lib.quant_amx_scratch.restype = i64
+        lib.quant_amx_int_ready.restype = i32
+        lib.quant_matmul_amx.argtypes = [p, i64, i64, i64, p, p, p, i64, i32, i64, p, i64, p, i32]
+        lib.quant_matmul_amx.restype = i32
+        lib.quant_amx_int_scratch.argtypes = [i64, i64, i32]
+        lib.quant_amx_int_scratch.restype = i64
     lib.quant_supported.restype = i32
     lib.quant_row_scratch_bytes.argtypes = [i64, i64]
     lib.quant_row_scratch_bytes.restype = i64
@@ -88,7 +103,7 @@ def amx_allowed() -> bool:
 
 def kernel_reads(bits: int, group_size: int, in_features: int) -> bool:
     """Whether the C kernel reads this format: inputs in steps of 64, groups that tile those steps."""
-    return in_features % CHUNK == 0 and (group_size in (16, 32) or group_size % CHUNK == 0)
+    return in_features % CHUNK == 0 and (group_size == 32 or group_size % CHUNK == 0 or (group_size, bits) == (16, 8))
 
 
 class CpuQuantMatmul(QuantMatmul):
@@ -121,6 +136,14 @@ class CpuQuantMatmul(QuantMatmul):
         this process use it, and ONEDNN_MAX_CPU_ISA, where it keeps oneDNN off AMX, keeps it off too."""
         return (self.lib is not None and hasattr(self.lib, "quant_gemm_amx") and amx_allowed()
                 and bool(self.lib.quant_amx_ready()))
+
+    @cached_property
+    def amx_int(self) -> bool:
+        """Whether decode steps of AMX_DECODE_ROWS rows or more may take their integer sums from AMX int8
+        tiles here (quant_amx_int.c: the VNNI kernel's bits): as `amx`, with AMX's int8 instructions
+        (and like it, off where ONEDNN_MAX_CPU_ISA keeps oneDNN below AMX, or with LLMRUN_FAIL_CHECKS=amx)."""
+        return (self.lib is not None and hasattr(self.lib, "quant_matmul_amx") and amx_allowed()
+                and not check_forced_to_fail("amx") and bool(self.lib.quant_amx_int_ready()))
 
     def linear(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not (x.dtype in DTYPES and x.dim() == 2 and x.stride(1) == 1 and self.lib is not None
@@ -212,6 +235,8 @@ class CpuQuantMatmul(QuantMatmul):
         """x [rows, in] @ W.T in x's dtype: bf16 rows by the VNNI kernel (int8 activations per block
         of 32), float32 rows with the weight dequantized in registers (float32 throughout)."""
         rows, k = x.shape
+        if x.dtype == torch.bfloat16 and rows >= AMX_DECODE_ROWS[qw.bits] and self.amx_int:
+            return self.matmul_amx(x, qw)
         row_bytes = max(self.lib.quant_row_scratch_bytes(k, qw.group_size), 4 * k)  # int8 form, or k floats
         if self._scratch.numel() < rows * row_bytes:
             self._scratch = torch.empty(max(rows, DECODE_ROWS) * row_bytes, dtype=torch.uint8)
@@ -220,6 +245,23 @@ class CpuQuantMatmul(QuantMatmul):
         self.lib.quant_matmul(x.data_ptr(), x.stride(0), DTYPES[x.dtype], rows, k, qw.qweight.data_ptr(),
                               qw.scales.data_ptr(), mins, qw.out_features, qw.bits, qw.group_size, out.data_ptr(),
                               out.stride(0), self._scratch.data_ptr(), torch.get_num_threads())
+        return out
+
+    def matmul_amx(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+        """x [rows <= 16, in] (bf16) @ W.T by AMX int8 tiles: the VNNI kernel's arithmetic, the same bits."""
+        rows, k = x.shape
+        threads = torch.get_num_threads()
+        need = self.lib.quant_amx_int_scratch(k, qw.group_size, threads) + 64
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8)
+        out = torch.empty((rows, qw.out_features), dtype=torch.bfloat16)
+        mins = None if qw.mins is None else qw.mins.data_ptr()
+        failed = self.lib.quant_matmul_amx(x.data_ptr(), x.stride(0), rows, k, qw.qweight.data_ptr(),
+                                           qw.scales.data_ptr(), mins, qw.out_features, qw.bits, qw.group_size,
+                                           out.data_ptr(), out.stride(0), (self._scratch.data_ptr() + 63) // 64 * 64,
+                                           threads)
+        if failed:
+            raise RuntimeError("AMX int8 tiles cannot run here (amx_int decides where they may)")
         return out
 
     def dequantized(self, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -12,12 +12,19 @@
  * where dx[b] is the activation block's scale; the min term is one dot product per output of the
  * mins with T[g] = sum over the group's inputs of dx * q_x, computed once per activation row.
  *
+ * The product, in one order whatever company a row keeps: per unit of inputs (32, or 16 where groups
+ * are 16) S = the exact integer sum of q_w q_x; lane u % 16 of an output's float32 accumulator takes
+ * S * (weight scale * dx) by one FMA, unit by unit, then min * T group by group (lane g % 16), and
+ * reduce4 sums the 16 lanes. Here S comes from VPDPBUSD lanes, reduced as integers (any order is
+ * exact); quant_amx_int.c takes S from AMX tiles for steps of several rows and the same float steps,
+ * so a row's bits do not depend on the rows beside it or on which kernel ran.
+ *
  * Lane layout: a VNNI lane sums 4 adjacent bytes. An int4 chunk of 64 inputs is 32 bytes; its low
  * nibbles (the even inputs) fill the first 32 bytes of a vector and its high nibbles (the odd ones)
  * the last 32, so lanes 0-3 and 8-11 hold block 0's inputs, 4-7 and 12-15 block 1's. The activations
  * are stored in that same order (per chunk: even inputs, then odd), so no nibble is shuffled in the
  * inner loop. An int8 chunk is 64 bytes in input order (lanes 0-7: block 0); VPDPBUSD multiplies
- * unsigned by signed bytes, so the weights are read as w + 128 (one XOR) and 128 * sum(q_x) per lane,
+ * unsigned by signed bytes, so the weights are read as w + 128 (one XOR) and 128 * sum(q_x) per unit,
  * computed once per activation row, is taken back.
  *
  * The sums are float32 in another order than a dequantize-then-matmul, and the activations are
@@ -56,15 +63,18 @@ static inline void store_y(void *out, long i, float v, int bf16) {
     ((uint16_t *)out)[i] = (uint16_t)(u >> 16);
 }
 
-/* n floats rounded to bf16 (to nearest even), for quant_layer.c. */
-void quant_store_bf16(const float *in, uint16_t *out, long n) {
-    for (long i = 0; i < n; i++) store_y(out, i, in[i], 1);
-}
-
 /* One activation row's scratch (bf16 rows), 64-byte aligned: q [k] int8 in the order the weights'
- * lanes read, dx [k / 4] floats (each lane's block scale), xs [k / 4] int32 (each lane's 128 * sum q,
- * the int8 weights' offset), T [k / group + 16] floats (sum of dx * q per group, for the minimums). */
-static long row_stride(long k, long group) { return 3 * k + ((k / group + 16) * 4 + 63) / 64 * 64; }
+ * lanes read, then per unit (unit_size: 32 inputs, 16 where groups are 16; padded with 16 zeros)
+ * dx [units + 16] floats (the unit's block scale) and xs [units + 16] int32 (128 * the unit's sum of
+ * q, the int8 weights' offset), then T [k / group + 16] floats (sum of dx * q per group, for the
+ * minimums). */
+static long padded_units(long k) { return k / 16 + 16; }
+static long row_stride(long k, long group) { return (k + 8 * padded_units(k) + 4 * (k / group + 16) + 63) / 64 * 64; }
+static float *row_dx(const uint8_t *row, long k) { return (float *)(row + k); }
+static int32_t *row_xs(const uint8_t *row, long k) { return (int32_t *)(row + k + 4 * padded_units(k)); }
+static float *row_t(const uint8_t *row, long k) { return (float *)(row + k + 8 * padded_units(k)); }
+const float *quant_row_dx(const uint8_t *row, long k) { return row_dx(row, k); } /* (for quant_amx_int.c) */
+const float *quant_row_t(const uint8_t *row, long k) { return row_t(row, k); }
 
 /* Scratch bytes one activation row needs (the caller allocates rows * this many bytes, which leaves
  * room to align the first row). */
@@ -79,10 +89,12 @@ TARGET static inline __m512 load_bf16x16(const uint16_t *p) {
  * max|x| / 127 (to nearest even, as nearbyintf), stored per chunk of 64 in the weights' lane order. */
 TARGET static void quantize_row(const uint16_t *x, long k, long group, int bits, uint8_t *row) {
     int8_t *q = (int8_t *)row;
-    float *dx = (float *)(row + k), *t = (float *)(row + 3 * k);
-    int32_t *xs = (int32_t *)(row + 2 * k);
+    float *dx = row_dx(row, k), *t = row_t(row, k);
+    int32_t *xs = row_xs(row, k);
     const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
+    long unit = group == 16 ? 16 : BLOCK, units = k / unit;
     for (long g = 0; g < k / group + 16; g++) t[g] = 0.0f;
+    for (long u = units; u < units + 16; u++) dx[u] = 0.0f, xs[u] = 0;
     for (long c = 0; c < k; c += CHUNK) {
         __m128i bytes[4];
         float d[2];
@@ -96,11 +108,16 @@ TARGET static void quantize_row(const uint16_t *x, long k, long group, int bits,
             __m512i vhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
             vlo = _mm512_min_epi32(_mm512_max_epi32(vlo, low), high);
             vhi = _mm512_min_epi32(_mm512_max_epi32(vhi, low), high);
-            if (group == 16) { /* two groups a block */
-                t[start / 16] += d[b] * (float)_mm512_reduce_add_epi32(vlo);
-                t[start / 16 + 1] += d[b] * (float)_mm512_reduce_add_epi32(vhi);
+            int sum_lo = _mm512_reduce_add_epi32(vlo), sum_hi = _mm512_reduce_add_epi32(vhi);
+            if (group == 16) { /* two groups (units) a block */
+                t[start / 16] += d[b] * (float)sum_lo;
+                t[start / 16 + 1] += d[b] * (float)sum_hi;
+                dx[start / 16] = dx[start / 16 + 1] = d[b];
+                xs[start / 16] = 128 * sum_lo, xs[start / 16 + 1] = 128 * sum_hi;
             } else {
                 t[start / group] += d[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(vlo, vhi));
+                dx[start / BLOCK] = d[b];
+                xs[start / BLOCK] = 128 * (sum_lo + sum_hi);
             }
             bytes[2 * b] = _mm512_cvtepi32_epi8(vlo);
             bytes[2 * b + 1] = _mm512_cvtepi32_epi8(vhi);
@@ -111,26 +128,15 @@ TARGET static void quantize_row(const uint16_t *x, long k, long group, int bits,
             chunk = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(chunk)),
                                        _mm512_cvtepi16_epi8(_mm512_srli_epi16(chunk, 8)), 1);
         _mm512_storeu_si512((void *)(q + c), chunk);
-        __mmask16 second = bits == 4 ? 0xF0F0 : 0xFF00; /* the lanes of the chunk's second block */
-        _mm512_storeu_ps(dx + c / 4, _mm512_mask_blend_ps(second, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1])));
-        _mm512_storeu_si512((void *)(xs + c / 4),
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), chunk));
     }
 }
 
-/* The weight scales of chunk j, one per lane, for groups of 16 or 32 (see the lane layout above). */
-TARGET static inline __attribute__((always_inline)) __m512 chunk_scales(const float *s, long j, const int group,
-                                                                        const int bits) {
-    if (group == BLOCK) {
-        __m512 two = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(s + 2 * j))));
-        const __m512i idx = bits == 4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-                                      : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        return _mm512_permutexvar_ps(idx, two);
-    }
-    /* group 16 (int8 only): four groups a chunk, four lanes each */
-    __m512 four = _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * j));
-    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, four);
+/* bf16 activation rows quantized into scratch (64-byte aligned) as quant_matmul does it, for
+ * quant_amx_int.c; returns the bytes between rows. */
+TARGET long quant_quantize_rows(const uint16_t *x, long x_stride, long rows, long k, long group, int bits,
+                                uint8_t *scratch) {
+    for (long r = 0; r < rows; r++) quantize_row(x + r * x_stride, k, group, bits, scratch + r * row_stride(k, group));
+    return row_stride(k, group);
 }
 
 /* The 64 weight values from input `at` on, as bytes in lane order (int4: low nibbles, then high ones). */
@@ -163,109 +169,193 @@ TARGET __m128 quant_lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) { return 
 
 #define PREFETCH 8192 /* bytes ahead in a weight row's stream */
 
-/* y[o * NA + a] = weight row o . activation row a, for NO weight rows and NA activation rows
- * (NO, NA <= 4, constants once inlined, so every accumulator stays in a register): each chunk of a
- * weight row is unpacked once for all NA rows, each activation chunk loaded once for all NO rows.
- * group: 16, 32, or 64 for any multiple of 64 (then `per` chunks a group). */
-TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *w0, long w_row, const float *s0,
-                                                             const float *m0, long groups, const uint8_t *x0,
-                                                             long x_row, long k, const int bits, const int group,
-                                                             long per, const int NO, const int NA, float *y) {
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < NO * NA; i++) acc[i] = _mm512_setzero_ps();
-    long chunks = k / CHUNK, j = 0;
+/* Sums of adjacent 32-bit lanes of two vectors: per 128-bit lane, [a0 + a2, b0 + b2, a1 + a3, b1 + b3]. */
+TARGET static inline __m512i pair_sums32(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+}
+
+/* pair_sums32's results of four vectors v0..v3 summed again: 128-bit lane l holds [v0, v1, v2, v3]'s
+ * sums of their 128-bit lane l. */
+TARGET static inline __m512i lane_sums4(__m512i v01, __m512i v23) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(v01, v23), _mm512_unpackhi_epi64(v01, v23));
+}
+
+/* The exact sums of 16 units (in order) from the VPDPBUSD lanes of the n chunks that hold them (n 1,
+ * 2, 4 or 8, a constant once inlined; units past the last chunk are 0): chunks of two units of 32
+ * (int4: lanes 0-3 and 8-11 the first unit, int8: lanes 0-7), or of four units of 16 (int8 groups of
+ * 16: lanes 4l..4l+3 unit l). Integer sums: any order is exact. */
+TARGET static inline __attribute__((always_inline)) __m512i unit_sums(const __m512i v[8], const int bits,
+                                                                     const int unit, const int n) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i qa = lane_sums4(pair_sums32(v[0], n > 1 ? v[1] : z), n > 2 ? pair_sums32(v[2], v[3]) : z);
+    if (unit == 16) /* unit 4c + l at lane 4l + c */
+        return _mm512_permutexvar_epi32(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), qa);
+    __m512i qb = n > 4 ? lane_sums4(pair_sums32(v[4], v[5]), pair_sums32(v[6], v[7])) : z;
+    __m512i x = bits == 4 ? _mm512_shuffle_i32x4(qa, qb, 0x44) : _mm512_shuffle_i32x4(qa, qb, 0x88);
+    __m512i y = bits == 4 ? _mm512_shuffle_i32x4(qa, qb, 0xEE) : _mm512_shuffle_i32x4(qa, qb, 0xDD);
+    /* lanes 0-3: units 0, 2, 4, 6; 4-7: 1, 3, 5, 7; 8-11: 8, 10, 12, 14; 12-15: 9, 11, 13, 15 */
+    return _mm512_permutexvar_epi32(_mm512_set_epi32(15, 11, 14, 10, 13, 9, 12, 8, 7, 3, 6, 2, 5, 1, 4, 0),
+                                    _mm512_add_epi32(x, y));
+}
+
+/* Where the weight scales of each span of 16 units lie, SPAN_WORDS int32 a span: the span's first
+ * group, a mask of the groups from there it reads, and each unit's group counted from the first (0
+ * past the last unit). quant_amx_int.c reads the same table. */
+#define SPAN_WORDS 18
+long quant_span_words(long k) { return (k / 16 / 16 + 1) * SPAN_WORDS; }
+
+void quant_unit_spans(long k, long group, int32_t *spans) {
+    long unit = group == 16 ? 16 : BLOCK, units = k / unit, groups = k / group;
+    for (long span = 0; span * 16 < units; span++) {
+        int32_t *at = spans + span * SPAN_WORDS;
+        long u0 = span * 16, g0 = u0 * unit / group, count = groups - g0 < 16 ? groups - g0 : 16;
+        at[0] = (int32_t)g0;
+        at[1] = (int32_t)((1u << count) - 1);
+        for (long i = 0; i < 16; i++) at[2 + i] = (int32_t)(u0 + i < units ? (u0 + i) * unit / group - g0 : 0);
+    }
+}
+
+/* The weight scales of span `span`'s 16 units, one a lane (0 past the last unit's group). */
+TARGET static inline __m512 span_scales(const float *s, const int32_t *spans, long span) {
+    const int32_t *at = spans + span * SPAN_WORDS;
+    return _mm512_permutexvar_ps(_mm512_loadu_si512((const void *)(at + 2)), _mm512_maskz_loadu_ps((__mmask16)at[1], s + at[0]));
+}
+
+/* acc[o * NA + a] += one span's terms (16 units from chunk c0 on, `left` of its n chunks there; n a
+ * constant once inlined) of weight row o and activation row a, for NO weight rows and NA activation
+ * rows: each weight chunk unpacked once for the NA rows. */
+TARGET static inline __attribute__((always_inline)) void span_dots(const uint8_t *w0, long w_row, const float *s0,
+                                                                  long groups, const int32_t *spans,
+                                                                  const uint8_t *x0, long x_row, long k, long c0,
+                                                                  long span, long left, const int bits,
+                                                                  const int unit, const int n, const int NO,
+                                                                  const int NA, __m512 *acc) {
+    __m512 dx[4];
 #pragma GCC unroll 4
-    for (int o = 0; o < NO; o++) { /* the scales and minimums 32 weight rows on (software prefetch: the
-                                     * hardware's alone left a cold matrix at ~13 GB/s, ~20 with these) */
+    for (int a = 0; a < NA; a++) dx[a] = _mm512_loadu_ps(row_dx(x0 + a * x_row, k) + span * 16);
+#pragma GCC unroll 4
+    for (int o = 0; o < NO; o++) {
+        const uint8_t *w = w0 + o * w_row;
+        __m512i wq[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < n; c++) {
+            if (c >= left) {
+                wq[c] = _mm512_setzero_si512();
+                continue;
+            }
+            _mm_prefetch((const char *)(w + (c0 + c) * (bits == 4 ? CHUNK / 2 : CHUNK)) + PREFETCH, _MM_HINT_T0);
+            wq[c] = chunk_values(w, c0 + c, bits);
+        }
+        __m512 ws = span_scales(s0 + o * groups, spans, span);
+#pragma GCC unroll 4
+        for (int a = 0; a < NA; a++) {
+            const uint8_t *row = x0 + a * x_row;
+            __m512i v[8];
+#pragma GCC unroll 8
+            for (int c = 0; c < n; c++)
+                v[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[c],
+                                           c < left ? _mm512_loadu_si512((const void *)(row + (c0 + c) * CHUNK))
+                                                    : _mm512_setzero_si512());
+            __m512i sums = unit_sums(v, bits, unit, n);
+            if (bits == 8)
+                sums = _mm512_sub_epi32(sums, _mm512_loadu_si512((const void *)(row_xs(row, k) + span * 16)));
+            acc[o * NA + a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws, dx[a]), acc[o * NA + a]);
+        }
+    }
+}
+
+/* y[o * NA + a] = weight row o . activation row a, for NO weight rows and NA activation rows (NO * NA
+ * <= 4, constants once inlined, so every accumulator stays in a register). The quantized product: per
+ * unit u, S = its exact integer sum of q_w q_x; lane u % 16 of an output's accumulator takes S * (the
+ * unit's weight scale * dx) by one FMA, in unit order, then the minimums' terms (lane g % 16: min * T
+ * of group g, in group order); the 16 lanes are summed by reduce4. quant_amx_int.c computes the same S
+ * with AMX tiles and takes the same float steps: the same bits. */
+TARGET static inline __attribute__((always_inline)) void tile_dots(const uint8_t *w0, long w_row, const float *s0,
+                                                                  const float *m0, long groups, const uint8_t *x0,
+                                                                  long x_row, long k, const int32_t *spans,
+                                                                  const int bits, const int unit, const int NO,
+                                                                  const int NA, float *y) {
+    __m512 acc[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NO * NA; i++) acc[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int o = 0; o < NO; o++) /* the scales and minimums 32 rows on (software prefetch: the hardware's
+                                  * alone left a cold matrix at ~13 GB/s) */
         for (long at = 0; at < groups; at += 16) {
             _mm_prefetch((const char *)(s0 + (o + 32) * groups + at), _MM_HINT_T0);
             if (m0) _mm_prefetch((const char *)(m0 + (o + 32) * groups + at), _MM_HINT_T0);
         }
-    }
-    for (long g = 0; j < chunks; g++) {
-        long end = group == 64 ? j + per : j + 1;
-        __m512 sc[4];
-#pragma GCC unroll 4
-        for (int o = 0; o < NO; o++)
-            sc[o] = group == 64 ? _mm512_set1_ps(s0[o * groups + g]) : chunk_scales(s0 + o * groups, j, group, bits);
-        for (; j < end; j++) {
-            __m512i xq[4], xs[4];
-            __m512 dx[4];
-#pragma GCC unroll 4
-            for (int a = 0; a < NA; a++) {
-                const uint8_t *row = x0 + a * x_row;
-                xq[a] = _mm512_loadu_si512((const void *)(row + j * CHUNK));
-                dx[a] = _mm512_loadu_ps((const float *)(row + k) + j * 16);
-                if (bits == 8) xs[a] = _mm512_loadu_si512((const void *)((const int32_t *)(row + 2 * k) + j * 16));
-            }
-#pragma GCC unroll 4
-            for (int o = 0; o < NO; o++) {
-                _mm_prefetch((const char *)(w0 + o * w_row + j * (bits == 4 ? CHUNK / 2 : CHUNK)) + PREFETCH,
-                             _MM_HINT_T0);
-                __m512i wq = chunk_values(w0 + o * w_row, j, bits);
-#pragma GCC unroll 4
-                for (int a = 0; a < NA; a++) {
-                    __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq[a]);
-                    if (bits == 8) sums = _mm512_sub_epi32(sums, xs[a]);
-                    acc[o * NA + a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(sc[o], dx[a]),
-                                                      acc[o * NA + a]);
-                }
-            }
-        }
-    }
+    const int per = unit == 16 ? 4 : 8; /* chunks a span of 16 units */
+    long chunks = k / CHUNK, c0 = 0, span = 0;
+    for (; c0 + per <= chunks; c0 += per, span++)
+        span_dots(w0, w_row, s0, groups, spans, x0, x_row, k, c0, span, per, bits, unit, per, NO, NA, acc);
+    long left = chunks - c0;
+#define SPAN(n) span_dots(w0, w_row, s0, groups, spans, x0, x_row, k, c0, span, left, bits, unit, n, NO, NA, acc)
+    if (left == 1) /* the last span's chunks, reduced as 1, 2, 4 (or 8) */
+        SPAN(1);
+    else if (left == 2)
+        SPAN(2);
+    else if (left > 2 && (left <= 4 || unit == 16))
+        SPAN(4);
+    else if (left > 4)
+        SPAN(8);
+#undef SPAN
     if (m0) /* the minimums' term: sum over groups of min * T */
         for (long g = 0; g < groups; g += 16) {
             __mmask16 keep = groups - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - g)) - 1);
+            __m512 t[4];
 #pragma GCC unroll 4
-            for (int a = 0; a < NA; a++) {
-                __m512 t = _mm512_maskz_loadu_ps(keep, (const float *)(x0 + a * x_row + 3 * k) + g);
+            for (int a = 0; a < NA; a++) t[a] = _mm512_maskz_loadu_ps(keep, row_t(x0 + a * x_row, k) + g);
 #pragma GCC unroll 4
-                for (int o = 0; o < NO; o++)
-                    acc[o * NA + a] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, m0 + o * groups + g), t,
-                                                      acc[o * NA + a]);
+            for (int o = 0; o < NO; o++) {
+                __m512 mins = _mm512_maskz_loadu_ps(keep, m0 + o * groups + g);
+#pragma GCC unroll 4
+                for (int a = 0; a < NA; a++) acc[o * NA + a] = _mm512_fmadd_ps(mins, t[a], acc[o * NA + a]);
             }
         }
-    int count = NO * NA;
+    const int count = NO * NA;
+    float sums[4];
+    _mm_storeu_ps(sums, reduce4(acc[0], acc[count > 1 ? 1 : 0], acc[count > 2 ? 2 : 0], acc[count > 3 ? 3 : 0]));
 #pragma GCC unroll 4
-    for (int i = 0; i < count; i += 4) {
-        float sums[4];
-        _mm_storeu_ps(sums, reduce4(acc[i], acc[i + 1 < count ? i + 1 : i], acc[i + 2 < count ? i + 2 : i],
-                                    acc[i + 3 < count ? i + 3 : i]));
-        for (int j = 0; j < 4 && i + j < count; j++) y[i + j] = sums[j];
-    }
+    for (int i = 0; i < count; i++) y[i] = sums[i];
 }
 
 /* Outputs [first, last) of `rows` quantized activation rows, for one weight format (constants once
- * inlined): tiles of four weight rows and up to four activation rows (the last outputs of a thread's
- * share one weight row at a time). */
+ * inlined): one row: four weight rows a tile; two: two by two; more: a weight row by up to four rows
+ * (and a thread's last outputs one weight row at a time). */
 TARGET static inline __attribute__((always_inline)) void int_dots(const uint8_t *qweight, const float *scales,
                                                                  const float *mins, long first, long last,
                                                                  const uint8_t *xq, long x_row, long rows, long k,
-                                                                 const int bits, const int group, long per,
-                                                                 long groups, uint16_t *out, long out_stride) {
+                                                                 const int32_t *spans, const int bits,
+                                                                 const int unit, long groups, uint16_t *out,
+                                                                 long out_stride) {
     long w_row = bits == 4 ? k / 2 : k;
-    float y[16];
-#define TILE(o, r, NO, NA)                                                                                     \
-    tile(qweight + (o) * w_row, w_row, scales + (o) * groups, mins ? mins + (o) * groups : 0, groups,        \
-         xq + (r) * x_row, x_row, k, bits, group, per, NO, NA, y)
-    /* NO weight rows (a constant) by every row, four rows a tile: y[oi * NA + a] is output o + oi of row r + a */
-#define TILES(NO)                                                                                              \
-    for (long r = 0; r < rows; r += 4) {                                                                       \
-        long count = rows - r >= 4 ? 4 : rows - r;                                                             \
-        switch (count) {                                                                                       \
-            case 1: TILE(o, r, NO, 1); break;                                                                  \
-            case 2: TILE(o, r, NO, 2); break;                                                                  \
-            case 3: TILE(o, r, NO, 3); break;                                                                  \
-            default: TILE(o, r, NO, 4); break;                                                                 \
-        }                                                                                                      \
-        for (long a = 0; a < count; a++)                                                                       \
-            for (int oi = 0; oi < NO; oi++) store_y(out, (r + a) * out_stride + o + oi, y[oi * count + a], 1); \
-    }
+    float y[4];
+#define TILE(o, r, NO, NA)                                                                                      \
+    tile_dots(qweight + (o) * w_row, w_row, scales + (o) * groups, mins ? mins + (o) * groups : 0, groups,     \
+              xq + (r) * x_row, x_row, k, spans, bits, unit, NO, NA, y)
     long o = first;
-    for (; o + 4 <= last; o += 4) TILES(4)
-    for (; o < last; o++) TILES(1)
-#undef TILES
+    if (rows == 1)
+        for (; o + 4 <= last; o += 4) {
+            TILE(o, 0, 4, 1);
+            for (int i = 0; i < 4; i++) store_y(out, o + i, y[i], 1);
+        }
+    if (rows == 2)
+        for (; o + 2 <= last; o += 2) {
+            TILE(o, 0, 2, 2);
+            for (int i = 0; i < 4; i++) store_y(out, (i % 2) * out_stride + o + i / 2, y[i], 1);
+        }
+    for (; o < last; o++)
+        for (long r = 0; r < rows; r += 4) {
+            long count = rows - r >= 4 ? 4 : rows - r;
+            switch (count) {
+                case 1: TILE(o, r, 1, 1); break;
+                case 2: TILE(o, r, 1, 2); break;
+                case 3: TILE(o, r, 1, 3); break;
+                default: TILE(o, r, 1, 4); break;
+            }
+            for (long a = 0; a < count; a++) store_y(out, (r + a) * out_stride + o, y[a], 1);
+        }
 #undef TILE
 }
 
@@ -331,29 +421,26 @@ TARGET void quant_matmul(const void *x, long x_stride, int bf16, long rows, long
     long groups = k / group, weight_row = bits == 4 ? k / 2 : k;
     long x_row = bf16 ? row_stride(k, group) : 4 * k;
     uint8_t *xq = bf16 ? (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63) : scratch;
+    int32_t spans[bf16 ? quant_span_words(k) : 1];
     for (long r = 0; r < rows; r++) {
         if (bf16)
             quantize_row((const uint16_t *)x + r * x_stride, k, group, bits, xq + r * x_row);
         else
             reorder_row((const float *)x + r * x_stride, k, bits, (float *)(xq + r * x_row));
     }
+    if (bf16) quant_unit_spans(k, group, spans);
 #pragma omp parallel num_threads(threads)
     {
         int team = omp_get_num_threads(), me = omp_get_thread_num();
         long first = n * me / team, last = n * (me + 1) / team;
         if (bf16) {
-            long per = group >= CHUNK ? group / CHUNK : 1;
-            /* one inlined copy of the kernel per format */
-            if (bits == 4 && group == 32)
-                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, 4, 32, per, groups, out, out_stride);
-            else if (bits == 4)
-                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, 4, 64, per, groups, out, out_stride);
+            /* one inlined copy of the kernel per form: int4, int8 in units of 32, int8 in groups of 16 */
+            if (bits == 4)
+                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, spans, 4, 32, groups, out, out_stride);
             else if (group == 16)
-                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, 8, 16, per, groups, out, out_stride);
-            else if (group == 32)
-                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, 8, 32, per, groups, out, out_stride);
+                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, spans, 8, 16, groups, out, out_stride);
             else
-                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, 8, 64, per, groups, out, out_stride);
+                int_dots(qweight, scales, mins, first, last, xq, x_row, rows, k, spans, 8, 32, groups, out, out_stride);
         } else {
             float y[ROW_GROUP];
             for (long o = first; o < last; o++) {
@@ -382,6 +469,13 @@ TARGET static inline void store16(void *out, long i, __m512 v, int bf16) {
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000));
     _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+/* n floats rounded to bf16 as store_y rounds them, 16 at a time, for quant_layer.c and quant_amx_int.c. */
+TARGET void quant_store_bf16(const float *in, uint16_t *out, long n) {
+    long i = 0;
+    for (; i + 16 <= n; i += 16) store16(out, i, _mm512_loadu_ps(in + i), 1);
+    for (; i < n; i++) store_y(out, i, in[i], 1);
 }
 
 /* One weight row dequantized 16 inputs at a time (group a multiple of 16, so each 16 share a group). */

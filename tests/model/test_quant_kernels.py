@@ -93,6 +93,31 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")
+def test_amx_tiles_give_each_row_the_bits_it_has_alone(matmul, form):
+    """Where the CPU has AMX int8 (kernels/quant_amx_int.c), decode steps of several rows take their
+    integer sums from tiles (two units a tile product up to 8 rows, one above) and the VNNI kernel's
+    float steps: every row's bits equal that row computed alone by the VNNI kernel, for every row count
+    (an output count that is not a multiple of 16, input sizes with a part-filled last span of units)."""
+    if not matmul.amx_int:
+        pytest.skip("no AMX int8 tiles here (or ONEDNN_MAX_CPU_ISA keeps AMX off)")
+    bits, group, with_mins = form
+    for out_features, in_features in ((203, 768), (40, 576), (17, 1536)):
+        if group and in_features % group:
+            continue
+        qw = quant_probe(bits, group, out_features, in_features, with_mins, seed=in_features)
+        x = probe_inputs(DECODE_ROWS, in_features, torch.bfloat16, torch.Generator().manual_seed(in_features))
+        alone = torch.cat([matmul.matmul(x[r:r + 1], qw) for r in range(DECODE_ROWS)])
+        for rows in (1, 2, 5, 8, 9, DECODE_ROWS):
+            assert torch.equal(matmul.matmul_amx(x[:rows], qw), alone[:rows]), rows
+        assert torch.equal(matmul.matmul(x, qw), alone)  # (a step of 16 rows takes the tiles)
+
+
+def test_amx_tiles_are_off_where_amx_checks_are_failed_on_purpose(monkeypatch):
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "amx")
+    assert not CpuQuantMatmul().amx_int
+
+
 def test_a_large_model_row_and_a_strided_input(matmul):
     """A 14336-wide down projection (Llama 3 8B) and an input row that is a view with a wider stride."""
     qw = quant_probe(4, 64, 64, 14336, True, seed=1)
