@@ -9,7 +9,7 @@ import torch
 from llmrun.engine.graphs import StaticDecode
 from llmrun.engine.scheduler import ScheduledSeq
 from llmrun.kernels.interface import CHECK_ROWS
-from llmrun.kernels.row_check import rows_alone
+from llmrun.kernels.row_check import compressed_rows_alone, rows_alone
 from llmrun.kv.block_allocator import BlockAllocator
 from llmrun.kv.metadata import SeqStep, build_metadata
 from llmrun.kv.paged_cache import PagedKVCache
@@ -80,7 +80,8 @@ class ModelRunner:
     def _rows_alone(self, num_rows: int) -> bool:
         """Whether one matmul over `num_rows` rows gives each row its bits alone (checked once per count)."""
         if num_rows not in self._rows_checked:
-            self._rows_checked[num_rows] = num_rows == 1 or rows_alone(self.decoder, num_rows)
+            self._rows_checked[num_rows] = num_rows == 1 or rows_alone(
+                self.decoder, num_rows, compressed_rows_alone(self.decoder, self.weights))
         return self._rows_checked[num_rows]
 
     def _forward_lockstep(self, groups: list[list[ScheduledSeq]]) -> list[tuple[list[ScheduledSeq], torch.Tensor]]:

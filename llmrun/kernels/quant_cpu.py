@@ -45,7 +45,7 @@ from llmrun.kernels.quant_check import checked_on
 from llmrun.kernels.quant_layer import QuantLayer, declare_quant_layer
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight
-from llmrun.quant.spec import CPU_DECODE_ROWS
+from llmrun.quant.spec import CPU_AMX_ROWS, CPU_DECODE_ROWS
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
@@ -55,9 +55,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
 GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part-filled tiles of rows, an odd number of them
 CHUNK = 64  # inputs per step of the kernel's inner loop
-# decode steps of this many bf16 rows or more take their integer sums from AMX tiles (by bits: int4 weights
-# are unpacked for the tiles, int8 ones read as they lie; below, the VNNI kernel was faster: docs/performance.md)
-AMX_DECODE_ROWS = {4: 8, 8: 4}
+AMX_DECODE_ROWS = CPU_AMX_ROWS  # by bits: decode steps of this many bf16 rows or more use AMX tiles
 
 
 @lru_cache(maxsize=1)
@@ -190,6 +188,12 @@ class CpuQuantMatmul(QuantMatmul):
                                   and checked_on(self.matmul, bits, group_size, in_features, dtype,
                                                  act_quantized=dtype == torch.bfloat16, name="quant"))
         return self._checked[key]
+
+    def rows_alone(self, fmt, dtype: torch.dtype) -> bool:
+        """Whether decode steps (up to DECODE_ROWS rows) of a weight in this format give each row its
+        bits alone: where the C kernel runs it (bf16 rows: the same unit sums and float steps whatever
+        the company, VNNI or AMX; float32 rows: each row's own sums)."""
+        return dtype in DTYPES and self.kernel_checked(fmt.bits, fmt.group_size, fmt.in_features, dtype)
 
     def gemm_checked(self, bits: int, group_size: int, in_features: int) -> bool:
         """Whether the AMX GEMM runs bf16 rows of this format and input size: checked once each."""

@@ -1,13 +1,16 @@
-/* One bf16 Llama layer over quantized weights for one token in one C call (kernels/quant_layer.py).
+/* One bf16 Llama layer over quantized weights for a decode step's rows (each one sequence's new token,
+ * up to 16) in one C call (kernels/quant_layer.py).
  *
  * At SmolLM2's size a token's int4 weights take ~3 ms to read, and the Python, dispatch and SDPA
- * set-up around a layer's ~10 ops cost as much again. Here the layer runs in C: the norms, RoPE with
- * the K/V writes and SiLU·mul are native_kernels.c's own functions (their addresses handed in, so the
- * same code as the fused Python path), the matmuls quant_kernels.c's `quant_matmul`, and attention
- * for the one query over the sequence's K/V rows (a span of the pools, or rows listed by its block
- * table) is computed here in float32 (scores 16 keys at a time, max, ATen's vectorised exp, sums),
- * rounded to bf16 once, where SDPA rounds in its own places: this layer is checked against the
- * decoder's layer over the same kernel set within a tolerance, not bit for bit.
+ * set-up around a layer's ~10 ops cost as much again (for 16 sequences, 16 SDPA calls a layer). Here
+ * the layer runs in C: the norms, RoPE with the K/V writes and SiLU·mul are native_kernels.c's own
+ * functions (their addresses handed in, so the same code as the fused Python path), the matmuls
+ * quant_kernels.c's `quant_matmul` (or quant_amx_int.c's tiles for several rows: the same bits), and
+ * attention for each row's query over its sequence's K/V rows (a span of the pools, or rows listed by
+ * its block table) is computed here in float32 (scores 16 keys at a time, max, ATen's vectorised exp,
+ * sums), rounded to bf16 once, where SDPA rounds in its own places: this layer is checked against the
+ * decoder's layer over the same kernel set within a tolerance, not bit for bit. Every step is row by
+ * row, so a sequence's bits are the same whichever rows decode beside it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -45,29 +48,34 @@ struct quant_layer_weights {
     void *k_pool, *v_pool; /* bf16 [slots][kv_heads][dim] */
 };
 
-/* What every layer of one decode step shares (quant_layer.py's QuantLayerStep). */
+/* What every layer of one decode step shares (quant_layer.py's QuantLayerStep): `count` rows, each
+ * one sequence's new token. */
 struct quant_layer_step {
     void *norm, *rope, *silu, *exp_fn;
     int exp_width, lanes, threads, hidden, heads, kv_heads, dim, intermediate;
     float eps, scale;
-    const void *cos, *sin_folded; /* bf16 [dim] for this token */
-    const int64_t *slot;
-    long span_start, span_len; /* the sequence's K/V rows, contiguous in the pools */
-    const int64_t *rows;       /* or, when not NULL, its span_len K/V rows in order (a block table's) */
-    uint8_t *scratch;          /* quant_layer_scratch_bytes() */
+    const void *cos, *sin_folded; /* bf16 [count][dim], each row's */
+    const int64_t *slot;          /* [count]: where each row's K/V go */
+    long count, max_len;          /* rows; the most K/V rows one of them reads */
+    const long *starts, *lens;    /* row r's K/V rows, contiguous in the pools from starts[r] */
+    const int64_t *const *rows;   /* or, where rows[r] is not NULL, its lens[r] K/V rows in order */
+    void *amx_matmul;             /* quant_amx_int.c's quant_matmul_amx where it may run, else NULL */
+    long amx_from4, amx_from8;    /* the rows from which it runs int4 / int8 weights (0: never) */
+    uint8_t *amx_scratch;         /* its scratch (quant_amx_int_scratch bytes), 64-byte aligned */
+    uint8_t *scratch;             /* quant_layer_scratch_bytes() */
 };
 
 static long align64(long bytes) { return (bytes + 63) & ~63L; }
 
 static long matmul_scratch(const struct quant_layer_step *s) {
     long widest = s->intermediate > s->hidden ? s->intermediate : s->hidden;
-    return align64(quant_row_scratch_bytes(widest, 16));
+    return align64(s->count * quant_row_scratch_bytes(widest, 16));
 }
 
 long quant_layer_scratch_bytes(const struct quant_layer_step *s) {
     long q = (long)s->heads * s->dim, kv = (long)s->kv_heads * s->dim;
-    long bf16 = 2 * (3L * s->hidden + (q + 2 * kv) + 2 * q + 3L * s->intermediate);
-    long floats = 4 * (2L * s->hidden + (long)s->threads * (s->span_len + s->dim + 16));
+    long bf16 = 2 * s->count * (3L * s->hidden + (q + 2 * kv) + 2 * q + 3L * s->intermediate);
+    long floats = 4 * (2L * s->hidden + (long)s->threads * (s->max_len + s->dim + 16));
     return align64(bf16) + align64(floats) + matmul_scratch(s) + 4 * 64;
 }
 
@@ -185,42 +193,56 @@ TARGET void quant_attend_bf16(const uint16_t *q, const uint16_t *k_pool, const u
     }
 }
 
+typedef int (*amx_matmul_fn)(const uint16_t *, long, long, long, const uint8_t *, const float *, const float *, long,
+                             int, long, uint16_t *, long, uint8_t *, int);
+
+/* out = x @ W.T for the step's rows: by AMX tiles from their row counts where they may run (the same bits
+ * as the VNNI kernel's, which runs elsewhere). */
 static void matmul(const struct quant_matrix *m, const uint16_t *x, uint16_t *out, const struct quant_layer_step *s,
                    uint8_t *scratch) {
-    quant_matmul(x, m->k, 1, 1, m->k, m->qweight, m->scales, m->mins, m->n, (int)m->bits, m->group, out, m->n,
+    long from = m->bits == 4 ? s->amx_from4 : s->amx_from8;
+    if (s->amx_matmul && from && s->count >= from &&
+        ((amx_matmul_fn)s->amx_matmul)(x, m->k, s->count, m->k, m->qweight, m->scales, m->mins, m->n, (int)m->bits,
+                                       m->group, out, m->n, s->amx_scratch, s->threads) == 0)
+        return;
+    quant_matmul(x, m->k, 1, s->count, m->k, m->qweight, m->scales, m->mins, m->n, (int)m->bits, m->group, out, m->n,
                  scratch, s->threads);
 }
 
-/* One layer: new_hidden = hidden + delta (delta may be NULL); h = new_hidden + o(attention(norm(new_hidden)));
- * out_hidden = h, out_delta = down(silu(gate) * up) of norm(h): the decoder's (hidden, delta). */
+/* One layer for the step's rows: new_hidden = hidden + delta (delta may be NULL); h = new_hidden +
+ * o(attention(norm(new_hidden))); out_hidden = h, out_delta = down(silu(gate) * up) of norm(h): the
+ * decoder's (hidden, delta). Each row's attention reads its own sequence's K/V, and every other step
+ * works row by row, so a row's results do not depend on the rows beside it. */
 TARGET void quant_decode_layer(const struct quant_layer_weights *w, const struct quant_layer_step *s,
                                const uint16_t *hidden, const uint16_t *delta, uint16_t *out_hidden,
                                uint16_t *out_delta) {
+    long n = s->count;
     long q_size = (long)s->heads * s->dim, kv_size = (long)s->kv_heads * s->dim, qkv_size = q_size + 2 * kv_size;
     uint8_t *base = (uint8_t *)(((uintptr_t)s->scratch + 63) & ~(uintptr_t)63);
-    uint16_t *summed = (uint16_t *)base, *normed = summed + s->hidden, *o_out = normed + s->hidden;
-    uint16_t *qkv = o_out + s->hidden, *q = qkv + qkv_size, *attn = q + q_size, *gate_up = attn + q_size;
-    uint16_t *act = gate_up + 2L * s->intermediate;
-    long bf16_bytes = 2 * (3L * s->hidden + qkv_size + 2 * q_size + 3L * s->intermediate);
+    uint16_t *summed = (uint16_t *)base, *normed = summed + n * s->hidden, *o_out = normed + n * s->hidden;
+    uint16_t *qkv = o_out + n * s->hidden, *q = qkv + n * qkv_size, *attn = q + n * q_size;
+    uint16_t *gate_up = attn + n * q_size, *act = gate_up + 2L * n * s->intermediate;
+    long bf16_bytes = 2 * n * (3L * s->hidden + qkv_size + 2 * q_size + 3L * s->intermediate);
     float *floats = (float *)(base + align64(bf16_bytes));
     float *norm_scratch = floats, *attn_buf = floats + 2L * s->hidden;
-    long float_bytes = 4 * (2L * s->hidden + (long)s->threads * (s->span_len + s->dim + 16));
+    long float_bytes = 4 * (2L * s->hidden + (long)s->threads * (s->max_len + s->dim + 16));
     uint8_t *mm = (uint8_t *)floats + align64(float_bytes);
     norm_fn norm = (norm_fn)s->norm;
 
-    norm(hidden, delta, summed, w->input_norm, normed, 1, s->hidden, s->eps, 1, s->lanes, norm_scratch,
+    norm(hidden, delta, summed, w->input_norm, normed, n, s->hidden, s->eps, 1, s->lanes, norm_scratch,
          norm_scratch + s->hidden);
     matmul(&w->qkv, normed, qkv, s, mm);
-    ((rope_fn)s->rope)(qkv, qkv_size, s->cos, s->sin_folded, q, w->k_pool, w->v_pool, s->slot, 1, s->heads,
+    ((rope_fn)s->rope)(qkv, qkv_size, s->cos, s->sin_folded, q, w->k_pool, w->v_pool, s->slot, n, s->heads,
                        s->kv_heads, s->dim, 1);
-    quant_attend_bf16(q, (const uint16_t *)w->k_pool, (const uint16_t *)w->v_pool, s->span_start, s->span_len,
-                      s->rows, s->heads, s->kv_heads, s->dim, s->scale, attn, attn_buf, s->exp_fn, s->exp_width,
-                      s->threads);
+    for (long r = 0; r < n; r++)
+        quant_attend_bf16(q + r * q_size, (const uint16_t *)w->k_pool, (const uint16_t *)w->v_pool, s->starts[r],
+                          s->lens[r], s->rows[r], s->heads, s->kv_heads, s->dim, s->scale, attn + r * q_size,
+                          attn_buf, s->exp_fn, s->exp_width, s->threads);
     matmul(&w->o, attn, o_out, s, mm);
-    norm(summed, o_out, out_hidden, w->post_norm, normed, 1, s->hidden, s->eps, 1, s->lanes, norm_scratch,
+    norm(summed, o_out, out_hidden, w->post_norm, normed, n, s->hidden, s->eps, 1, s->lanes, norm_scratch,
          norm_scratch + s->hidden);
     matmul(&w->gate_up, normed, gate_up, s, mm);
-    ((silu_fn)s->silu)(gate_up, 2L * s->intermediate, gate_up + s->intermediate, 2L * s->intermediate, act, 1,
+    ((silu_fn)s->silu)(gate_up, 2L * s->intermediate, gate_up + s->intermediate, 2L * s->intermediate, act, n,
                        s->intermediate, 1, s->exp_fn, s->exp_width);
     matmul(&w->down, act, out_delta, s, mm);
 }

@@ -21,11 +21,13 @@ from typing import Optional
 
 import torch
 
-from llmrun.kernels.interface import check_forced_to_fail
+from llmrun.kernels.interface import CHECK_ROWS, check_forced_to_fail
 from llmrun.quant.format import QuantWeight
+from llmrun.quant.spec import CPU_AMX_ROWS
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 ATTENTION_TOLERANCE = 0.03  # of the largest output: attention rounds once here, where SDPA rounds elsewhere
+MAX_ROWS = CHECK_ROWS[-1]  # decode rows one call takes (the AMX tiles' and the engine's most)
 KEPT_LAYERS = 512  # layers' weight structures kept between steps (streamed layers bring new ones)
 
 _p, _i64, _i32, _f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -45,8 +47,9 @@ class QuantLayerStep(ctypes.Structure):
     _fields_ = ([(name, _p) for name in ("norm", "rope", "silu", "exp_fn")]
                 + [(name, _i32) for name in ("exp_width", "lanes", "threads", "hidden", "heads", "kv_heads", "dim",
                                              "intermediate")]
-                + [("eps", _f), ("scale", _f), ("cos", _p), ("sin_folded", _p), ("slot", _p), ("span_start", _i64),
-                   ("span_len", _i64), ("rows", _p), ("scratch", _p)])
+                + [("eps", _f), ("scale", _f), ("cos", _p), ("sin_folded", _p), ("slot", _p), ("count", _i64),
+                   ("max_len", _i64), ("starts", _p), ("lens", _p), ("rows", _p), ("amx_matmul", _p),
+                   ("amx_from4", _i64), ("amx_from8", _i64), ("amx_scratch", _p), ("scratch", _p)])
 
 
 def declare_quant_layer(lib: ctypes.CDLL) -> None:
@@ -85,7 +88,10 @@ class QuantLayer:
         return cls(kernels, quant)
 
     def call(self, hidden: torch.Tensor, rope, meta, scale: float, reference) -> Optional["QuantLayerCall"]:
-        if self.verified is False or hidden.shape[0] != 1 or meta.one_sequence_keys() is None:
+        if self.verified is False or hidden.shape[0] > MAX_ROWS:
+            return None
+        keys = meta.decode_keys()
+        if keys is None or len(keys) != hidden.shape[0]:
             return None
         return QuantLayerCall(self, hidden, rope, meta, scale, reference)
 
@@ -109,17 +115,29 @@ class QuantLayer:
         s, k = self.shape, self.kernels
         lib, native = self.quant.lib, k.lib
         address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
-        start, length, rows = meta.one_sequence_keys()
+        keys = meta.decode_keys()
+        starts = torch.tensor([start for start, _, _ in keys], dtype=torch.long)
+        lens = torch.tensor([length for _, length, _ in keys], dtype=torch.long)
+        rows = (ctypes.c_void_p * len(keys))(*(None if r is None else r.data_ptr() for _, _, r in keys))
+        threads = torch.get_num_threads()
+        amx = self.quant.amx_int  # (then quant_amx_int.c is in the library)
         step = QuantLayerStep(address(native.add_rms_norm), address(native.rope_qkv), address(native.silu_mul),
-                              k.exp_fn, k.exp_width, k.lanes, torch.get_num_threads(), s.hidden_size, s.num_heads,
+                              k.exp_fn, k.exp_width, k.lanes, threads, s.hidden_size, s.num_heads,
                               s.num_kv_heads, s.head_dim, s.intermediate_size, s.eps, scale, rope[0].data_ptr(),
-                              rope[1].data_ptr(), meta.slot_mapping.data_ptr(), start, length,
-                              None if rows is None else rows.data_ptr(), None)
+                              rope[1].data_ptr(), meta.slot_mapping.data_ptr(), len(keys), int(lens.max()),
+                              starts.data_ptr(), lens.data_ptr(), ctypes.addressof(rows),
+                              address(lib.quant_matmul_amx) if amx else None, CPU_AMX_ROWS[4] if amx else 0,
+                              CPU_AMX_ROWS[8] if amx else 0, None, None)
         size = lib.quant_layer_scratch_bytes(ctypes.byref(step))
+        if amx:
+            size += lib.quant_amx_int_scratch(max(s.hidden_size, s.intermediate_size), 16, threads) + 64
         if self._scratch.numel() < size:
             self._scratch = torch.empty(2 * size, dtype=torch.uint8)  # room for the context to grow
         step.scratch = self._scratch.data_ptr()
-        step.keep = (self._scratch, rope, meta.slot_mapping, rows)  # alive while the step runs
+        if amx:
+            step.amx_scratch = (self._scratch.data_ptr() + lib.quant_layer_scratch_bytes(ctypes.byref(step)) + 63) // 64 * 64
+        step.keys = keys  # each row's (start, length, its K/V rows or None)
+        step.keep = (self._scratch, rope, meta.slot_mapping, starts, lens, rows)  # alive while the step runs
         return step
 
     def run(self, step: QuantLayerStep, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor, hidden: torch.Tensor,

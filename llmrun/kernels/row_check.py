@@ -19,23 +19,41 @@ from llmrun.weights.packing import can_pack, pack_weight
 PROBE_OUT = 4096  # probe rows of a weight at most: a kernel's order is per output, its layout repeats
 
 
-def matmul_shapes(decoder) -> list[tuple[int, int]]:
+LAYER_MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+def matmul_shapes(decoder, compressed: frozenset = frozenset()) -> list[tuple[int, int]]:
     """(out, in) of each matmul a decode step runs: fused q/k/v, o, fused gate/up (and each half,
-    which plain CPU weights run apart: layers.linear_halves), down, the head."""
+    which plain CPU weights run apart: layers.linear_halves), down, the head; without the layer
+    matrices named in `compressed` (compressed_rows_alone's)."""
     c = decoder.config
-    shapes = {(decoder.q_size + 2 * decoder.kv_size, c.hidden_size), (c.hidden_size, decoder.q_size),
-              (2 * c.intermediate_size, c.hidden_size), (c.intermediate_size, c.hidden_size),
-              (c.hidden_size, c.intermediate_size),
-              (c.vocab_size, c.hidden_size)}
-    return sorted(shapes)
+    by_matrix = {"qkv": [(decoder.q_size + 2 * decoder.kv_size, c.hidden_size)], "o": [(c.hidden_size, decoder.q_size)],
+                 "gate_up": [(2 * c.intermediate_size, c.hidden_size), (c.intermediate_size, c.hidden_size)],
+                 "down": [(c.hidden_size, c.intermediate_size)], "head": [(c.vocab_size, c.hidden_size)]}
+    return sorted({shape for matrix, shapes in by_matrix.items() if matrix not in compressed for shape in shapes})
 
 
-def rows_alone(decoder, num_rows: int) -> bool:
+def compressed_rows_alone(decoder, weights) -> frozenset:
+    """The layer matrices (LAYER_MATRICES' names) stored compressed in every layer in forms the decoder's
+    quantized matmul computes row by row (the CPU's C kernels: `rows_alone`): no probe of a plain
+    matmul of their shape says anything about them. The head is always probed."""
+    formats = getattr(getattr(weights, "quant", None), "formats", None)
+    row_by_row = getattr(decoder.kernels.quant, "rows_alone", None)
+    if not formats or row_by_row is None:
+        return frozenset()
+    layouts = [decoder.layer_layout(i) for i in range(decoder.config.num_hidden_layers)]
+    return frozenset(matrix for matrix in LAYER_MATRICES
+                     if all(name in formats and row_by_row(formats[name], decoder.dtype)
+                            for layout in layouts for name in layout.get(matrix, ("",))))
+
+
+def rows_alone(decoder, num_rows: int, compressed: frozenset = frozenset()) -> bool:
     """Whether `num_rows` rows in one matmul give each row the bits it gets alone, on every matmul
-    shape and weight form of this decoder (on two kinds of data: cancelling and plain)."""
+    shape and weight form of this decoder (on two kinds of data: cancelling and plain), the
+    compressed matrices that are computed row by row left out."""
     generator = torch.Generator().manual_seed(12)
     return all(_rows_agree(weight, decoder.dtype, decoder.device, num_rows, generator)
-               for out_features, in_features in matmul_shapes(decoder)
+               for out_features, in_features in matmul_shapes(decoder, compressed)
                for weight in _probe_weights(decoder, min(out_features, PROBE_OUT), in_features, generator))
 
 

@@ -68,6 +68,18 @@ class AttentionMetadata:
             return None
         return 0, slots.shape[1], slots[0].contiguous()
 
+    def decode_keys(self) -> Optional[list[tuple[int, int, Optional[object]]]]:
+        """Every sequence's keys in a step where each decodes one token (as one_sequence_keys gives
+        them: (start, length, None) in contiguous slots, or (0, length, its slots in order)), in the
+        order of the step's rows; None for any other step (a prompt chunk, a static-shape step)."""
+        one = self.one_sequence_keys()
+        if one is not None:
+            return [one]
+        if (self.decode_slots is None or self.decode_lens is not None or self.decode_slots.device.type != "cpu"
+                or any(n != 1 for n in self.query_lens)):
+            return None
+        return [(0, slots.numel(), slots.contiguous()) for slots in self.context_slots]
+
 
 def token_slots(block_table: Sequence[int], block_size: int, start: int, stop: int):
     """Slot index of token positions [start, stop) of a sequence, block * block_size + offset, as a

@@ -17,6 +17,9 @@ QUANT_CHOICES = ("none", "int8", "int4")
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 32
 CPU_DECODE_ROWS = 16  # rows the CPU's quantized matmul reads packed; more dequantize the weight for a GEMM
+# decode rows from which, by bits, those sums come from AMX int8 tiles where the CPU has them (int4 weights are
+# unpacked for the tiles, int8 ones read as they lie; below, the VNNI kernel was faster: docs/performance.md)
+CPU_AMX_ROWS = {4: 8, 8: 4}
 PER_CHANNEL = 0  # QuantSpec.group_size for int8 with one scale per output channel
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # In-memory bytes per stored element of each part: qweight keeps its bytes, scales and mins are float32,

@@ -79,7 +79,7 @@ def test_decode_rows_follow_the_row_check(tiny, monkeypatch):
     alone = [generate_with_logits(engine, [prompt], 4) for prompt in prompts]
     lockstep = engine.runner._forward_lockstep
     for passes in (False, True):
-        monkeypatch.setattr(runner_module, "rows_alone", lambda decoder, num_rows: passes)
+        monkeypatch.setattr(runner_module, "rows_alone", lambda decoder, num_rows, compressed: passes)
         engine.runner._rows_checked.clear()
         forwards = []
         monkeypatch.setattr(engine.runner, "_forward_lockstep",

@@ -27,8 +27,8 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
 
 
-def engine(tiny, dtype, quant):
-    return build_engine(tiny, EngineOptions(gpu_mem_bytes=0, dtype=dtype, quant=quant))
+def engine(tiny, dtype, quant, batch=1):
+    return build_engine(tiny, EngineOptions(gpu_mem_bytes=0, dtype=dtype, quant=quant, batch=batch))
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
@@ -62,13 +62,25 @@ def test_bf16_decode_runs_the_int8_activation_kernel_near_the_reference(tiny, ho
     assert similarity > 0.995
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_a_request_gets_its_tokens_alone_or_batched(tiny, home, dtype):
-    """The quantized kernel computes each row alike whatever rows share its call (up to 16)."""
-    prompts = [PROMPT[: 5 + 3 * i] for i in range(5)]
-    with engine(tiny, dtype, "int4") as quantized:
+def test_a_request_gets_its_tokens_alone_or_batched(tiny, home, dtype, quant, monkeypatch):
+    """The quantized kernels compute each row alike whatever rows share the call (up to 16): nine
+    requests decoded together (in steps of 9, 8, ... rows: the AMX tiles from their row counts where
+    the CPU has them) get the tokens each gets alone. In bf16 the layer in one C call runs the
+    several-row steps too (where it runs at all), each row's attention over its own keys."""
+    import llmrun.kernels.quant_layer as quant_layer
+
+    counts = []
+    real = quant_layer.QuantLayer.run
+    monkeypatch.setattr(quant_layer.QuantLayer, "run", lambda self, step, *a: counts.append(step.count)
+                        or real(self, step, *a))
+    prompts = [PROMPT[: 5 + 2 * i] for i in range(9)]
+    with engine(tiny, dtype, quant, batch=9) as quantized:
         together, alone = batched_and_alone(quantized, prompts, 10)
     assert together == alone
+    if dtype == "bfloat16" and quant_layer_should_run():
+        assert max(counts) == 9 and 1 in counts
 
 
 def quant_layer_should_run() -> bool:
@@ -167,7 +179,8 @@ def test_after_a_prefix_cache_hit_the_bf16_layer_reads_its_keys_through_the_bloc
     rows = []
     real = quant_layer.QuantLayer.run
     monkeypatch.setattr(quant_layer.QuantLayer, "run",
-                        lambda self, step, *a: rows.append(step.rows) or real(self, step, *a))
+                        lambda self, step, *a: rows.append(any(r is not None for _, _, r in step.keys))
+                        or real(self, step, *a))
     with engine(tiny, "bfloat16", "int4") as e:
         e.allocator.reset_prefix_cache()
         expected, _ = greedy_with_logits(e, second, 10)  # alone: contiguous rows
