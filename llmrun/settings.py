@@ -57,7 +57,7 @@ LLMRUN_NO_CUDA_GRAPHS = Setting("LLMRUN_NO_CUDA_GRAPHS", "`1` runs CUDA decode s
 LLMRUN_NO_PACK = Setting("LLMRUN_NO_PACK", "`1` keeps 16-bit CPU weights unpacked (no oneDNN prepacking; for "
                          "comparisons)")
 ONEDNN_MAX_CPU_ISA = Setting("ONEDNN_MAX_CPU_ISA", "caps the instructions oneDNN uses (e.g. `AVX512_CORE`: no AMX; "
-                             "below AMX it keeps llmrun's own AMX kernel off too); "
+                             "below AMX it keeps llmrun's own AMX kernels off too); "
                              "llmrun keys its remembered kernel checks by it", owner="oneDNN")
 CC = Setting("CC", "the C compiler that builds the CPU kernels (default: cc, then gcc)", owner="make")
 TRITON_INTERPRET = Setting("TRITON_INTERPRET", "`1` runs the Triton kernels in Triton's CPU interpreter (tests "
