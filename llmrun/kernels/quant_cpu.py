@@ -117,6 +117,7 @@ class CpuQuantMatmul(QuantMatmul):
         self._scratch_bf16 = torch.empty(0, dtype=torch.bfloat16)  # the AMX GEMM's tiles of weights
         self.ran = False  # whether a decode step ran the kernel (for reports)
         self.gemm_ran = False  # whether a prompt chunk ran the AMX GEMM
+        self.amx_ran = False  # whether a decode step took its integer sums from AMX tiles
         self._shared: Optional[dict] = None  # (id, form) -> (weight, its form) inside sharing_dequantized()
 
     @cached_property
@@ -240,6 +241,7 @@ class CpuQuantMatmul(QuantMatmul):
         of 32), float32 rows with the weight dequantized in registers (float32 throughout)."""
         rows, k = x.shape
         if x.dtype == torch.bfloat16 and rows >= AMX_DECODE_ROWS[qw.bits] and self.amx_int:
+            self.amx_ran = True
             return self.matmul_amx(x, qw)
         row_bytes = max(self.lib.quant_row_scratch_bytes(k, qw.group_size), 4 * k)  # int8 form, or k floats
         if self._scratch.numel() < rows * row_bytes:
@@ -287,5 +289,5 @@ class CpuQuantMatmul(QuantMatmul):
         formats = sorted(f"int{key[0]} g{key[1]} k{key[2]}" for key, ok in self._checked.items()
                          if ok and key[0] != "amx")
         return {"quant_matmul": self.name if self.vnni else "dequantize+GEMM", "quant_formats": formats,
-                "quant_decode_kernel": self.ran,
+                "quant_decode_kernel": self.ran, "quant_decode_tiles": "AMX int8" if self.amx_ran else None,
                 "quant_prompt_kernel": "AMX bf16, dequantized in blocks" if self.gemm_ran else "dequantize+GEMM"}

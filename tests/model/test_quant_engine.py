@@ -78,9 +78,12 @@ def test_a_request_gets_its_tokens_alone_or_batched(tiny, home, dtype, quant, mo
     prompts = [PROMPT[: 5 + 2 * i] for i in range(9)]
     with engine(tiny, dtype, quant, batch=9) as quantized:
         together, alone = batched_and_alone(quantized, prompts, 10)
+        report = quantized.decoder.kernels.describe()
     assert together == alone
     if dtype == "bfloat16" and quant_layer_should_run():
         assert max(counts) == 9 and 1 in counts
+        amx = quantized.decoder.kernels.quant.amx_int
+        assert report["quant_decode_tiles"] == ("AMX int8" if amx else None)  # (9 rows: past both thresholds)
 
 
 def quant_layer_should_run() -> bool:
