@@ -126,43 +126,65 @@ TARGET static void unpack_int4(const uint8_t *qweight, long o0, long n, long k, 
     }
 }
 
-/* The float terms of units u0..end (u0 a multiple of 16) for the 16 weight rows from o0, into acc (16
- * lanes x 16 activation rows a weight row, [m][lane][row]; from zero where u0 is 0): scales s, each
- * unit's group in gidx, dx per unit and activation row in dxt. Where end is the last unit, then the
- * minimums' terms (lane g % 16: min * T, by group, T per group and activation row in tt), and the
- * lanes summed in reduce4's order into result [m][row]. */
-TARGET static void unit_terms(const int32_t *sums, long u0, long end, long units, const float *s, const float *mins,
-                              long groups, long o0, long n, const int32_t *gidx, const float *dxt, const float *tt,
-                              float *acc, float *result) {
+/* The float terms of items i0..end (i0 a multiple of 16 units) for the 16 weight rows from o0, into acc
+ * ([m][vector][16]; from zero where i0 is 0): scales s, each unit's group in gidx, dx per item and
+ * activation row in dxt. An item is a unit (vector j: lane class j, u % 16, over the rows), or where
+ * `narrow` (a constant once inlined) two units (lanes 0-7 the first's class for the rows, 8-15 the
+ * second's, so each float step covers two units, and dxt and tt hold [first | second]). Where end is
+ * the last item, then the minimums' terms (lane class g % 16: min * T, by group, T per group and row
+ * in tt) and the classes summed in reduce4's order into result [m][row]. */
+TARGET static inline __attribute__((always_inline)) void item_terms(const int32_t *sums, long i0, long end, long items,
+                                                                   const float *s, const float *mins, long groups,
+                                                                   long o0, long n, const int32_t *gidx,
+                                                                   const float *dxt, const float *tt, float *acc,
+                                                                   float *result, const int narrow) {
+    const int vectors = narrow ? 8 : 16;
     for (long m = 0; m < 16 && o0 + m < n; m++) {
         const float *sm = s + (o0 + m) * groups;
         __m512 l[16];
 #pragma GCC unroll 16
-        for (int j = 0; j < 16; j++) l[j] = u0 ? _mm512_load_ps(acc + (m * 16 + j) * 16) : _mm512_setzero_ps();
-        for (long ub = u0; ub < end; ub += 16) {
+        for (int j = 0; j < vectors; j++) l[j] = i0 ? _mm512_load_ps(acc + (m * 16 + j) * 16) : _mm512_setzero_ps();
+        for (long ib = i0; ib < end; ib += vectors) {
 #pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) {
-                long u = ub + j;
-                if (u >= end) break;
-                __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sm[gidx[u]]), _mm512_load_ps(dxt + u * 16));
-                __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(sums + (u - u0) * 256 + m * 16)));
-                l[j] = _mm512_fmadd_ps(sum, scale, l[j]);
+            for (int j = 0; j < vectors; j++) {
+                long i = ib + j;
+                if (i >= end) break;
+                __m512 w = narrow ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sm[gidx[2 * i]]),
+                                                         _mm512_set1_ps(sm[gidx[2 * i + 1]]))
+                                  : _mm512_set1_ps(sm[gidx[i]]);
+                __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(sums + (i - i0) * 256 + m * 16)));
+                l[j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(w, _mm512_load_ps(dxt + i * 16)), l[j]);
             }
         }
-        if (end < units) {
+        if (end < items) {
 #pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) _mm512_store_ps(acc + (m * 16 + j) * 16, l[j]);
+            for (int j = 0; j < vectors; j++) _mm512_store_ps(acc + (m * 16 + j) * 16, l[j]);
             continue;
         }
         if (mins) {
             const float *mm = mins + (o0 + m) * groups;
             for (long g0 = 0; g0 < groups; g0 += 16) {
 #pragma GCC unroll 16
-                for (int j = 0; j < 16; j++) {
-                    if (g0 + j >= groups) break;
-                    l[j] = _mm512_fmadd_ps(_mm512_set1_ps(mm[g0 + j]), _mm512_load_ps(tt + (g0 + j) * 16), l[j]);
+                for (int j = 0; j < vectors; j++) {
+                    long g = g0 + (narrow ? 2 * j : j);
+                    if (g >= groups) break;
+                    __m512 mv = narrow ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(mm[g]),
+                                                              _mm512_set1_ps(g + 1 < groups ? mm[g + 1] : 0.0f))
+                                       : _mm512_set1_ps(mm[g]);
+                    l[j] = _mm512_fmadd_ps(mv, _mm512_load_ps(tt + (narrow ? g / 2 : g) * 16), l[j]);
                 }
             }
+        }
+        if (narrow) { /* vector i + vector i + 4 holds t[2i] | t[2i + 1], t[c] = class c + class c + 8 */
+            __m256 u[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m512 t = _mm512_add_ps(l[i], l[i + 4]);
+                u[i] = _mm256_add_ps(_mm512_castps512_ps256(t),
+                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+            }
+            _mm256_store_ps(result + m * 16, _mm256_add_ps(_mm256_add_ps(u[0], u[1]), _mm256_add_ps(u[2], u[3])));
+            continue;
         }
         __m512 t[8];
 #pragma GCC unroll 8
@@ -170,56 +192,6 @@ TARGET static void unit_terms(const int32_t *sums, long u0, long end, long units
         __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(t[0], t[1]), _mm512_add_ps(t[2], t[3])),
                                    _mm512_add_ps(_mm512_add_ps(t[4], t[5]), _mm512_add_ps(t[6], t[7])));
         _mm512_store_ps(result + m * 16, sum);
-    }
-}
-
-/* unit_terms for items of two units (up to 8 activation rows): a vector's lanes 0-7 are the first
- * unit's lane class (u % 16) for the rows, 8-15 the second's, so each float step covers two units and
- * the classes pair up as reduce4 pairs them. dxt and tt hold [first | second] per pair of units or
- * groups likewise. Items p0..end (p0 a multiple of 8), acc [m][8 vectors][16]. */
-TARGET static void pair_terms(const int32_t *sums, long p0, long end, long pairs, const float *s, const float *mins,
-                              long groups, long o0, long n, const int32_t *gidx, const float *dxt, const float *tt,
-                              float *acc, float *result) {
-    for (long m = 0; m < 16 && o0 + m < n; m++) {
-        const float *sm = s + (o0 + m) * groups;
-        __m512 l[8];
-#pragma GCC unroll 8
-        for (int q = 0; q < 8; q++) l[q] = p0 ? _mm512_load_ps(acc + (m * 8 + q) * 16) : _mm512_setzero_ps();
-        for (long pb = p0; pb < end; pb += 8) {
-#pragma GCC unroll 8
-            for (int q = 0; q < 8; q++) {
-                long p = pb + q;
-                if (p >= end) break;
-                __m512 w = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sm[gidx[2 * p]]), _mm512_set1_ps(sm[gidx[2 * p + 1]]));
-                __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(sums + (p - p0) * 256 + m * 16)));
-                l[q] = _mm512_fmadd_ps(sum, _mm512_mul_ps(w, _mm512_load_ps(dxt + p * 16)), l[q]);
-            }
-        }
-        if (end < pairs) {
-#pragma GCC unroll 8
-            for (int q = 0; q < 8; q++) _mm512_store_ps(acc + (m * 8 + q) * 16, l[q]);
-            continue;
-        }
-        if (mins) {
-            const float *mm = mins + (o0 + m) * groups;
-            for (long g0 = 0; g0 < groups; g0 += 16) {
-#pragma GCC unroll 8
-                for (int q = 0; q < 8; q++) {
-                    long g = g0 + 2 * q;
-                    if (g >= groups) break;
-                    __m512 mp = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(mm[g]),
-                                                     _mm512_set1_ps(g + 1 < groups ? mm[g + 1] : 0.0f));
-                    l[q] = _mm512_fmadd_ps(mp, _mm512_load_ps(tt + (g / 2) * 16), l[q]);
-                }
-            }
-        }
-        __m256 u[4];
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) { /* t[2i] + t[2i + 1], t[c] = class c + class c + 8 */
-            __m512 t = _mm512_add_ps(l[i], l[i + 4]);
-            u[i] = _mm256_add_ps(_mm512_castps512_ps256(t), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
-        }
-        _mm256_store_ps(result + m * 16, _mm256_add_ps(_mm256_add_ps(u[0], u[1]), _mm256_add_ps(u[2], u[3])));
     }
 }
 
@@ -310,9 +282,9 @@ TARGET int quant_matmul_amx(const uint16_t *x, long x_stride, long rows, long k,
                 long end = u0 + AT_ONCE < items ? u0 + AT_ONCE : items;
                 unit_products(a, a_stride, a_two, a_one, b, item_bytes * 16, u0, end, bits, sums);
                 if (narrow)
-                    pair_terms(sums, u0, end, items, scales, mins, groups, o0, n, gidx, dxt, tt, acc, result);
+                    item_terms(sums, u0, end, items, scales, mins, groups, o0, n, gidx, dxt, tt, acc, result, 1);
                 else
-                    unit_terms(sums, u0, end, units, scales, mins, groups, o0, n, gidx, dxt, tt, acc, result);
+                    item_terms(sums, u0, end, items, scales, mins, groups, o0, n, gidx, dxt, tt, acc, result, 0);
             }
             store_outputs(result, o0, n, rows, out, out_stride);
         }
