@@ -11,6 +11,9 @@ that any other order of summation shows.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from llmrun.model.layers import linear
@@ -36,15 +39,25 @@ def matmul_shapes(decoder, compressed: frozenset = frozenset()) -> list[tuple[in
 def compressed_rows_alone(decoder, weights) -> frozenset:
     """The layer matrices (LAYER_MATRICES' names) stored compressed in every layer in forms the decoder's
     quantized matmul computes row by row (the CPU's C kernels: `rows_alone`): no probe of a plain
-    matmul of their shape says anything about them. The head is always probed."""
+    matmul of their shape says anything about them. A matrix stacked from tensors in unlike forms runs
+    as int8 with their common group (format.concat_quant), so that form must pass too. The head is
+    always probed."""
     formats = getattr(getattr(weights, "quant", None), "formats", None)
     row_by_row = getattr(decoder.kernels.quant, "rows_alone", None)
     if not formats or row_by_row is None:
         return frozenset()
+
+    def runs_row_by_row(names: tuple[str, ...]) -> bool:
+        if not names or not all(name in formats for name in names):
+            return False
+        forms = [formats[name] for name in names]
+        if len(forms) > 1:  # (stacked alike: their form; unlike: int8 in their common group)
+            forms.append(replace(forms[0], bits=8, group_size=math.gcd(*(f.group_size for f in forms))))
+        return all(row_by_row(form, decoder.dtype) for form in forms)
+
     layouts = [decoder.layer_layout(i) for i in range(decoder.config.num_hidden_layers)]
     return frozenset(matrix for matrix in LAYER_MATRICES
-                     if all(name in formats and row_by_row(formats[name], decoder.dtype)
-                            for layout in layouts for name in layout.get(matrix, ("",))))
+                     if all(runs_row_by_row(layout.get(matrix, ())) for layout in layouts))
 
 
 def rows_alone(decoder, num_rows: int, compressed: frozenset = frozenset()) -> bool:

@@ -213,3 +213,21 @@ def test_the_layer_check_refuses_a_layer_that_differs(tiny, home):
             assert layer.agrees(real, w, rope, meta, scale)
             layer.verified = None
             assert not layer.agrees(off, w, rope, meta, scale)
+
+
+def test_the_row_check_leaves_out_only_matrices_the_c_kernels_compute_row_by_row(tiny, home, monkeypatch):
+    """A compressed layer matrix needs no plain-matmul probe where the CPU's C kernel computes it (each
+    row alone, tested above); a float model, or one whose kernel check fails (the reference
+    dequantizes for a plain matmul, whose rows may depend on their company), keeps every probe."""
+    from llmrun.kernels.row_check import LAYER_MATRICES, compressed_rows_alone, matmul_shapes
+
+    with engine(tiny, "bfloat16", "none") as plain:
+        assert compressed_rows_alone(plain.decoder, plain.weights) == frozenset()
+    with engine(tiny, "bfloat16", "int4") as quantized:
+        left_out = compressed_rows_alone(quantized.decoder, quantized.weights)
+        assert left_out == (frozenset(LAYER_MATRICES) if quant_kernel_passes(in_features=64) else frozenset())
+        config = quantized.decoder.config
+        assert (config.vocab_size, config.hidden_size) in matmul_shapes(quantized.decoder, left_out)  # the head
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "quant")
+    with engine(tiny, "bfloat16", "int4") as unchecked:
+        assert compressed_rows_alone(unchecked.decoder, unchecked.weights) == frozenset()
