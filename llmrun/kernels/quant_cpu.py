@@ -238,7 +238,8 @@ class CpuQuantMatmul(QuantMatmul):
 
     def matmul(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         """x [rows, in] @ W.T in x's dtype: bf16 rows by the VNNI kernel (int8 activations per block
-        of 32), float32 rows with the weight dequantized in registers (float32 throughout)."""
+        of 32; from AMX_DECODE_ROWS rows, where they may run, its integer sums from AMX tiles: the same
+        bits), float32 rows with the weight dequantized in registers (float32 throughout)."""
         rows, k = x.shape
         if x.dtype == torch.bfloat16 and rows >= AMX_DECODE_ROWS[qw.bits] and self.amx_int:
             self.amx_ran = True
