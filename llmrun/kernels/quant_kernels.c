@@ -200,11 +200,11 @@ TARGET static inline __attribute__((always_inline)) __m512i unit_sums(const __m5
 
 /* Where the weight scales of each span of 16 units lie, SPAN_WORDS int32 a span: the span's first
  * group, a mask of the groups from there it reads, and each unit's group counted from the first (0
- * past the last unit). quant_amx_int.c reads the same table. */
+ * past the last unit); built once a call. (quant_amx_int.c looks each unit's group up itself.) */
 #define SPAN_WORDS 18
-long quant_span_words(long k) { return (k / 16 / 16 + 1) * SPAN_WORDS; }
+static long span_words(long k) { return (k / 16 / 16 + 1) * SPAN_WORDS; }
 
-void quant_unit_spans(long k, long group, int32_t *spans) {
+static void unit_spans(long k, long group, int32_t *spans) {
     long unit = group == 16 ? 16 : BLOCK, units = k / unit, groups = k / group;
     for (long span = 0; span * 16 < units; span++) {
         int32_t *at = spans + span * SPAN_WORDS;
@@ -421,14 +421,14 @@ TARGET void quant_matmul(const void *x, long x_stride, int bf16, long rows, long
     long groups = k / group, weight_row = bits == 4 ? k / 2 : k;
     long x_row = bf16 ? row_stride(k, group) : 4 * k;
     uint8_t *xq = bf16 ? (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63) : scratch;
-    int32_t spans[bf16 ? quant_span_words(k) : 1];
+    int32_t spans[bf16 ? span_words(k) : 1];
     for (long r = 0; r < rows; r++) {
         if (bf16)
             quantize_row((const uint16_t *)x + r * x_stride, k, group, bits, xq + r * x_row);
         else
             reorder_row((const float *)x + r * x_stride, k, bits, (float *)(xq + r * x_row));
     }
-    if (bf16) quant_unit_spans(k, group, spans);
+    if (bf16) unit_spans(k, group, spans);
 #pragma omp parallel num_threads(threads)
     {
         int team = omp_get_num_threads(), me = omp_get_thread_num();
