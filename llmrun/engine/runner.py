@@ -31,6 +31,7 @@ class ModelRunner:
         # a per-layer observer is Python a graph would skip: static steps then run the same forward eagerly
         self.replay_graphs = not step_observer.watches_layers
         self._rows_checked: dict[int, bool] = {}  # decode rows per matmul -> each row gets its bits alone
+        self._compressed: Optional[frozenset] = None  # layer matrices the row check leaves out (asked once)
 
     @torch.inference_mode()
     def run(self, steps: list[ScheduledSeq]) -> torch.Tensor:
@@ -80,8 +81,9 @@ class ModelRunner:
     def _rows_alone(self, num_rows: int) -> bool:
         """Whether one matmul over `num_rows` rows gives each row its bits alone (checked once per count)."""
         if num_rows not in self._rows_checked:
-            self._rows_checked[num_rows] = num_rows == 1 or rows_alone(
-                self.decoder, num_rows, compressed_rows_alone(self.decoder, self.weights))
+            if self._compressed is None and num_rows > 1:
+                self._compressed = compressed_rows_alone(self.decoder, self.weights)
+            self._rows_checked[num_rows] = num_rows == 1 or rows_alone(self.decoder, num_rows, self._compressed)
         return self._rows_checked[num_rows]
 
     def _forward_lockstep(self, groups: list[list[ScheduledSeq]]) -> list[tuple[list[ScheduledSeq], torch.Tensor]]:

@@ -1,15 +1,16 @@
 """A bf16 decode layer over quantized weights in one C call (quant_layer.c): its binding, its check, when it runs.
 
 One sequence's int4 decode step reads SmolLM2's layer weights in ~3 ms, and the Python, dispatch and
-SDPA set-up around each layer's ~10 ops cost as much again. quant_layer.c runs a Llama layer for one
-token in C with the C set's own norm, RoPE and SiLU·mul functions (native_kernels.c, so the same code)
+SDPA set-up around each layer's ~10 ops cost as much again (for 16 sequences, an SDPA call each).
+quant_layer.c runs a Llama layer for a decode step's rows (up to MAX_ROWS, each one sequence's token) in C with the C set's own norm, RoPE and SiLU·mul functions (native_kernels.c, so the same code)
 and quant_kernels.c's matmuls; only attention is its own (float32, one rounding), so the layer is
 checked once, on the first layer it meets, against the decoder's layer over the same kernel set on
 that layer's weights: the K/V writes identical, the outputs within ATTENTION_TOLERANCE. It runs where
 the layer shape is Llama's exactly (LayerShape.plain_llama), the run dtype is bf16, the C set's
 SiLU·mul checked out, every matmul weight is a QuantWeight whose format the VNNI kernel passed, the
-layer has no biases, and the step is one sequence's decode (its K/V rows in place, or read through
-its block table where they are not contiguous, as after a prefix-cache hit).
+layer has no biases, and every row of the step is a sequence's decode (its K/V rows in place, or read
+through its block table where they are not contiguous, as after a prefix-cache hit or beside other
+sequences). The rows share nothing but the call: a sequence's bits are those it gets alone.
 """
 
 from __future__ import annotations
@@ -128,14 +129,14 @@ class QuantLayer:
                               starts.data_ptr(), lens.data_ptr(), ctypes.addressof(rows),
                               address(lib.quant_matmul_amx) if amx else None, CPU_AMX_ROWS[4] if amx else 0,
                               CPU_AMX_ROWS[8] if amx else 0, None, None)
-        size = lib.quant_layer_scratch_bytes(ctypes.byref(step))
-        if amx:
-            size += lib.quant_amx_int_scratch(max(s.hidden_size, s.intermediate_size), 16, threads) + 64
+        layer_bytes = lib.quant_layer_scratch_bytes(ctypes.byref(step))
+        size = layer_bytes + (lib.quant_amx_int_scratch(max(s.hidden_size, s.intermediate_size), 16, threads) + 64
+                              if amx else 0)  # (the AMX tiles' scratch after the layer's)
         if self._scratch.numel() < size:
             self._scratch = torch.empty(2 * size, dtype=torch.uint8)  # room for the context to grow
         step.scratch = self._scratch.data_ptr()
         if amx:
-            step.amx_scratch = (self._scratch.data_ptr() + lib.quant_layer_scratch_bytes(ctypes.byref(step)) + 63) // 64 * 64
+            step.amx_scratch = (step.scratch + layer_bytes + 63) // 64 * 64
         step.keys = keys  # each row's (start, length, its K/V rows or None)
         step.keep = (self._scratch, rope, meta.slot_mapping, starts, lens, rows)  # alive while the step runs
         return step

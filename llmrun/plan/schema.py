@@ -58,7 +58,7 @@ def plan_to_json(report: PlanReport, name: str, path: str, architecture: str) ->
         "head_tier": p.head_tier.value,
         "embed_tier": p.embed_tier.value,
         "tiers": tiers,
-        "streamed_bytes_per_token": {**streamed, "total": sum(streamed.values())},
+        "streamed_bytes_per_token": {**streamed, "total": p.streamed_bytes()},
         "floor": {"tier": report.floor_tier.value, "bytes": report.floor_bytes},
         "estimate": _estimate_json(est),
         "warnings": list(report.warnings),
