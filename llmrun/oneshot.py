@@ -36,7 +36,7 @@ def read_prompt(prompt: Optional[str], *, raw: bool = False) -> str:
 
 def memory_json(engine) -> dict:
     from llmrun.plan.devices import peak_rss_bytes
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
 
     placement = engine.plan.placement
     return {"rss_before_weights_bytes": engine.rss_before_weights_bytes, "peak_rss_bytes": peak_rss_bytes(),

@@ -49,7 +49,7 @@ def llmrun_run(folder: Path, budget: int, prompt: str, new_tokens: int, dtype: s
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.engine.prompt import prompt_ids
     from llmrun.engine.sampler import SamplingParams
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
 
     options = EngineOptions(dtype=dtype, ctx=512, gpu_mem_bytes=0, cpu_mem_bytes=budget)
     with build_engine(folder, options) as engine:

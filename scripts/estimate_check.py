@@ -84,7 +84,7 @@ def open_case(model: str, dtype: str, cpu_mem: str | None):
 
 
 def case_json(name: str, opened, rate: float, first: float) -> dict:
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
 
     plan = opened.engine.plan
     est = plan.estimate

@@ -72,7 +72,7 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
 
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.engine.sampler import SamplingParams
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -3,7 +3,7 @@
 from llmrun.engine.build import EngineOptions
 from llmrun.model.config import read_config_json
 from llmrun.plan.make import PlanRequest, make_plan
-from llmrun.plan.placement import PlanError, Tier
+from llmrun.plan.tiers import PlanError, Tier
 from llmrun.weights.index import build_index
 
 TOP = 1 << 36

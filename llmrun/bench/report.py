@@ -25,7 +25,7 @@ def kernels_json(engine) -> dict:
 
 def bench_json(name: str, engine, facts: dict, ours: dict, refs: dict, compare: str, reps: int,
                waste_slots: int, peak_rss: int, peak_gpu: int) -> dict:
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
 
     placement = engine.plan.placement
     cases = {}

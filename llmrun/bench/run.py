@@ -197,7 +197,7 @@ def _measure_reference(opened, cases, reps, compare, step) -> dict[str, CaseResu
     """The reference on the same weights, dtype and budget, after llmrun's weights are released."""
     import gc
 
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
 
     engine = opened.engine
     placement, streamed = engine.plan.placement, engine.plan.placement.streams

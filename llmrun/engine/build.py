@@ -72,7 +72,7 @@ def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: Engine
     from llmrun.model.config import model_config
     from llmrun.model.registry import config_family, decoder_class
     from llmrun.plan.devices import current_rss_bytes
-    from llmrun.plan.placement import Tier
+    from llmrun.plan.tiers import Tier
     from llmrun.weights.placed import PlacedWeights
 
     architecture, raw_config, folder = inputs.architecture, inputs.config, inputs.folder

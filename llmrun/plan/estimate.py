@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from llmrun.plan.calibration import RUNS, Figure, step_figure_name
-from llmrun.plan.placement import Placement, Tier
+from llmrun.plan.tiers import Placement, Tier
 
 ASSUMED_GPU_FLOPS = 100e12   # sustained fp16/bf16 dense matmul
 ASSUMED_CPU_FLOPS = 0.3e12   # a few cores with AVX-512/AMX

@@ -13,7 +13,8 @@ from llmrun.plan.calibration import machine_figures, record_figures
 from llmrun.plan.devices import MeasuredMemory, measure_memory
 from llmrun.plan.estimate import PageCacheOutlook, SpeedEstimate, estimate_speed, format_tok_s, learnt_figures
 from llmrun.plan.model_sizes import ModelSizes, model_sizes, tensor_layer
-from llmrun.plan.placement import Budgets, Placement, PlanError, PlanOptions, Tier, plan, smallest_budget
+from llmrun.plan.placement import plan, smallest_budget
+from llmrun.plan.tiers import Budgets, Placement, PlanError, PlanOptions, Tier
 from llmrun.plan.policy import DTYPE_BYTES, DTYPE_TAGS, context_length, dtype_name
 from llmrun.plan.residency import resident_fraction
 from llmrun.sizes import format_bytes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmrun.plan.make import PlanReport
-from llmrun.plan.placement import Tier
+from llmrun.plan.tiers import Tier
 
 SCHEMA = "llmrun.plan/1"
 

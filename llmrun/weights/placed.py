@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.errors import UsageError
-from llmrun.plan.placement import Placement, Tier
+from llmrun.plan.tiers import Placement, Tier
 from llmrun.quant.format import QuantWeight
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver

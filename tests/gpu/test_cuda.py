@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmrun.engine.build import build_engine
-from llmrun.plan.placement import Tier
+from llmrun.plan.tiers import Tier
 from tests.checkpoints import llama_config, phi3_config, save_checkpoint
 from tests.parity import batched_and_alone, greedy_with_logits
 from tests.placements import placement_options

@@ -6,7 +6,7 @@ import torch
 
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.engine.sampler import SamplingParams
-from llmrun.plan.placement import Tier
+from llmrun.plan.tiers import Tier
 from tests.checkpoints import (
     gemma2_config, gemma3_config, longrope_parameters, mistral_config, phi3_config, qwen2_config, qwen3_config,
     save_checkpoint,

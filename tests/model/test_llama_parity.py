@@ -5,7 +5,7 @@ import torch
 
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.engine.sampler import SamplingParams
-from llmrun.plan.placement import Tier
+from llmrun.plan.tiers import Tier
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.parity import batched_and_alone, greedy_with_logits
 from tests.placements import placement_options

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from llmrun.plan.model_sizes import ModelSizes
-from llmrun.plan.placement import Budgets, PlanError, PlanOptions, plan
+from llmrun.plan.placement import plan
+from llmrun.plan.tiers import Budgets, PlanError, PlanOptions
 from llmrun.sizes import parse_size
 from tests.cli.helpers import assert_one_line_error, assert_usage_error, run_cli
 

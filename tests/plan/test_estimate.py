@@ -9,7 +9,8 @@ import pytest
 from llmrun.plan.calibration import ASSUMED, ASSUMED_FIGURES, PROBE, RUNS, Figure
 from llmrun.plan.estimate import SHORT_CONTEXT, PageCacheOutlook, estimate_speed, learnt_figures
 from llmrun.plan.model_sizes import ModelSizes, model_sizes
-from llmrun.plan.placement import Budgets, PlanOptions, Tier, plan
+from llmrun.plan.placement import plan
+from llmrun.plan.tiers import Budgets, PlanOptions, Tier
 from llmrun.weights.index import build_index
 
 MB = 1_000_000

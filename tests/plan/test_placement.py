@@ -3,7 +3,8 @@
 import pytest
 
 from llmrun.plan.model_sizes import ModelSizes
-from llmrun.plan.placement import Budgets, PlanError, PlanOptions, Tier, plan, workspace_bytes
+from llmrun.plan.placement import plan, workspace_bytes
+from llmrun.plan.tiers import Budgets, PlanError, PlanOptions, Tier
 
 MB = 1_000_000
 G, C, D = Tier.GPU, Tier.CPU, Tier.DISK

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from llmrun.plan.model_sizes import ModelSizes
-from llmrun.plan.placement import (CHUNK_SAVING, PREFILL_CHUNKS, Budgets, PlanOptions, Tier, plan,
-                                   smallest_budget, workspace_bytes)
+from llmrun.plan.placement import CHUNK_SAVING, plan, smallest_budget, workspace_bytes
+from llmrun.plan.tiers import PREFILL_CHUNKS, Budgets, PlanOptions, Tier
 
 MB = 1_000_000
 C = Tier.CPU

@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 
 from llmrun.plan.model_sizes import ModelSizes
-from llmrun.plan.placement import Budgets, PlanError, PlanOptions, Tier, plan, smallest_budget, workspace_bytes
+from llmrun.plan.placement import plan, smallest_budget, workspace_bytes
+from llmrun.plan.tiers import Budgets, PlanError, PlanOptions, Tier
 
 MB = 1_000_000
 C, D = Tier.CPU, Tier.DISK

@@ -105,7 +105,8 @@ def test_the_plan_reserves_dequantized_matrices_for_prompt_chunks():
     layer's; and the head too where more rows ask for logits than the decode kernel reads packed
     (16 on the CPU, 1 on a GPU)."""
     from llmrun.plan.model_sizes import model_sizes
-    from llmrun.plan.placement import PlanOptions, Tier, workspace_bytes
+    from llmrun.plan.placement import workspace_bytes
+    from llmrun.plan.tiers import PlanOptions, Tier
 
     shapes = {f"model.layers.0.mlp.{m}_proj.weight": (1536, 576) for m in ("gate", "up")}
     shapes.update({"model.layers.0.mlp.down_proj.weight": (576, 1536), "model.embed_tokens.weight": (4096, 576)})
