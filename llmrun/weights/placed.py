@@ -21,7 +21,7 @@ from llmrun.weights.loader import (FLOAT_TAGS, PackedTensor, TensorFileReader, d
                                    staged_tag, torch_dtype)
 from llmrun.weights.pieces import Piece, cut_layer, cut_rows
 from llmrun.weights.quantized import QuantLayout, UnitParts, float_table
-from llmrun.weights.streamer import Held, LayerStreamer
+from llmrun.weights.streamer import LayerStreamer, StagedLayer
 
 HEAD = "head"
 
@@ -264,46 +264,3 @@ class _Staging:
         if self._buffer.numel() < size:
             self._buffer = torch.empty(size, dtype=torch.uint8)
         return self._buffer[:size].view(dtype).view(shape)
-
-
-class StagedLayer(Mapping):
-    """A layer staged matrix by matrix: each piece is valid until the layer asks for a later one.
-
-    The streamer stages a layer's matrices in its layout's order, so a layer's code must first ask
-    for them in that order (a matrix asked for after a later one is an error, never stale data).
-    Its norms stay resident and can be asked for at any time."""
-
-    def __init__(self, streamer: LayerStreamer, pieces: list[int], vectors: dict, parts: UnitParts):
-        self._streamer, self._pieces, self._vectors, self._parts = streamer, pieces, vectors, parts
-        self._position = {key: position for position, index in enumerate(pieces)
-                          for key in streamer.pieces[index].keys}
-        self._held: Optional[Held] = None
-        self._held_position = -1
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self._vectors:
-            return self._vectors[key]
-        position = self._position[key]
-        if position < self._held_position or (position == self._held_position and self._held is None):
-            raise RuntimeError(f"a streamed layer's {key!r} was asked for after a later matrix: a layer "
-                               f"must use its matrices in its layout's order")
-        if position > self._held_position:
-            self.release()  # before taking the next: that slot is what the reader fills next
-            self._held, self._held_position = self._streamer.take(self._pieces[position]), position
-        if key in self._parts.merged:  # a compressed matrix: its parts staged in the same piece
-            return self._parts.weight(self._held.tensors, key)
-        return self._held.tensors[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self._vectors or key in self._position
-
-    def __iter__(self):
-        return iter([*self._vectors, *self._position])
-
-    def __len__(self) -> int:
-        return len(self._vectors) + len(self._position)
-
-    def release(self) -> None:
-        if self._held is not None:
-            self._held.release()
-            self._held = None

@@ -5,6 +5,7 @@ Streamed pieces (weights/pieces.py: whole layers, a layer's matrices, runs of th
 consumed in a fixed cyclic order, so the reader can run ahead across layers and steps: while piece
 i computes, pieces i+1..i+depth are being read (disk) or copied (pinned host -> GPU). Slots are
 byte buffers sized for the largest piece; a piece's tensors are views of any dtype into them.
+A layer streamed matrix by matrix is read through a StagedLayer (each matrix valid until a later one).
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from llmrun.weights.loader import TensorFileReader
 from llmrun.weights.pieces import Piece, ViewCache
+from llmrun.weights.quantized import UnitParts
 
 
 class _Slot:
@@ -221,3 +224,46 @@ class _GpuRing:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.buffers[slot].device))
         self.free[slot] = event
+
+
+class StagedLayer(Mapping):
+    """A layer staged matrix by matrix: each piece is valid until the layer asks for a later one.
+
+    The streamer stages a layer's matrices in its layout's order, so a layer's code must first ask
+    for them in that order (a matrix asked for after a later one is an error, never stale data).
+    Its norms stay resident and can be asked for at any time."""
+
+    def __init__(self, streamer: LayerStreamer, pieces: list[int], vectors: dict, parts: UnitParts):
+        self._streamer, self._pieces, self._vectors, self._parts = streamer, pieces, vectors, parts
+        self._position = {key: position for position, index in enumerate(pieces)
+                          for key in streamer.pieces[index].keys}
+        self._held: Optional[Held] = None
+        self._held_position = -1
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._vectors:
+            return self._vectors[key]
+        position = self._position[key]
+        if position < self._held_position or (position == self._held_position and self._held is None):
+            raise RuntimeError(f"a streamed layer's {key!r} was asked for after a later matrix: a layer "
+                               f"must use its matrices in its layout's order")
+        if position > self._held_position:
+            self.release()  # before taking the next: that slot is what the reader fills next
+            self._held, self._held_position = self._streamer.take(self._pieces[position]), position
+        if key in self._parts.merged:  # a compressed matrix: its parts staged in the same piece
+            return self._parts.weight(self._held.tensors, key)
+        return self._held.tensors[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._vectors or key in self._position
+
+    def __iter__(self):
+        return iter([*self._vectors, *self._position])
+
+    def __len__(self) -> int:
+        return len(self._vectors) + len(self._position)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None

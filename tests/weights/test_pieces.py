@@ -9,7 +9,7 @@ from llmrun.engine.build import build_engine
 from llmrun.weights.index import build_index
 from llmrun.weights.loader import TensorFileReader, pack_layout, row_range
 from llmrun.weights.pieces import ALIGN_BYTES, cut_layer, cut_rows, make_piece
-from llmrun.weights.placed import StagedLayer
+from llmrun.weights.streamer import StagedLayer
 from tests.checkpoints import llama_config, qwen2_config, save_checkpoint
 from tests.placements import placement_options
 
