@@ -149,8 +149,8 @@ class QuantLayer:
                                           None if delta is None else delta.data_ptr(), out_hidden.data_ptr(),
                                           out_delta.data_ptr())
         self.ran = self.quant.ran = True  # (its matmuls are the quantized matmul's kernel)
-        if step.amx_matmul and any(step.count >= CPU_AMX_ROWS[w[key].bits] for key in MATRICES):
-            self.quant.amx_ran = True
+        if step.amx_matmul and not self.quant.amx_ran:  # (for reports: asked until it is so)
+            self.quant.amx_ran = any(step.count >= CPU_AMX_ROWS[w[key].bits] for key in MATRICES)
         return out_hidden, out_delta
 
     def _weights(self, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor) -> QuantLayerWeights:
