@@ -75,7 +75,7 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
         lib.quant_gemm_amx.restype = i32
         lib.quant_amx_tile_weight.argtypes = [p, p, p, i32, i64, i64, i64, p, i32]
         lib.quant_amx_tile_weight.restype = None
-        lib.quant_amx_scratch.argtypes = [i64, i32]
+        lib.quant_amx_scratch.argtypes = [i64, i64, i32]
         lib.quant_amx_scratch.restype = i64
         lib.quant_amx_int_ready.restype = i32
         lib.quant_matmul_amx.argtypes = [p, i64, i64, i64, p, p, p, i64, i32, i64, p, i64, p, i32]
@@ -213,7 +213,7 @@ class CpuQuantMatmul(QuantMatmul):
         the same bits either way."""
         rows, k = x.shape
         threads = torch.get_num_threads()
-        need = self.lib.quant_amx_scratch(k, threads) + 32  # (and room to align to 64 bytes)
+        need = self.lib.quant_amx_scratch(rows, k, threads) + 32  # (and room to align to 64 bytes)
         if self._scratch_bf16.numel() < need:
             self._scratch_bf16 = torch.empty(need, dtype=torch.bfloat16)
         out = torch.empty((rows, qw.out_features), dtype=torch.bfloat16)

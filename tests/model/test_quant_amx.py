@@ -82,13 +82,13 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
 
 
 def test_the_tiled_weight_holds_the_dequantized_values(matmul):
-    """amx_tiles: each block of 16 outputs, each step of 32 inputs, pairs of inputs side by side per
-    output (AMX's B layout), the values format.dequantize's rounded once to bf16."""
+    """amx_tiles: each block of 16 outputs, each step of 32 inputs, the 16 outputs' rows of 32 inputs
+    as they lie (AMX's A layout), the values format.dequantize's rounded once to bf16."""
     qw = quant_probe(4, 32, 40, 64, True, seed=5)  # 40 outputs: three blocks, the last part-filled
-    tiles = matmul.amx_tiles(qw).view(3, 2, 16, 16, 2)  # [block][step][pair][output][of the pair]
+    tiles = matmul.amx_tiles(qw).view(3, 2, 16, 32)  # [block][step][output][input]
     weight = torch.zeros(48, 64, dtype=torch.bfloat16)
     weight[:40] = dequantize(qw).to(torch.bfloat16)
-    expected = weight.view(3, 16, 2, 16, 2).permute(0, 2, 3, 1, 4)  # [block][step][pair][output][e]
+    expected = weight.view(3, 16, 2, 32).permute(0, 2, 1, 3)  # [block][step][output][input]
     assert torch.equal(tiles, expected)
 
 
