@@ -139,6 +139,9 @@ TARGET static void tile_weight(const uint8_t *qweight, const float *scales, cons
         }
         const uint8_t *w = qweight + (o0 + c) * weight_row;
         const float *s = scales + (o0 + c) * groups, *m = mins ? mins + (o0 + c) * groups : 0;
+        if (o0 + c + 2 < n) /* the row after next fetched while this one is dequantized (rows lie one after another) */
+            for (long line = 0; line < weight_row; line += 64)
+                _mm_prefetch((const char *)w + 2 * weight_row + line, _MM_HINT_T0);
         long g = 0, left = group; /* inputs left in group g (the groups counted, not divided) */
         for (long at = 0; at < k; at += STEP) {
             long g0 = g;
