@@ -40,7 +40,8 @@ def reference_float_folder(kept: Path, target: Path) -> Path:
     """The kept import with every quantized weight replaced by the reference dequantize (float32)."""
     from safetensors.torch import save_file
 
-    from llmrun.quant.format import dequantize, load_quantized
+    from llmrun.quant.format import dequantize
+    from llmrun.quant.stored import load_quantized
 
     target.mkdir()
     for item in kept.iterdir():

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from llmrun.quant.format import QuantWeight, TwoLevel, pack_int4, stored_tensors, stored_two_level
+from llmrun.quant.format import QuantWeight, pack_int4
+from llmrun.quant.stored import TwoLevel, stored_tensors, stored_two_level
 
 SUPER_BLOCK = 256  # QK_K: the inputs one K-quant block (one d, one dmin) covers
 
@@ -50,7 +51,7 @@ class KeptWeight:
                            self._expanded(self.scales), self._expanded(self.mins))
 
     def stored(self, name: str) -> dict[str, torch.Tensor]:
-        """Its on-disk tensors under the float weight's name (format.py's one- or two-level form)."""
+        """Its on-disk tensors under the float weight's name (quant/stored.py's one- or two-level form)."""
         if isinstance(self.scales, TwoLevel):
             assert self.mins is None or isinstance(self.mins, TwoLevel)
             return stored_two_level(name, self.packed(), self.scales, self.mins)

@@ -19,7 +19,8 @@ import torch
 from llmrun.errors import InvalidModelError
 from llmrun.hub.gguf_blocks import KeptWeight, kept_types, read_blocks
 from llmrun.hub.gguf_header import GgufTensor, tensor_layout
-from llmrun.quant.format import QuantMetadata, TensorFormat, dequantize, save_quantized
+from llmrun.quant.format import dequantize
+from llmrun.quant.stored import QuantMetadata, TensorFormat, save_quantized
 
 # GGML float types stored as they are (numpy dtype of the stored copy); BF16 via gguf's reader.
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from llmrun.quant.format import QuantMetadata, QuantWeight, TensorFormat, pack_int4, save_quantized, stored_tensors
+from llmrun.quant.format import QuantWeight, pack_int4
+from llmrun.quant.stored import QuantMetadata, TensorFormat, save_quantized, stored_tensors
 from llmrun.quant.spec import QuantSpec, check_groups, quantizable
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.loader import PackedTensor, TensorFileReader

@@ -1,4 +1,4 @@
-"""Quantized tensors of a checkpoint (llmrun/quant/format.py): each file's metadata block checked, the
+"""Quantized tensors of a checkpoint (llmrun/quant/stored.py): each file's metadata block checked, the
 decoder's layout rewritten so their packed parts load, stage and stream like any other tensor, and the
 parts put back together as QuantWeights where a layer uses them.
 
@@ -19,10 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from llmrun.errors import InvalidModelError
-from llmrun.quant.format import (
-    METADATA_KEY, QuantMetadata, QuantWeight, TensorFormat, TwoLevel, check_consistent, concat_quant, dequantize,
-    split_parts,
-)
+from llmrun.quant.format import QuantWeight, concat_quant, dequantize
+from llmrun.quant.stored import METADATA_KEY, QuantMetadata, TensorFormat, TwoLevel, check_consistent, split_parts
 from llmrun.weights.index import DTYPE_BYTES, CheckpointIndex, read_header
 from llmrun.weights.loader import PackedTensor
 

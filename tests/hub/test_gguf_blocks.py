@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmrun.hub.gguf_blocks import kept_types, read_blocks
-from llmrun.quant.format import QuantMetadata, TensorFormat, TwoLevel, dequantize, load_quantized, save_quantized
+from llmrun.quant.format import dequantize
+from llmrun.quant.stored import QuantMetadata, TensorFormat, TwoLevel, load_quantized, save_quantized
 
 ROWS = 6
 SUPER = 256

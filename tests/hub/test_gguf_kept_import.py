@@ -10,7 +10,8 @@ import torch
 
 from llmrun.errors import InvalidModelError
 from llmrun.hub import gguf_import, store
-from llmrun.quant.format import METADATA_KEY, dequantize, load_quantized
+from llmrun.quant.format import dequantize
+from llmrun.quant.stored import METADATA_KEY, load_quantized
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.cli.helpers import assert_one_line_error, run_cli
 from tests.hub.gguf_files import write_tiny_gguf

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from llmrun.errors import InvalidModelError
-from llmrun.quant.format import (
-    METADATA_KEY, QuantMetadata, QuantWeight, TensorFormat, TwoLevel, concat_quant, dequantize, load_quantized,
-    pack_int4, save_quantized, stored_tensors, stored_two_level, unpack_int4,
+from llmrun.quant.format import QuantWeight, concat_quant, dequantize, pack_int4, unpack_int4
+from llmrun.quant.stored import (
+    METADATA_KEY, QuantMetadata, TensorFormat, TwoLevel, load_quantized, save_quantized, stored_tensors, stored_two_level,
 )
 
 

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmrun.quant.format import METADATA_KEY
+from llmrun.quant.stored import METADATA_KEY
 from tests.checkpoints import llama_config, save_checkpoint, save_sparse_checkpoint
 from tests.cli.helpers import assert_one_line_error, assert_usage_error, cli_env, run_cli
 

@@ -5,7 +5,8 @@ import torch
 
 from llmrun.errors import UsageError
 from llmrun.quant import quantize as quantize_module
-from llmrun.quant.format import dequantize, stored_tensors, unpack_int4
+from llmrun.quant.format import dequantize, unpack_int4
+from llmrun.quant.stored import stored_tensors
 from llmrun.quant.quantize import quantize_weight
 from llmrun.quant.spec import QuantSpec, check_groups, planned_index, quantizable
 from llmrun.weights.index import CheckpointIndex, TensorInfo
