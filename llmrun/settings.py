@@ -56,6 +56,8 @@ LLMRUN_NO_CUDA_GRAPHS = Setting("LLMRUN_NO_CUDA_GRAPHS", "`1` runs CUDA decode s
                                 "CUDA graphs")
 LLMRUN_NO_PACK = Setting("LLMRUN_NO_PACK", "`1` keeps 16-bit CPU weights unpacked (no oneDNN prepacking; for "
                          "comparisons)")
+LLMRUN_NO_MAP = Setting("LLMRUN_NO_MAP", "`1` copies weights streamed from disk on the CPU into staging buffers "
+                        "(a reader thread) instead of reading them in place from the file's mapping")
 ONEDNN_MAX_CPU_ISA = Setting("ONEDNN_MAX_CPU_ISA", "caps the instructions oneDNN uses (e.g. `AVX512_CORE`: no AMX; "
                              "below AMX it keeps llmrun's own AMX kernels off too); "
                              "llmrun keys its remembered kernel checks by it", owner="oneDNN")
@@ -78,7 +80,7 @@ LOCALAPPDATA = Setting("LOCALAPPDATA", "Windows: the folder LLMRUN_HOME and LLMR
                        owner="Windows")
 
 SETTINGS = (LLMRUN_HOME, LLMRUN_CACHE, LLMRUN_MODEL, LLMRUN_API_KEY, LLMRUN_NO_NATIVE, LLMRUN_FAIL_CHECKS,
-            LLMRUN_NO_CUDA_GRAPHS, LLMRUN_NO_PACK, CC, ONEDNN_MAX_CPU_ISA, TRITON_INTERPRET, HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE,
+            LLMRUN_NO_CUDA_GRAPHS, LLMRUN_NO_PACK, LLMRUN_NO_MAP, CC, ONEDNN_MAX_CPU_ISA, TRITON_INTERPRET, HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE,
             TRANSFORMERS_OFFLINE, XDG_DATA_HOME, XDG_CACHE_HOME, LOCALAPPDATA)
 
 

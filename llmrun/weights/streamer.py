@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from llmrun.weights.loader import TensorFileReader
+from llmrun.weights.mapped import MappedPieces, mappable
 from llmrun.weights.pieces import Piece, ViewCache
 from llmrun.weights.quantized import UnitParts
 
@@ -135,7 +136,10 @@ class LayerStreamer:
         self.bytes_moved = 0
         disk_pieces = [i for i in self.order if sources[i] is None]
         gpu = self.device.type == "cuda"
-        self.disk = DiskReader(disk_pieces, pieces, self.num_slots, pin=gpu) if disk_pieces else None
+        # On the CPU, pieces lying in their files as staged are read in place (weights/mapped.py)
+        reads_in_place = bool(disk_pieces) and not gpu and mappable(pieces, disk_pieces)
+        self.mapped = MappedPieces(pieces, disk_pieces) if reads_in_place else None
+        self.disk = DiskReader(disk_pieces, pieces, self.num_slots, pin=gpu) if disk_pieces and not self.mapped else None
         self._gpu = None
         if gpu:
             self._gpu = _GpuRing(max(p.num_bytes for p in pieces), self.num_slots, self.device)
@@ -145,6 +149,8 @@ class LayerStreamer:
         are skipped (the head in a prefill chunk that samples nothing)."""
         piece = self.pieces[index]
         self.bytes_moved += piece.num_bytes
+        if self.mapped is not None:
+            return Held(*self.mapped.take(index))
         if self._gpu is None:
             slot = self.disk.take(index)
             return Held(self.views.views(index, slot.flat), lambda: self.disk.give_back(slot))
@@ -172,6 +178,8 @@ class LayerStreamer:
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
+        if self.mapped is not None:
+            self.mapped.close()
 
 
 class _GpuRing:

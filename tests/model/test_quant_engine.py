@@ -106,14 +106,18 @@ def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypa
     assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
-def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home, monkeypatch):
-    """A layer streamed from disk comes as views of a staging slot, its scales and minimums staged as
-    float32 (read from the offload cache's own copy), and its QuantWeights are put together once per
-    slot, not every step (the layer's C structure is then kept for them too): the tokens and logits
+@pytest.mark.parametrize("reads", ["mapped", "copied"])
+def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home, monkeypatch, reads):
+    """A layer streamed from disk comes as views of its offload-cache file's mapping (or, with
+    LLMRUN_NO_MAP=1, of a staging slot a reader thread fills), its scales and minimums staged as
+    float32 (the offload cache's own copy), and its QuantWeights are put together once per piece (or
+    slot), not every step (the layer's C structure is then kept for them too): the tokens and logits
     are the resident run's exactly."""
     from llmrun.weights.quantized import UnitParts
     from tests.placements import placement_options
 
+    if reads == "copied":
+        monkeypatch.setenv("LLMRUN_NO_MAP", "1")
     assembled = []
     real = UnitParts.assemble
     monkeypatch.setattr(UnitParts, "assemble", lambda self, tensors: assembled.append(1) or real(self, tensors))
@@ -125,14 +129,19 @@ def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home,
             runs.append(greedy_with_logits(e, PROMPT, 12))
             assert e.decoder.kernels.describe().get("quant_layer", False) is quant_layer_should_run()
             if placement == "disk":
-                weights = e.weights
+                weights, streamer = e.weights, e.weights.streamer
                 streamed = [u for u in weights.unit_pieces if u != weights.head_unit]
                 assert len(assembled) <= 2 * len(streamed) < 12 * len(streamed)  # once per slot, not per step
-                slots = {slot.flat.untyped_storage().data_ptr() for slot in weights.streamer.disk.slots}
+                assert (streamer.mapped is not None) == (reads == "mapped") == (streamer.disk is None)
+                if reads == "mapped":  # (address, length) of each file's mapping
+                    spans = [(address, len(whole)) for whole, address in streamer.mapped._maps.values()]
+                else:  # each slot's bytes
+                    spans = [(slot.flat.data_ptr(), slot.flat.numel()) for slot in streamer.disk.slots]
                 for _, made in weights._assembled_views.values():
                     qw = made["gate_up"]
                     assert qw.scales.dtype == qw.mins.dtype == torch.float32
-                    assert {qw.scales.untyped_storage().data_ptr(), qw.qweight.untyped_storage().data_ptr()} <= slots
+                    for t in (qw.qweight, qw.scales, qw.mins):
+                        assert any(start <= t.data_ptr() < start + size for start, size in spans)
                 layer_files = {p.name for p in (Path(os.environ["LLMRUN_HOME"]) / "offload").rglob("unit-*.bin")}
                 assert {f"unit-{u}-f32-scales.bin" for u in streamed} <= layer_files
     assert runs[0][0] == runs[1][0]
