@@ -19,7 +19,7 @@ def test_accelerate_compare_runs_resident_when_nothing_streams(tiny, tmp_path):
                     "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["placement"]["streamed_bytes_per_token"] == 0
+    assert data["placement"]["streamed_bytes_per_token"] == 0 and data["placement"]["disk_reads"] is None
     single = data["cases"]["prompt64_b1"]
     assert single["accelerate"]["decode_tok_s"]["median"] > 0 and single["tokens_match"] is True
     assert proc.stderr == ""  # a pipe: no progress, and transformers' bars and warnings kept quiet
@@ -100,3 +100,19 @@ def test_bench_table_shows_every_spread_and_readable_placement(capsys):
         assert spread in out, out
     assert "layers 20 on GPU, 10 on CPU, 110.0 MiB streamed per token" in out, out
     assert "{'" not in out and "…" not in out
+
+
+@pytest.mark.parametrize("no_map,reads", [("0", "in place (mapped)"), ("1", "copied (reader thread)")])
+def test_the_report_says_how_layers_streamed_from_disk_were_read(tiny, tmp_path, no_map, reads):
+    """On a CPU, layers streamed from disk are read in place from the offload cache's mapping, or
+    copied by the reader thread with LLMRUN_NO_MAP=1; the report says which (None: nothing streams)."""
+    from llmrun.plan.tiers import Tier
+    from tests.placements import streaming_budget
+
+    budget = streaming_budget(tiny, Tier.DISK, dtype="bfloat16", quant="int4", ctx=256, batch=2)
+    proc = run_cli(["bench", tiny, "--quick", "--reps", "1", "--batch", "2", "--ctx", "256", "--dtype", "bfloat16",
+                    "--quant", "int4", "--gpu-mem", "0", "--cpu-mem", f"{budget}B", "--json"], tmp_path,
+                   LLMRUN_NO_MAP=no_map)
+    assert proc.returncode == 0, proc.stderr
+    placement = json.loads(proc.stdout)["placement"]
+    assert placement["layer_tiers"]["disk"] > 0 and placement["disk_reads"] == reads
