@@ -18,7 +18,6 @@
  * in another order than the reference's, within what kernels/quant_check.py allows, checked before use.
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__)

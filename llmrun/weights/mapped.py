@@ -118,6 +118,7 @@ class MappedPieces:
             self._ranges[index] = (whole, address + start, min(end, len(whole)) - start)
             self._views[index] = {t.packed.key: self._view(whole, t) for t in pieces[index].tensors}
         self._advisor = _Advisor()
+        self._expected = 0  # the position of the piece the cycle takes next
 
     @staticmethod
     def _view(whole: mmap.mmap, tensor) -> torch.Tensor:
@@ -126,8 +127,14 @@ class MappedPieces:
             torch_dtype(tensor.tag)).view(tensor.packed.shape)
 
     def take(self, index: int) -> tuple[dict, Callable[[], None]]:
-        """Piece `index`'s tensors and the call that releases them (its pages leave this process)."""
+        """Piece `index`'s tensors and the call that releases them (its pages leave this process).
+        Pieces skipped since the last one taken (the head, in a prefill chunk that samples nothing)
+        drop the pages mapped in ahead for them."""
         position = self._position[index]
+        while self._expected % len(self.order) != position:
+            self._advise(self.order[self._expected % len(self.order)], mmap.MADV_DONTNEED)
+            self._expected += 1
+        self._expected = position + 1
         self._advise(self.order[(position + 1) % len(self.order)], MADV_POPULATE_READ)
         self._advise(self.order[(position + 2) % len(self.order)], mmap.MADV_WILLNEED)  # read ahead, not mapped
         return self._views[index], lambda: self._advise(index, mmap.MADV_DONTNEED)

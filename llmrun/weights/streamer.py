@@ -4,7 +4,8 @@ It alone owns the staging slots, the background disk reader, CUDA copy streams a
 Streamed pieces (weights/pieces.py: whole layers, a layer's matrices, runs of the head's rows) are
 consumed in a fixed cyclic order, so the reader can run ahead across layers and steps: while piece
 i computes, pieces i+1..i+depth are being read (disk) or copied (pinned host -> GPU). Slots are
-byte buffers sized for the largest piece; a piece's tensors are views of any dtype into them.
+byte buffers sized for the largest piece; a piece's tensors are views of any dtype into them. On a
+CPU, disk pieces lying in their files as staged are instead read in place (weights/mapped.py).
 A layer streamed matrix by matrix is read through a StagedLayer (each matrix valid until a later one).
 """
 
@@ -139,7 +140,7 @@ class LayerStreamer:
         # On the CPU, pieces lying in their files as staged are read in place (weights/mapped.py)
         reads_in_place = bool(disk_pieces) and not gpu and mappable(pieces, disk_pieces)
         self.mapped = MappedPieces(pieces, disk_pieces) if reads_in_place else None
-        self.disk = DiskReader(disk_pieces, pieces, self.num_slots, pin=gpu) if disk_pieces and not self.mapped else None
+        self.disk = DiskReader(disk_pieces, pieces, self.num_slots, pin=gpu) if disk_pieces and self.mapped is None else None
         self._gpu = None
         if gpu:
             self._gpu = _GpuRing(max(p.num_bytes for p in pieces), self.num_slots, self.device)

@@ -93,4 +93,10 @@ def test_the_next_piece_is_mapped_in_ahead_and_a_released_one_s_pages_leave_the_
     mapped.settle()
     assert ahead - 64 <= mapping_rss_kb(file) <= ahead + 64  # piece 1 gone, piece 2 ahead
     assert torch.equal(mapped.take(0)[0]["w0"], stored["w0"])  # dropped pages read again from the file
+    mapped.settle()
+    assert ahead + 2 * mib - 64 <= mapping_rss_kb(file) <= ahead + 2 * mib + 64  # piece 0 read, piece 1 ahead
+    tensors, release = mapped.take(2)  # piece 1 skipped (as a prefill chunk skips the head)
+    release()
+    mapped.settle()
+    assert ahead - 64 <= mapping_rss_kb(file) <= ahead + 64  # piece 1's pages (mapped ahead) dropped too; 0 ahead
     mapped.close()
