@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from llmrun.kernels.interface import check_forced_to_fail
-from llmrun.kernels.native import LayerShape, NativeKernels, aten_runs_avx512, load_library
+from llmrun.kernels.clib import aten_runs_avx512
+from llmrun.kernels.native import LayerShape, NativeKernels, load_library
 from llmrun.kernels.native_layer import blas_sgemm
 from llmrun.kernels.quant_check import probe_weight
 from llmrun.kernels.quant_cpu import CpuQuantMatmul, amx_allowed, load_quant_library

@@ -8,7 +8,7 @@ The same library carries the bf16 GEMV (native_gemv.c) and, for one sequence's f
 whole layer in one call (native_layer.c, bound in native_layer.py).
 
 The kernels are compiled on first use (under a second) with the system C compiler into the user
-cache directory (paths.cache_dir()/native, keyed by the source's hash) and loaded with ctypes. A
+cache directory and loaded with ctypes (kernels/clib.py). A
 decoder uses them only after `NativeKernels.check` ran them against the ATen ops on its own shapes
 and dtype with identical results, so greedy tokens never change. No compiler, a failed build, a
 mismatch, or LLMRUN_NO_NATIVE=1: the ATen path runs. The library is built alike for every x86-64
@@ -20,33 +20,23 @@ ATEN_CPU_CAPABILITY=avx2 hides AVX-512 from both.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from llmrun import settings
+from llmrun.kernels.clib import FLAGS, GEMV_FLAGS, aten_exp_functions, aten_runs_avx512, build_library, c_compiler
 from llmrun.kernels.interface import CHECK_ROWS, FusedKernels, Kernels, LayerShape, check_forced_to_fail
 from llmrun.kernels.native_layer import NativeLayer, declare_layer
 from llmrun.kernels.quant import PLAIN, QuantMatmul
 from llmrun.kernels.verdicts import store_beside
 from llmrun.model.layers import linear
-from llmrun.paths import cache_dir
 from llmrun.weights.packing import pack_weight
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 GEMV_SOURCE = Path(__file__).with_name("native_gemv.c")
 LAYER_SOURCE = Path(__file__).with_name("native_layer.c")
-FLAGS = ("-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
-GEMV_FLAGS = ("-fopenmp",)  # joins the libgomp PyTorch loaded: ATen's threads, no second pool
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_ROWS = CHECK_ROWS[-1]  # decode steps; prefill chunks keep ATen's multi-threaded ops
 GEMV_BLOCK = 32  # outputs per VNNI block of a oneDNN-packed weight (native_gemv.c)
@@ -69,30 +59,6 @@ def load_library() -> Optional[ctypes.CDLL]:
     return None
 
 
-def c_compiler() -> Optional[str]:
-    """The C compiler the kernels are built with ($CC, else cc or gcc on PATH), or None."""
-    return settings.CC.text() or shutil.which("cc") or shutil.which("gcc")
-
-
-def build_library(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...]) -> Optional[ctypes.CDLL]:
-    """The library built from `sources` with `flags` (cached by their hash), or None where it fails."""
-    text = b"".join(source.read_bytes() for source in sources)
-    key = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
-    folder = cache_dir() / "native"
-    library = folder / f"kernels-{key}.so"
-    try:
-        if not library.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as scratch:
-                built = Path(scratch) / library.name
-                subprocess.run([compiler, *flags, "-o", str(built), *map(str, sources), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, library)  # atomic: a half-written library is never loaded
-        return ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     lib.add_rms_norm.argtypes = [p, p, p, p, p, i64, i64, f32, i32, i32, p, p]
@@ -108,32 +74,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     if hasattr(lib, "decode_layer_f32"):
         declare_layer(lib)
     return lib
-
-
-def aten_runs_avx512() -> bool:
-    """Whether ATen runs its AVX-512 kernels here (its CPU capability, which ATEN_CPU_CAPABILITY
-    can lower): the C kernels' AVX-512 code runs only then."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-@lru_cache(maxsize=1)
-def aten_exp_functions() -> dict[int, int]:
-    """ATen's vectorised float exp (Sleef's, exported by libtorch_cpu) by vector width: the exp
-    inside `F.silu`, so a fused SiLU gives its bits. Only widths this CPU runs (AVX2, AVX-512)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    widths = (16, 8) if aten_runs_avx512() else (8,) if capability == "AVX2" else ()
-    if not widths or sys.platform != "linux" or platform.machine() != "x86_64":
-        return {}
-    try:
-        libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    except OSError:
-        return {}
-    found = {}
-    for width in widths:
-        symbol = getattr(libtorch, f"Sleef_expf{width}_u10", None)
-        if symbol is not None:
-            found[width] = ctypes.cast(symbol, ctypes.c_void_p).value
-    return found
 
 
 def _ptr(tensor: Optional[torch.Tensor]) -> Optional[int]:

@@ -39,7 +39,7 @@ import torch
 
 from llmrun import settings
 from llmrun.kernels.interface import check_forced_to_fail
-from llmrun.kernels.native import FLAGS, GEMV_FLAGS, aten_runs_avx512, build_library, c_compiler
+from llmrun.kernels.clib import FLAGS, GEMV_FLAGS, aten_runs_avx512, build_library, c_compiler
 from llmrun.kernels.quant import QuantMatmul, quant_linear, quant_parts
 from llmrun.kernels.quant_check import checked_on
 from llmrun.kernels.quant_layer import QuantLayer, declare_quant_layer
