@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from llmrun import settings
+from llmrun.errors import InvalidModelError
 from llmrun.weights.index import DTYPE_BYTES
 from llmrun.weights.loader import torch_dtype
 from llmrun.weights.pieces import Piece
@@ -62,31 +63,38 @@ def mappable(pieces: list[Piece], indices: list[int]) -> bool:
             and all(_file_range(pieces[i]) is not None for i in indices))
 
 
+def _advise_loop(jobs: queue.SimpleQueue, can_populate: list) -> None:
+    """The advisor thread: each queued (mapping, address, length, advice) made, until None. (Not a
+    method: the thread must not keep its _Advisor alive, whose collection is what stops it.)"""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    while (job := jobs.get()) is not None:
+        if isinstance(job, threading.Event):  # settle(): the calls queued before it are made
+            job.set()
+            continue
+        _mapping, address, length, advice = job
+        if advice != MADV_POPULATE_READ:
+            madvise(address, length, advice)
+        elif not can_populate[0] or madvise(address, length, advice):
+            can_populate[0] = False  # an older kernel (EINVAL): the next piece is only read ahead
+            madvise(address, length, mmap.MADV_WILLNEED)
+
+
 class _Advisor:
     """A thread making madvise calls queued by the compute thread. A queued call holds its mapping, so
     the range stays mapped (never another mapping's memory) until the call is made."""
 
     def __init__(self):
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._madvise = libc.madvise
-        self._madvise.argtypes, self._madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.populate = True  # MADV_POPULATE_READ works here (else the next piece is only advised)
-        thread = threading.Thread(target=self._run, name="llmrun-map-advisor", daemon=True)
-        thread.start()
-        self._finalizer = weakref.finalize(self, self.jobs.put, None)
+        self._can_populate = [True]
+        threading.Thread(target=_advise_loop, args=(self.jobs, self._can_populate), name="llmrun-map-advisor",
+                         daemon=True).start()
+        self._finalizer = weakref.finalize(self, self.jobs.put, None)  # collected or closed: the thread ends
 
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if isinstance(job, threading.Event):  # settle(): the calls queued before it are made
-                job.set()
-                continue
-            _mapping, address, length, advice = job
-            if advice == MADV_POPULATE_READ and (not self.populate or self._madvise(address, length, advice)):
-                self.populate = False  # an older kernel: EINVAL; ask for read-ahead instead
-                self._madvise(address, length, mmap.MADV_WILLNEED)
-            elif advice != MADV_POPULATE_READ:
-                self._madvise(address, length, advice)
+    @property
+    def populate(self) -> bool:
+        """Whether MADV_POPULATE_READ works here (else the next piece is only read ahead)."""
+        return self._can_populate[0]
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait until the calls queued so far are made."""
@@ -114,8 +122,10 @@ class MappedPieces:
                     whole = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._maps[file] = (whole, ctypes.addressof(ctypes.c_char.from_buffer(whole)))
             whole, address = self._maps[file]
+            if end > len(whole):
+                raise InvalidModelError(f"{file} is truncated (reading tensor {pieces[index].tensors[-1].packed.key})")
             start = first // mmap.PAGESIZE * mmap.PAGESIZE
-            self._ranges[index] = (whole, address + start, min(end, len(whole)) - start)
+            self._ranges[index] = (whole, address + start, end - start)
             self._views[index] = {t.packed.key: self._view(whole, t) for t in pieces[index].tensors}
         self._advisor = _Advisor()
         self._expected = 0  # the position of the piece the cycle takes next

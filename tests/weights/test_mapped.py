@@ -100,3 +100,31 @@ def test_the_next_piece_is_mapped_in_ahead_and_a_released_one_s_pages_leave_the_
     mapped.settle()
     assert ahead - 64 <= mapping_rss_kb(file) <= ahead + 64  # piece 1's pages (mapped ahead) dropped too; 0 ahead
     mapped.close()
+
+
+def test_a_truncated_file_is_one_error_and_a_dropped_reader_s_thread_ends(tmp_path):
+    import gc
+    import threading
+    import time
+
+    from llmrun.errors import InvalidModelError
+
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "model.safetensors")
+    piece = piece_of(tmp_path, {"w": ("w",)}, "F32")
+
+    def advisors():
+        return sum(t.name == "llmrun-map-advisor" and t.is_alive() for t in threading.enumerate())
+
+    before = advisors()
+    mapped = MappedPieces([piece], [0])
+    assert advisors() == before + 1
+    del mapped  # never closed (an engine nobody closed): collecting it ends its thread
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while advisors() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert advisors() == before
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(InvalidModelError, match="is truncated"):
+        MappedPieces([piece], [0])
