@@ -121,6 +121,15 @@ class Held:
     release: Callable[[], None]
 
 
+def _mapped(pieces: list[Piece], disk_pieces: list[int]) -> Optional[MappedPieces]:
+    """The disk pieces read in place, or None where the files cannot be mapped (a file system without
+    mmap): the reader thread copies them then."""
+    try:
+        return MappedPieces(pieces, disk_pieces)
+    except OSError:
+        return None
+
+
 class LayerStreamer:
     """Stages pieces on the compute device, in their cyclic order.
 
@@ -137,9 +146,8 @@ class LayerStreamer:
         self.bytes_moved = 0
         disk_pieces = [i for i in self.order if sources[i] is None]
         gpu = self.device.type == "cuda"
-        # On the CPU, pieces lying in their files as staged are read in place (weights/mapped.py)
-        reads_in_place = bool(disk_pieces) and not gpu and mappable(pieces, disk_pieces)
-        self.mapped = MappedPieces(pieces, disk_pieces) if reads_in_place else None
+        in_place = bool(disk_pieces) and not gpu and mappable(pieces, disk_pieces)  # (weights/mapped.py)
+        self.mapped = _mapped(pieces, disk_pieces) if in_place else None
         self.disk = DiskReader(disk_pieces, pieces, self.num_slots, pin=gpu) if disk_pieces and self.mapped is None else None
         self._gpu = None
         if gpu:

@@ -128,3 +128,26 @@ def test_a_truncated_file_is_one_error_and_a_dropped_reader_s_thread_ends(tmp_pa
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(InvalidModelError, match="is truncated"):
         MappedPieces([piece], [0])
+
+
+def test_files_that_cannot_be_mapped_are_copied_by_the_reader(tmp_path, monkeypatch):
+    """A file system without mmap: the streamer falls back to the reader thread, not a traceback."""
+    import mmap as mmap_module
+
+    from llmrun.weights.streamer import LayerStreamer
+
+    stored = torch.randn(64, 64)
+    save_file({"w": stored}, tmp_path / "model.safetensors")
+    piece = piece_of(tmp_path, {"w": ("w",)}, "F32")
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap_module, "mmap", refuse)
+    streamer = LayerStreamer([piece], [None], "cpu")
+    try:
+        assert streamer.mapped is None and streamer.disk is not None
+        with streamer.staged(0) as tensors:
+            assert torch.equal(tensors["w"], stored)
+    finally:
+        streamer.close()
