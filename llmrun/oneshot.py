@@ -41,7 +41,7 @@ def memory_json(engine) -> dict:
     placement = engine.plan.placement
     return {"rss_before_weights_bytes": engine.rss_before_weights_bytes, "peak_rss_bytes": peak_rss_bytes(),
             "cpu_plan_bytes": placement.total_bytes(Tier.CPU), "cpu_budget_bytes": placement.budgets.cpu_bytes,
-            "layer_tiers": [t.value for t in placement.layer_tiers]}
+            "layer_tiers": [t.value for t in placement.layer_tiers], "disk_reads": engine.weights.disk_reads}
 
 
 @dataclass(frozen=True)

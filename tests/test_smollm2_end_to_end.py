@@ -1,6 +1,7 @@
 """The real SmolLM2-135M-Instruct through the whole path: CLI, chat template, every placement."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -43,6 +44,8 @@ def test_disk_streamed_and_batched_runs_give_the_resident_tokens(smollm2_home, t
     resident = run_json(smollm2_home, tmp_path, "--ctx", "512")
     streamed = run_json(smollm2_home, tmp_path, "--ctx", "512", "--cpu-mem", "150MB")
     assert streamed["memory"]["layer_tiers"].count("disk") > 10
+    assert streamed["memory"]["disk_reads"] == ("in place (mapped)" if sys.platform == "linux" else "copied (reader thread)")
+    assert resident["memory"]["disk_reads"] is None
     assert streamed["tokens"] == resident["tokens"]
     lines = [QUESTION, "Name three colours.", QUESTION]
     proc = run_cli(["run", "smollm2", "--each-line", "--batch", "3", "-t", "0", "-n", "32", "--ctx", "512",

@@ -23,15 +23,6 @@ def kernels_json(engine) -> dict:
     return {**engine.decoder.kernels.describe(), "cuda_graphs": bool(static is not None and static.capture)}
 
 
-def _disk_reads(engine) -> str | None:
-    """How layers streamed from disk reach the compute: read in place from the file's mapping (a CPU),
-    or copied into staging buffers by a reader thread; None where nothing streams from disk."""
-    streamer = engine.weights.streamer
-    if streamer is None or (streamer.mapped is None and streamer.disk is None):
-        return None
-    return "in place (mapped)" if streamer.mapped is not None else "copied (reader thread)"
-
-
 def bench_json(name: str, engine, facts: dict, ours: dict, refs: dict, compare: str, reps: int,
                waste_slots: int, peak_rss: int, peak_gpu: int) -> dict:
     from llmrun.plan.tiers import Tier
@@ -52,7 +43,7 @@ def bench_json(name: str, engine, facts: dict, ours: dict, refs: dict, compare: 
         "placement": {"compute": placement.compute_tier.value,
                       "layer_tiers": {t.value: sum(x is t for x in placement.layer_tiers) for t in Tier},
                       "streamed_bytes_per_token": placement.streamed_bytes(),
-                      "disk_reads": _disk_reads(engine), "ctx": placement.ctx, "batch": placement.batch},
+                      "disk_reads": engine.weights.disk_reads, "ctx": placement.ctx, "batch": placement.batch},
         "kv_cache": {"block_size": placement.block_size, "max_wasted_slots_per_seq": waste_slots,
                      "under_one_block": waste_slots < placement.block_size},
         "kernels": kernels_json(engine),

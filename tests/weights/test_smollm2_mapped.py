@@ -1,0 +1,36 @@
+"""The real SmolLM2 quantized to int4 on load, streamed from disk under --cpu-mem 150MB with its layers
+read in place (weights/mapped.py): the resident run's tokens, and no more memory than the reader
+thread's copies take (the mapping's pages count in RSS: only two layers' may be in it)."""
+
+import json
+import sys
+
+import pytest
+
+from tests.cli.helpers import run_cli
+from tests.test_smollm2_end_to_end import QUESTION
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="layers are mapped on Linux")]
+MB = 1_000_000
+ARGS = ["run", "smollm2", QUESTION, "-t", "0", "-n", "24", "--json", "--dtype", "bfloat16", "--quant", "int4",
+        "--ctx", "1024", "--gpu-mem", "0"]
+
+
+def run(smollm2_home, tmp_path, *args, **env) -> dict:
+    proc = run_cli([*ARGS, *args], tmp_path, LLMRUN_HOME=smollm2_home, **env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_int4_layers_read_in_place_give_the_resident_tokens_in_no_more_memory(smollm2_home, tmp_path):
+    resident = run(smollm2_home, tmp_path)
+    mapped = run(smollm2_home, tmp_path, "--cpu-mem", "150MB")
+    copied = run(smollm2_home, tmp_path, "--cpu-mem", "150MB", LLMRUN_NO_MAP="1")
+    assert mapped["memory"]["layer_tiers"].count("disk") >= 5
+    assert (mapped["memory"]["disk_reads"], copied["memory"]["disk_reads"]) == ("in place (mapped)",
+                                                                                 "copied (reader thread)")
+    assert mapped["tokens"] == copied["tokens"] == resident["tokens"]
+    grown = {name: r["memory"]["peak_rss_bytes"] - r["memory"]["rss_before_weights_bytes"]
+             for name, r in (("mapped", mapped), ("copied", copied))}
+    print(f"peak RSS over the baseline: in place {grown['mapped'] / MB:.1f} MB, copied {grown['copied'] / MB:.1f} MB")
+    assert grown["mapped"] <= grown["copied"] + 4 * MB
