@@ -187,6 +187,16 @@ class TensorFileReader:
         return torch.frombuffer(whole, dtype=torch.uint8, count=info.num_bytes, offset=info.start).view(
             torch_dtype(info.dtype)).view(info.shape)
 
+    def drop_mapped(self, info: TensorInfo) -> None:
+        """Drop the pages `mapped(info)` brought into this process (MADV_DONTNEED: the file's pages stay
+        in the page cache, and a view read again maps them again)."""
+        import mmap
+
+        whole = self._maps.get(info.file)
+        if whole is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = info.start // mmap.PAGESIZE * mmap.PAGESIZE
+            whole.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -24,6 +24,10 @@ from llmrun.weights.quantized import QuantLayout, UnitParts, float_table
 from llmrun.weights.streamer import LayerStreamer, StagedLayer
 
 HEAD = "head"
+# A resident head is packed (and kept, and multiplied) in runs of this many vocabulary rows: packing a
+# weight holds it twice, and a whole head beside the rest of a tight budget went past it (SmolLM2 int4
+# under 150 MB: 157 MB at load, the plan 148).
+HEAD_PACK_ROWS = 4096
 
 
 class PlacedWeights:
@@ -109,20 +113,35 @@ class PlacedWeights:
         tensors = {}
         for packed in packs:
             if len(packed.shape) == 2 and packed.key not in parts.staged and packed.parts[0].dtype in FLOAT_TAGS:
-                view = None
-                if len(packed.parts) == 1 and packed.parts[0].dtype == self.run_tag:
-                    try:  # stored as it runs: packed straight from the file
-                        view = reader.mapped(packed.parts[0])
-                    except (OSError, ValueError):  # a file system without mappings: read it
-                        pass
-                if view is None:
-                    view = staging.view(packed.shape, self.dtype)
-                    reader.fill_packed(packed, view)
-                weight = pack_weight(view)
-                tensors[packed.key] = weight.clone() if weight is view else weight  # never the buffer itself
+                if packed.key != HEAD or packed.shape[0] <= HEAD_PACK_ROWS:
+                    tensors[packed.key] = self._packed_weight(reader, packed, staging)
+                else:  # packing holds its source and its result at once: the head a run of rows at a time
+                    rows = packed.shape[0]
+                    tensors[packed.key] = tuple(
+                        self._packed_weight(reader, row_range(packed, first, min(first + HEAD_PACK_ROWS, rows)), staging)
+                        for first in range(0, rows, HEAD_PACK_ROWS))
             else:
                 tensors[packed.key] = self._load(reader, packed)
         return parts.assemble(tensors)
+
+    def _packed_weight(self, reader: TensorFileReader, packed: PackedTensor, staging: "_Staging") -> torch.Tensor:
+        """One weight packed for oneDNN, from a mapping of its file (then its pages dropped again) or
+        from the staging buffer."""
+        view = None
+        if len(packed.parts) == 1 and packed.parts[0].dtype == self.run_tag:
+            try:  # stored as it runs: packed straight from the file
+                view = reader.mapped(packed.parts[0])
+            except (OSError, ValueError):  # a file system without mappings: read it
+                pass
+        mapped = view is not None
+        if view is None:
+            view = staging.view(packed.shape, self.dtype)
+            reader.fill_packed(packed, view)
+        weight = pack_weight(view)
+        weight = weight.clone() if weight is view else weight  # never the buffer itself
+        if mapped:
+            reader.drop_mapped(packed.parts[0])  # the file's pages leave RSS: only the packed copy stays
+        return weight
 
     def _cut(self, reader: TensorFileReader, packs: dict, streamed: list[int], tiers: dict,
              piece_bytes: int) -> tuple[list[Piece], list[Optional[torch.Tensor]]]:
@@ -165,7 +184,7 @@ class PlacedWeights:
         if placement.embed_tier is placement.compute_tier:
             head = self.resident.get(self.head_unit, {}).get(HEAD)
             if decoder.embed_name() == decoder.head_name() and head is not None:
-                if head.is_mkldnn:  # tied and packed for the head: look rows up in the file instead
+                if isinstance(head, tuple) or head.is_mkldnn:  # tied, packed for the head: rows from the file
                     return None, packed
                 return head, None  # tied: the same tensor
             return self._load(reader, packed), None
@@ -249,7 +268,8 @@ class PlacedWeights:
         """The output head [vocab rows, hidden] in vocabulary order: whole when resident, else its
         runs of rows as they arrive, each valid until the next is asked for."""
         if self.head_unit in self.resident:
-            yield self.resident[self.head_unit][HEAD]
+            head = self.resident[self.head_unit][HEAD]
+            yield from head if isinstance(head, tuple) else (head,)
             return
         for index in self.unit_pieces[self.head_unit]:
             with self.streamer.staged(index) as tensors:
