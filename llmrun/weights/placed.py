@@ -214,13 +214,9 @@ class PlacedWeights:
 
     @property
     def disk_reads(self) -> Optional[str]:
-        """How layers streamed from disk reach the compute: read in place from the file's mapping (a
-        CPU, weights/mapped.py) or copied into staging buffers by the reader thread; None where
-        nothing streams from disk."""
-        streamer = self.streamer
-        if streamer is None or (streamer.mapped is None and streamer.disk is None):
-            return None
-        return "in place (mapped)" if streamer.mapped is not None else "copied (reader thread)"
+        """How layers streamed from disk reach the compute (LayerStreamer.disk_reads); None where
+        nothing streams."""
+        return None if self.streamer is None else self.streamer.disk_reads
 
     @property
     def stages_matrices(self) -> bool:

@@ -184,6 +184,14 @@ class LayerStreamer:
         slot = self.disk.take(index)
         return slot.flat, lambda event: self.disk.give_back(slot, copied=event)
 
+    @property
+    def disk_reads(self) -> Optional[str]:
+        """How disk pieces reach the compute: read in place from the file's mapping (a CPU,
+        weights/mapped.py) or copied into staging buffers by the reader thread; None without any."""
+        if self.mapped is not None:
+            return "in place (mapped)"
+        return None if self.disk is None else "copied (reader thread)"
+
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
