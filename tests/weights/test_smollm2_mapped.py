@@ -1,6 +1,6 @@
 """The real SmolLM2 quantized to int4 on load, streamed from disk under --cpu-mem 150MB with its layers
 read in place (weights/mapped.py): the resident run's tokens (as the reader thread's copies give),
-and the peak RSS of each run over the runtime's own baseline, printed."""
+and the peak RSS of each run over the runtime's own baseline (in place: within the budget)."""
 
 import json
 import sys
@@ -33,6 +33,7 @@ def test_int4_layers_read_in_place_give_the_resident_tokens(smollm2_home, tmp_pa
     grown = {name: r["memory"]["peak_rss_bytes"] - r["memory"]["rss_before_weights_bytes"]
              for name, r in (("mapped", mapped), ("copied", copied))}
     print(f"peak RSS over the baseline: in place {grown['mapped'] / MB:.1f} MB, copied {grown['copied'] / MB:.1f} MB")
-    # Not asserted: within the budget in most runs (126.7-143.0 MB), but 156.3 MB once in CI, when the
-    # advisor thread's calls lagged behind the compute (a released piece's pages dropped late); the
-    # copied run 142.6-150.0 MB. The bound needs the drops made in the compute thread (closing note).
+    # The plan keeps the weights, cache and staging within the budget: read in place, the pieces held are
+    # all that is mapped (126.7-143.8 MB here; the copied run 137.0-150.0 MB, printed only: its slots
+    # and the reader's buffers sit at the edge)
+    assert grown["mapped"] <= 150 * MB
