@@ -94,7 +94,8 @@ Ctx = Annotated[Optional[int], typer.Option("--ctx", help="Context length in tok
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.", metavar="NAME",
                                     callback=known_dtype)]
 Quant = Annotated[str, typer.Option(
-    "--quant", help="Compress the layers' matmul weights on load (cached): none, int8 or int4 (groups of 32).",
+    "--quant", help="Compress the layers' matmul weights (and the output head, to int8) on load, cached: "
+                    "none, int8 or int4 (groups of 32).",
     metavar="KIND", callback=known_quant)]
 # The sizes arrive in the command as bytes (int), read by the callback.
 GpuMem = Annotated[Optional[str], typer.Option(

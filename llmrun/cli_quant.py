@@ -30,7 +30,7 @@ def quantize_command(
                                                 metavar="NAME")] = None,
     force: Annotated[bool, flag("--force", help="Replace a store entry of that name.")] = False,
 ) -> None:
-    """Write a copy of MODEL with its layers' matmul weights compressed into llmrun's store.
+    """Write a copy of MODEL with its layers' matmul weights (and output head) compressed into llmrun's store.
 
     Example: llmrun quantize smollm2 --to int4 --group 64 --name smollm2-int4
     """
@@ -42,7 +42,7 @@ def quantize_command(
     spec = QuantSpec.parse(to, group)
     with display.count_progress(f"quantizing {model} to {spec.label}", "tensors") as on_tensor:
         made = quantize_to_store(model, spec, name, force, on_tensor)
-    print(f"{made.name}: {made.num_quantized} matmul weights in {made.description}, "
+    print(f"{made.name}: {made.description}, "
           f"{format_bytes(made.size_bytes)} (from {format_bytes(made.source_bytes)}); ready at {made.path}",
           file=sys.stderr)
 

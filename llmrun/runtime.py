@@ -61,5 +61,5 @@ def open_model(name: str, options: EngineOptions, *, show_progress: bool = True)
     quant = engine.weights.quant.meta
     if quant.tensors:  # a compressed path is never taken silently
         how = "quantized on load, cached" if options.quant != "none" else "as stored"
-        display.note(f"{source.name}: {len(quant.tensors)} matmul weights in {quant.describe()}, {how}")
+        display.note(f"{source.name}: {quant.describe()}, {how}")
     return OpenModel(source.name, source.path, engine)

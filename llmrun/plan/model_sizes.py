@@ -34,6 +34,7 @@ class ModelSizes:
     dequantized_bytes: int = 0  # a layer's largest compressed matrix in the run dtype (prompt chunks dequantize it)
     head_dequantized_bytes: int = 0  # the compressed output head (or tied embeddings) in the run dtype
     layer_dequantized_bytes: int = 0  # the largest layer's compressed matrices, all of them, in the run dtype
+    head_compressed: bool = False  # the output head (the embeddings when tied) is stored compressed: kept resident
 
     def dequantized_workspace(self, batch: int, on_gpu: bool) -> int:
         """What prompt chunks of a compressed model dequantize at once: its largest matrix, or on
@@ -107,6 +108,7 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
     num_layers = int(config["num_hidden_layers"])
     layer_bytes = [0] * num_layers
     embed = lm_head = other = 0
+    compressed_heads = set()  # "embed" / "lm_head" where stored compressed
     pieces: dict[tuple[int, str], tuple[int, bool]] = {}  # (layer, piece) -> (bytes, holds a matrix)
     compressed: dict[tuple, int] = {}  # (layer, piece) -> values of its compressed matrices
     for name, info in index.tensors.items():
@@ -123,8 +125,10 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
             pieces[layer, _piece_name(name)] = (piece_bytes + size, is_matrix or len(info.shape) > 1)
         elif "embed_tokens" in name or name.endswith("wte.weight"):
             embed += size
+            compressed_heads |= {"embed"} if part else set()
         elif name.startswith("lm_head"):
             lm_head += size
+            compressed_heads |= {"lm_head"} if part else set()
         else:
             other += size
     tied = bool(config.get("tie_word_embeddings", False)) and lm_head == 0
@@ -147,6 +151,7 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
         dtype_bytes=dtype_bytes,
         layer_matrix_bytes=layer_matrix_bytes,
         layer_vector_bytes=layer_vector_bytes,
+        head_compressed=("embed" if tied else "lm_head") in compressed_heads,
         **_dequantized_sizes(compressed, dtype_bytes),
     )
 

@@ -130,7 +130,8 @@ class _Staging:
 def _staging(sizes: ModelSizes, room: int, head: int) -> _Staging:
     """Two staging slots (one computing, one filling) of whole layers or, where those do not fit, of
     single matrices (the streamed layers' norms then resident). The head stays in the fast tier when
-    any choice leaves room for it, else it streams in chunks of a slot's size. Whole layers win even
+    any choice leaves room for it, else it streams in chunks of a slot's size (not a compressed head:
+    there is then no room). Whole layers win even
     where matrices would keep one more layer resident: each piece handed over costs the step a wait,
     and SmolLM2 bf16 under --cpu-mem 150MB decoded ~12 % slower by matrices with 23 layers streamed
     than by layers with 24 (docs/performance.md)."""
@@ -141,7 +142,8 @@ def _staging(sizes: ModelSizes, room: int, head: int) -> _Staging:
                         + ("" if head_fast else ", the head streamed in chunks of its size"))
                for head_fast in (True, False)
                for piece, extra, what in ((whole, 0, "layer"), (by_matrix, vectors, "matrix, norms of streamed layers"))]
-    fitting = [c for c in choices if c.num_bytes + (head if c.head_fast else 0) <= room]
+    fitting = [c for c in choices if c.num_bytes + (head if c.head_fast else 0) <= room
+               and (c.head_fast or not sizes.head_compressed)]  # a compressed head is not streamed
     if not fitting:
         raise _NoRoom()
 

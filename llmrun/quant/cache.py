@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from llmrun.quant.spec import QuantSpec, check_groups, quantizable
+from llmrun.quant.spec import QuantSpec, check_groups, compressed
 from llmrun.storage import writing_under
 from llmrun.weights import offload_cache
 from llmrun.weights.index import CheckpointIndex, index_file
@@ -22,9 +22,11 @@ CACHE_FILE = "quantized.safetensors"
 def entry_file(index: CheckpointIndex, spec: QuantSpec) -> Path:
     files = sorted({info.file for info in index.tensors.values()})
     from llmrun.quant.quantize import QUANTIZER_VERSION
+    from llmrun.quant.spec import HEAD_SPEC  # (as it is now: scripts/quant_choices.py changes it)
 
-    # the key names the quantizer too: a changed fit never reuses values of the old one
-    return offload_cache.entry_folder(files, f"quant:{spec.label}:v{QUANTIZER_VERSION}") / CACHE_FILE
+    # the key names the quantizer and the head's format too: a changed fit never reuses values of the old one
+    head = HEAD_SPEC.label if HEAD_SPEC is not None else "16-bit"
+    return offload_cache.entry_folder(files, f"quant:{spec.label}:head-{head}:v{QUANTIZER_VERSION}") / CACHE_FILE
 
 
 def quantized_on_load(index: CheckpointIndex, spec: QuantSpec,
@@ -40,7 +42,7 @@ def quantized_on_load(index: CheckpointIndex, spec: QuantSpec,
         offload_cache.prepare_entry(file.parent, files)
         with writing_under(file.parent):
             quantize_index(index, spec, file, keep_floats=False, on_tensor=on_tensor)
-    replaced = {n for n, info in index.tensors.items() if quantizable(n, info.shape)}
+    replaced = compressed(index, spec)
     tensors = {n: info for n, info in index.tensors.items() if n not in replaced}
     tensors.update(index_file(file))
     return CheckpointIndex(index.folder, tensors)

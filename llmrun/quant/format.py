@@ -132,3 +132,12 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
     if qw.mins is not None:
         w = w + qw.mins.unsqueeze(-1)
     return w.reshape(qw.out_features, qw.in_features)
+
+
+def dequantize_rows(qw: QuantWeight, rows: torch.Tensor) -> torch.Tensor:
+    """float32 [len(rows), in]: the rows `rows` (output indices) of `dequantize(qw)`, and only them
+    (a compressed embedding table's lookup)."""
+    rows = rows.to(qw.qweight.device)
+    mins = None if qw.mins is None else qw.mins[rows]
+    return dequantize(QuantWeight(qw.bits, qw.group_size, rows.numel(), qw.in_features, qw.qweight[rows],
+                                  qw.scales[rows], mins))

@@ -15,14 +15,14 @@ import torch
 
 from llmrun.quant.format import QuantWeight, pack_int4
 from llmrun.quant.stored import QuantMetadata, TensorFormat, save_quantized, stored_tensors
-from llmrun.quant.spec import QuantSpec, check_groups, quantizable
+from llmrun.quant.spec import QuantSpec, check_groups, compressed
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.loader import PackedTensor, TensorFileReader
 
 _HALF_NORMAL = 2.0**-14  # smallest normal float16: below it float16 would lose bits
 _HALF_MAX = 65504.0
 FIT_ROUNDS = 4  # least-squares rounds of the int4 fit (0: the plain min/max grid)
-QUANTIZER_VERSION = 2  # names quantize-on-load cache entries: bump when the values chosen change
+QUANTIZER_VERSION = 3  # names quantize-on-load cache entries: bump when the values chosen change
 
 
 def _half_rounded(values: torch.Tensor) -> torch.Tensor:
@@ -89,17 +89,19 @@ def _squared_error(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) ->
 
 def quantize_index(index: CheckpointIndex, spec: QuantSpec, path: Path, *, keep_floats: bool,
                    on_tensor: Callable[[int, int], None] = lambda done, total: None) -> QuantMetadata:
-    """Write `path`: every compressed tensor of `index` quantized (and, with `keep_floats`, the other
+    """Write `path`: every compressed tensor of `index` quantized (spec.compressed: the layers' matmuls
+    as `spec` says, the output head in int8) (and, with `keep_floats`, the other
     tensors as they are), atomically. `on_tensor(done, total)` reports progress."""
     check_groups(index, spec)
-    names = [n for n, info in index.tensors.items() if quantizable(n, info.shape)]
-    kept = tuple(sorted(n for n in index.tensors if n not in set(names)))
+    specs = compressed(index, spec)
+    names = list(specs)
+    kept = tuple(sorted(n for n in index.tensors if n not in specs))
     tensors: dict[str, torch.Tensor] = {}
     formats: dict[str, TensorFormat] = {}
     with TensorFileReader() as reader:
         for done, name in enumerate(names, 1):
             weight = _read(reader, index, name)
-            qw = quantize_weight(weight, spec)
+            qw = quantize_weight(weight, specs[name])
             tensors.update(stored_tensors(name, qw))
             formats[name] = TensorFormat(qw.bits, qw.group_size, qw.out_features, qw.in_features)
             on_tensor(done, len(names))

@@ -1,8 +1,11 @@
 """What a quantization asks for (QuantSpec) and which tensors it compresses, by name and shape alone.
 
 torch-free: `llmrun plan --quant` sizes a model from headers with it. The rule of what is compressed
-(decided by measurement, docs/quantization.md): the 2-D matmul weights inside the decoder layers.
-Embeddings, the output head (SmolLM2's is the embedding table, tied), norms and biases stay 16-bit.
+(decided by measurement, docs/quantization.md): the 2-D matmul weights inside the decoder layers, in
+the format asked for, and the output head (SmolLM2's is the embedding table, tied) in int8 with one
+scale per vocabulary row, whatever was asked: int4 there cost SmolLM2 6.6 % of perplexity, int8 none
+measurable, and the head is read for every token (in bf16, 45 % of an int4 SmolLM2's bytes).
+Untied input embeddings (only looked up, a row a token), norms and biases stay 16-bit.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ CPU_DECODE_ROWS = 16  # rows the CPU's quantized matmul reads packed; more dequa
 # unpacked for the tiles, int8 ones read as they lie; below, the VNNI kernel was faster: docs/performance.md)
 CPU_AMX_ROWS = {4: 8, 8: 4}
 PER_CHANNEL = 0  # QuantSpec.group_size for int8 with one scale per output channel
+# the output head's names: lm_head, else (tied) the embedding table, which is then the head
+HEAD_NAMES = ("lm_head.weight", "model.embed_tokens.weight")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # In-memory bytes per stored element of each part: qweight keeps its bytes, scales and mins are float32,
 # a two-level code becomes a float32 scale (or min), and the super values are folded into those.
@@ -67,19 +72,44 @@ class QuantSpec:
         return parts
 
 
+HEAD_SPEC: "QuantSpec | None" = QuantSpec(8, 32)  # the head's format (None: kept in 16 bits)
+
+
+def in_layer(name: str) -> bool:
+    """Whether a tensor (or a compressed tensor's name) belongs to a decoder layer."""
+    return _LAYER_RE.search(name) is not None
+
+
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a checkpoint tensor is compressed: a 2-D weight inside a decoder layer (the matmuls)."""
-    return len(shape) == 2 and name.endswith(".weight") and _LAYER_RE.search(name) is not None
+    """Whether a checkpoint tensor is a layer's matmul weight: a 2-D weight inside a decoder layer."""
+    return len(shape) == 2 and name.endswith(".weight") and in_layer(name)
+
+
+def head_name(index: CheckpointIndex) -> str | None:
+    """The output head's tensor: lm_head where the checkpoint has one, else the embedding table."""
+    return next((name for name in HEAD_NAMES if name in index.tensors), None)
+
+
+def compressed(index: CheckpointIndex, spec: QuantSpec) -> dict[str, QuantSpec]:
+    """Each tensor `spec` compresses, with the format it takes (the layers' matmuls: `spec`; the
+    output head: HEAD_SPEC), in the index's order."""
+    head = head_name(index) if HEAD_SPEC is not None else None
+    out = {}
+    for name, info in index.tensors.items():
+        if quantizable(name, info.shape):
+            out[name] = spec
+        elif name == head and len(info.shape) == 2:
+            out[name] = HEAD_SPEC
+    return out
 
 
 def check_groups(index: CheckpointIndex, spec: QuantSpec) -> None:
     """A UsageError naming the first compressed tensor whose inputs the group does not divide."""
-    for name, info in index.tensors.items():
-        if quantizable(name, info.shape):
-            in_features = info.shape[1]
-            group = spec.group_for(in_features)
-            if in_features % group or (spec.bits == 4 and in_features % 2):
-                raise UsageError(f"group {group} does not divide {name}'s {in_features} inputs; "
+    for name, tensor_spec in compressed(index, spec).items():
+        in_features = index[name].shape[1]
+        group = tensor_spec.group_for(in_features)
+        if in_features % group or (tensor_spec.bits == 4 and in_features % 2):
+            raise UsageError(f"group {group} does not divide {name}'s {in_features} inputs; "
                                  f"choose another --group")
 
 
@@ -87,12 +117,13 @@ def planned_index(index: CheckpointIndex, spec: QuantSpec) -> CheckpointIndex:
     """The index as it will be after quantizing on load: each compressed weight replaced by its parts
     (sizes only: the parts' byte ranges are not in any file), for the planner to count."""
     check_groups(index, spec)
+    specs = compressed(index, spec)
     tensors: dict[str, TensorInfo] = {}
     for name, info in index.tensors.items():
-        if not quantizable(name, info.shape):
+        if name not in specs:
             tensors[name] = info
             continue
-        for part, (tag, shape) in spec.part_shapes(*info.shape).items():
+        for part, (tag, shape) in specs[name].part_shapes(*info.shape).items():
             size = DTYPE_BYTES[tag] * shape[0] * shape[1]
             tensors[f"{name}.{part}"] = TensorInfo(f"{name}.{part}", info.file, tag, shape, 0, size)
     return CheckpointIndex(index.folder, tensors)

@@ -25,7 +25,6 @@ class QuantizedModel:
     path: Path
     source_name: str
     description: str  # e.g. "int4 g64 (quantized by llmrun)"
-    num_quantized: int
     size_bytes: int
     source_bytes: int
 
@@ -58,5 +57,5 @@ def quantize_to_store(model: str, spec: QuantSpec, name: str | None, force: bool
         write_metadata(staging, StoreMetadata(source="quantize", original_file=str(Path(source.path).resolve()),
                                               sha256="", created=created, quant=meta.summary()))
     size = sum(f.stat().st_size for f in final.iterdir() if f.suffix == ".safetensors")
-    return QuantizedModel(final.name, final, source.name, meta.describe(), len(meta.tensors), size,
+    return QuantizedModel(final.name, final, source.name, meta.describe(), size,
                           inputs.index.total_bytes)

@@ -23,6 +23,7 @@ import torch
 
 from llmrun.errors import InvalidModelError
 from llmrun.quant.format import QuantWeight
+from llmrun.quant.spec import in_layer
 
 FORMAT_VERSION = 1
 METADATA_KEY = "llmrun.quant"
@@ -66,13 +67,13 @@ class QuantMetadata:
                 "num_quantized": len(formats), "kept_16bit": list(self.kept_16bit)}
 
     def describe(self) -> str:
-        """One phrase for the run's notice, e.g. 'int4 g64 (quantized by llmrun)'."""
-        formats = list(self.tensors.values())
-        bits = "/".join(f"int{b}" for b in sorted({f.bits for f in formats}, reverse=True))
-        grouped = sorted({f.group_size for f in formats if f.group_size != f.in_features})
-        per_channel = any(f.group_size == f.in_features and f.group_size not in grouped for f in formats)
-        groups = ([f"g{'/'.join(map(str, grouped))}"] if grouped else []) + (["per channel"] if per_channel else [])
-        return f"{bits} {' + '.join(groups)} ({self.source})"
+        """One phrase for the notices, e.g. '210 layer matmuls in int4 g32, the head/embeddings in
+        int8 per channel (quantized by llmrun)'."""
+        inside = [f for name, f in self.tensors.items() if in_layer(name)]
+        outside = [f for name, f in self.tensors.items() if not in_layer(name)]
+        phrases = [f"{len(inside)} layer matmuls in {_formats(inside)}"] if inside else []
+        phrases += [f"the head/embeddings in {_formats(outside)}"] if outside else []
+        return f"{', '.join(phrases)} ({self.source})"
 
     @classmethod
     def from_json(cls, text: str | None, where: str) -> "QuantMetadata":
@@ -92,6 +93,15 @@ class QuantMetadata:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise InvalidModelError(f"{where}: the {METADATA_KEY!r} metadata block is malformed ({err!s})") from None
+
+
+def _formats(formats: list[TensorFormat]) -> str:
+    """e.g. 'int4 g32', 'int8 per channel', 'int8/int4 g32 + per channel'."""
+    bits = "/".join(f"int{b}" for b in sorted({f.bits for f in formats}, reverse=True))
+    grouped = sorted({f.group_size for f in formats if f.group_size != f.in_features})
+    per_channel = any(f.group_size == f.in_features and f.group_size not in grouped for f in formats)
+    groups = ([f"g{'/'.join(map(str, grouped))}"] if grouped else []) + (["per channel"] if per_channel else [])
+    return f"{bits} {' + '.join(groups)}"
 
 
 def _tensor_format(entry: dict) -> TensorFormat:

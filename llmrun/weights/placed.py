@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llmrun.errors import UsageError
 from llmrun.plan.tiers import Placement, Tier
-from llmrun.quant.format import QuantWeight
+from llmrun.quant.format import QuantWeight, dequantize_rows
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.observer import NO_STEP_OBSERVER, StepObserver
 from llmrun.weights.offload import kept_converted, offloaded
@@ -20,7 +20,7 @@ from llmrun.weights.packing import can_pack, pack_weight
 from llmrun.weights.loader import (FLOAT_TAGS, PackedTensor, TensorFileReader, dtype_tag, pack_layout, row_range,
                                    staged_tag, torch_dtype)
 from llmrun.weights.pieces import Piece, cut_layer, cut_rows
-from llmrun.weights.quantized import QuantLayout, UnitParts, float_table
+from llmrun.weights.quantized import QuantLayout, UnitParts, quant_table
 from llmrun.weights.streamer import LayerStreamer, StagedLayer
 
 HEAD = "head"
@@ -177,13 +177,16 @@ class PlacedWeights:
 
     def _load_embed(self, reader, index, decoder, placement):
         """The embedding table: resident tensor, or (for disk) the packed tensor to read rows from."""
-        if decoder.embed_name() in self.quant.formats:  # stored compressed: rows looked up in a float copy
-            table = float_table(self.quant, reader, decoder.embed_name(), self.dtype)
+        head = self.resident.get(self.head_unit, {}).get(HEAD)
+        tied = decoder.embed_name() == decoder.head_name()
+        if decoder.embed_name() in self.quant.formats:  # stored compressed: rows dequantized when looked up
+            if tied and isinstance(head, QuantWeight):
+                return head, None  # the resident head's own rows
+            table = quant_table(self.quant, reader, decoder.embed_name())
             return table.to(self.device if placement.embed_tier is placement.compute_tier else "cpu"), None
         (packed,) = pack_layout(index, {"embed": (decoder.embed_name(),)})
         if placement.embed_tier is placement.compute_tier:
-            head = self.resident.get(self.head_unit, {}).get(HEAD)
-            if decoder.embed_name() == decoder.head_name() and head is not None:
+            if tied and head is not None:
                 if isinstance(head, tuple) or head.is_mkldnn:  # tied, packed for the head: rows from the file
                     return None, packed
                 return head, None  # tied: the same tensor
@@ -195,6 +198,7 @@ class PlacedWeights:
     def fully_resident(self) -> bool:
         """Whether every weight, embeddings included, lives on the compute device (nothing streams)."""
         table = self._embed_table
+        table = table.qweight if isinstance(table, QuantWeight) else table
         return self.streamer is None and table is not None and table.device.type == self.device.type
 
     # -- the provider interface ------------------------------------------------------------------
@@ -202,6 +206,8 @@ class PlacedWeights:
         """Embeddings [num_tokens, hidden] on the compute device."""
         if self._embed_table is not None:
             table = self._embed_table
+            if isinstance(table, QuantWeight):
+                return dequantize_rows(table, input_ids.reshape(-1)).to(self.device, self.dtype, non_blocking=True)
             rows = F.embedding(input_ids.to(table.device), table)
             return rows.to(self.device, non_blocking=True)
         packed = self._embed_rows  # not resident: read just the rows of these tokens

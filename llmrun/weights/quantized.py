@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from llmrun.errors import InvalidModelError
-from llmrun.quant.format import QuantWeight, concat_quant, dequantize
+from llmrun.quant.format import QuantWeight, concat_quant
 from llmrun.quant.stored import METADATA_KEY, QuantMetadata, TensorFormat, TwoLevel, check_consistent, split_parts
 from llmrun.weights.index import DTYPE_BYTES, CheckpointIndex, read_header
 from llmrun.weights.loader import PackedTensor
@@ -197,11 +197,12 @@ def _runs(names: tuple[str, ...], signature) -> list[tuple[str, ...]]:
     return [tuple(run) for run in runs]
 
 
-def float_table(layout: QuantLayout, reader, name: str, dtype) -> torch.Tensor:
-    """A compressed tensor that must be plain (an embedding table): dequantized to `dtype` on the CPU."""
+def quant_table(layout: QuantLayout, reader, name: str) -> QuantWeight:
+    """A compressed tensor that is not a matmul (an embedding table) as one QuantWeight on the CPU:
+    its rows are dequantized as they are looked up."""
     from llmrun.weights.loader import pack_layout, torch_dtype
 
     staged, parts = layout.unit({"table": (name,)})
     tensors = {p.key: reader.load_packed(p, torch_dtype(p.parts[0].dtype))
                for p in pack_layout(layout.byte_index, staged)}
-    return dequantize(parts.weight(tensors, "table")).to(dtype)
+    return parts.weight(tensors, "table")

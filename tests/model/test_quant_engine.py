@@ -134,7 +134,8 @@ def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home,
                 assert len(assembled) <= 2 * len(streamed) < 12 * len(streamed)  # once per slot, not per step
                 assert (streamer.mapped is not None) == (reads == "mapped") == (streamer.disk is None)
                 if reads == "mapped":  # (address, length) of each file's mapping
-                    spans = [(address, len(whole)) for whole, address in streamer.mapped._maps.values()]
+                    spans = [(torch.frombuffer(whole, dtype=torch.uint8).data_ptr(), len(whole))
+                             for whole in streamer.mapped._maps.values()]
                 else:  # each slot's bytes
                     spans = [(slot.flat.data_ptr(), slot.flat.numel()) for slot in streamer.disk.slots]
                 for _, made in weights._assembled_views.values():

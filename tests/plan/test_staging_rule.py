@@ -73,6 +73,20 @@ def test_the_floor_is_twice_the_largest_matrix_above_kv_and_workspace():
         plan(sizes, Budgets(gpu_bytes=None, cpu_bytes=floor - 1), OPTIONS)
 
 
+def test_a_compressed_head_is_never_streamed_the_floor_keeps_it():
+    """A compressed head (--quant's int8, a kept GGUF's) runs from memory: the floor holds it beside
+    the slots, and a budget below that has no plan (one line), where a float head would stream."""
+    sizes = replace(shaped(head=30 * MB), head_compressed=True)
+    floor = smallest_budget(sizes, Budgets(gpu_bytes=None, cpu_bytes=1), OPTIONS)
+    assert floor == fixed(sizes) + 2 * 7 * MB + 30 * 4000 + sizes.head_bytes + sizes.other_bytes
+    placement = plan(sizes, Budgets(gpu_bytes=None, cpu_bytes=floor), OPTIONS)
+    assert placement.head_tier is C and set(placement.layer_tiers) == {D}
+    with pytest.raises(PlanError, match="needs at least"):
+        plan(sizes, Budgets(gpu_bytes=None, cpu_bytes=floor - 1), OPTIONS)
+    float_head = plan(replace(sizes, head_compressed=False), Budgets(gpu_bytes=None, cpu_bytes=floor - 1), OPTIONS)
+    assert float_head.head_tier is D
+
+
 def test_without_known_matrices_layers_stage_whole():
     sizes = replace(shaped(), layer_matrix_bytes=(), layer_vector_bytes=())
     floor = smallest_budget(sizes, Budgets(gpu_bytes=None, cpu_bytes=1), OPTIONS)

@@ -28,10 +28,10 @@ def store(home):
 def test_quantize_writes_a_store_model_that_runs_and_says_so(tiny, tmp_path):
     made = run_cli(["quantize", tiny, "--to", "int4", "--group", "64", "--name", "tq"], tmp_path)
     assert made.returncode == 0, made.stderr
-    assert "tq: 21 matmul weights in int4 g64 (quantized by llmrun)" in made.stderr
+    assert "tq: 21 layer matmuls in int4 g64, the head/embeddings in int8 g32 (quantized by llmrun)" in made.stderr
     entry = store(tmp_path) / "tq"
     meta = json.loads((entry / "llmrun.json").read_text())
-    assert meta["source"] == "quantize" and meta["quant"]["bits"] == [4] and meta["quant"]["groups"] == [64]
+    assert meta["source"] == "quantize" and meta["quant"]["bits"] == [4, 8] and meta["quant"]["groups"] == [32, 64]
     with safe_open(str(entry / "model.safetensors"), "pt") as handle:
         block = json.loads(handle.metadata()[METADATA_KEY])
         assert "model.layers.0.self_attn.q_proj.weight.qweight" in handle.keys()
@@ -41,7 +41,7 @@ def test_quantize_writes_a_store_model_that_runs_and_says_so(tiny, tmp_path):
     ran = run_cli(["run", "tq", "Hello", "-t", "0", "-n", "4", "--raw", "--dtype", "float32", "--gpu-mem", "0"],
                   tmp_path)
     assert ran.returncode == 0, ran.stderr
-    assert "tq: 21 matmul weights in int4 g64 (quantized by llmrun), as stored" in ran.stderr
+    assert "tq: 21 layer matmuls in int4 g64, the head/embeddings in int8 g32 (quantized by llmrun), as stored" in ran.stderr
     plan = run_cli(["plan", "tq", "--json", "--gpu-mem", "0"], tmp_path)
     assert plan.returncode == 0, plan.stderr
 
@@ -50,7 +50,7 @@ def test_quant_on_run_is_announced_and_planned_smaller(tiny, tmp_path):
     ran = run_cli(["run", tiny, "Hello", "-t", "0", "-n", "4", "--raw", "--quant", "int8", "--gpu-mem", "0"],
                   tmp_path)
     assert ran.returncode == 0, ran.stderr
-    assert "matmul weights in int8 per channel (quantized by llmrun), quantized on load, cached" in ran.stderr
+    assert "layer matmuls in int8 per channel, the head/embeddings in int8 g32 (quantized by llmrun), quantized on load, cached" in ran.stderr
     plain = run_cli(["run", tiny, "Hello", "-t", "0", "-n", "4", "--raw", "--gpu-mem", "0"], tmp_path)
     assert "matmul weights" not in plain.stderr  # never chosen silently
     sizes = {}
@@ -59,9 +59,10 @@ def test_quant_on_run_is_announced_and_planned_smaller(tiny, tmp_path):
         assert done.returncode == 0, done.stderr
         sizes[quant] = json.loads(done.stdout)["model"]["weight_bytes"]
     # the 3 layers' matmuls (q, o 64x64; k, v 32x64; gate, up, down 128x64): 36864 weights each, bf16 2 bytes
-    # each, int4 g32 half a byte plus a float32 scale and min per 32
-    matmuls = 3 * 36864
-    assert sizes["none"] - sizes["int4"] == matmuls * 2 - (matmuls // 2 + matmuls // 32 * 8)
+    # each, int4 g32 half a byte plus a float32 scale and min per 32; the head (320 x 64) int8 plus a
+    # float32 scale per 32
+    matmuls, head = 3 * 36864, 320 * 64
+    assert sizes["none"] - sizes["int4"] == matmuls * 2 - (matmuls // 2 + matmuls // 32 * 8) + head * 2 - (head + head // 32 * 4)
 
 
 def test_an_existing_name_is_refused_unless_forced(tiny, tmp_path):
@@ -154,7 +155,8 @@ def test_perplexity_command_scores_the_file(tiny, tmp_path):
     quant = run_cli(["perplexity", tiny, text, "--json", "--gpu-mem", "0", "--dtype", "float32", "--quant", "int4"],
                     tmp_path)
     assert quant.returncode == 0, quant.stderr
-    assert json.loads(quant.stdout)["weights"] == "int4 g32 (quantized by llmrun)"
+    assert json.loads(quant.stdout)["weights"] == ("21 layer matmuls in int4 g32, the head/embeddings in int8 g32 "
+                                                   "(quantized by llmrun)")
     assert json.loads(quant.stdout)["perplexity"] != data["perplexity"]
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

@@ -8,7 +8,7 @@ from llmrun.quant import quantize as quantize_module
 from llmrun.quant.format import dequantize, unpack_int4
 from llmrun.quant.stored import stored_tensors
 from llmrun.quant.quantize import quantize_weight
-from llmrun.quant.spec import QuantSpec, check_groups, planned_index, quantizable
+from llmrun.quant.spec import QuantSpec, check_groups, compressed, planned_index, quantizable
 from llmrun.weights.index import CheckpointIndex, TensorInfo
 
 
@@ -80,16 +80,24 @@ def _index(shapes):
     return CheckpointIndex(None, {n: TensorInfo(n, None, "BF16", s, 0, 2 * s[0] * s[-1]) for n, s in shapes.items()})
 
 
-def test_only_layer_matmul_weights_are_compressed_and_the_planner_counts_their_parts():
-    index = _index({"model.embed_tokens.weight": (320, 576), "model.layers.0.mlp.down_proj.weight": (576, 1536),
-                    "model.layers.0.input_layernorm.weight": (576,), "lm_head.weight": (320, 576)})
+def test_layer_matmuls_and_the_output_head_are_compressed_and_the_planner_counts_their_parts():
+    """The layers' matmuls take the format asked for, the output head int8 in groups of 32 (an
+    untied model's input embeddings stay 16-bit; tied, the table is the head and is compressed)."""
+    shapes = {"model.embed_tokens.weight": (320, 576), "model.layers.0.mlp.down_proj.weight": (576, 1536),
+              "model.layers.0.input_layernorm.weight": (576,), "lm_head.weight": (320, 576)}
+    index = _index(shapes)
     assert [n for n, i in index.tensors.items() if quantizable(n, i.shape)] == ["model.layers.0.mlp.down_proj.weight"]
+    assert compressed(index, QuantSpec(4, 64)) == {"model.layers.0.mlp.down_proj.weight": QuantSpec(4, 64),
+                                                   "lm_head.weight": QuantSpec(8, 32)}
     planned = planned_index(index, QuantSpec(4, 64))
-    parts = {n: (i.dtype, i.shape) for n, i in planned.tensors.items() if "down_proj" in n}
+    parts = {n: (i.dtype, i.shape) for n, i in planned.tensors.items() if "down_proj" in n or "lm_head" in n}
     assert parts == {"model.layers.0.mlp.down_proj.weight.qweight": ("U8", (576, 768)),
                      "model.layers.0.mlp.down_proj.weight.scales": ("F32", (576, 24)),
-                     "model.layers.0.mlp.down_proj.weight.mins": ("F32", (576, 24))}
-    assert "model.embed_tokens.weight" in planned.tensors and "lm_head.weight" in planned.tensors
+                     "model.layers.0.mlp.down_proj.weight.mins": ("F32", (576, 24)),
+                     "lm_head.weight.qweight": ("I8", (320, 576)), "lm_head.weight.scales": ("F32", (320, 18))}
+    assert "model.embed_tokens.weight" in planned.tensors and "lm_head.weight" not in planned.tensors
+    del shapes["lm_head.weight"]  # tied
+    assert compressed(_index(shapes), QuantSpec(8, 0))["model.embed_tokens.weight"] == QuantSpec(8, 32)
 
 
 def test_a_group_that_does_not_divide_a_layer_names_it():
@@ -114,15 +122,14 @@ def test_the_plan_reserves_dequantized_matrices_for_prompt_chunks():
     index = _index(shapes)
     config = {"num_hidden_layers": 1, "hidden_size": 576, "num_attention_heads": 9, "vocab_size": 4096,
               "intermediate_size": 1536, "tie_word_embeddings": True}
-    head = CheckpointIndex(None, {**planned_index(index, QuantSpec(8, 32)).tensors,
-                                  "model.embed_tokens.weight.qweight": TensorInfo("", None, "I8", (4096, 576), 0, 0)})
     largest, layer, head_bytes = 2 * 1536 * 576 * 2, 3 * 1536 * 576 * 2, 4096 * 576 * 2  # in bf16
-    for bits, planned in ((4, planned_index(index, QuantSpec(4, 32))), (8, head)):
-        sizes = model_sizes(planned, config, 2)
+    for bits in (4, 8):
+        sizes = model_sizes(planned_index(index, QuantSpec(bits, 32)), config, 2)  # the tied head in int8 too
+        assert sizes.head_compressed
         assert (sizes.dequantized_bytes, sizes.layer_dequantized_bytes) == (largest, layer)
         plain = model_sizes(index, config, 2)
         for batch, fast, matrices, with_head in ((1, Tier.CPU, largest, False), (16, Tier.CPU, layer, False),
                                                  (17, Tier.CPU, layer, True), (2, Tier.GPU, largest, True)):
             options = PlanOptions(ctx=256, batch=batch, dtype_bytes=2)
             extra = workspace_bytes(sizes, options, fast) - workspace_bytes(plain, options, fast)
-            assert extra == max(matrices, head_bytes if with_head and bits == 8 else 0), (bits, batch, fast)
+            assert extra == max(matrices, head_bytes if with_head else 0), (bits, batch, fast)

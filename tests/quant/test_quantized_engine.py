@@ -10,7 +10,8 @@ from llmrun.bench.perplexity import perplexity
 from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.quant.format import QuantWeight, dequantize
 from llmrun.quant.quantize import quantize_weight
-from llmrun.quant.spec import QuantSpec, quantizable
+from llmrun.quant.spec import QuantSpec, compressed
+from llmrun.weights.index import build_index
 from tests.checkpoints import llama_config, save_checkpoint
 
 IDS = [(7 * i * i + 3 * i + 5) % 317 + 3 for i in range(45)]  # 45 tokens: chunks of 16 cross block edges
@@ -22,15 +23,16 @@ def tiny(tmp_path_factory):
 
 
 def transformers_nll(folder, spec: QuantSpec | None) -> float:
-    """Summed NLL of IDS[1:] by transformers in float32, its layer matmuls replaced by llmrun's
-    quantizer's dequantized values when `spec` is given."""
+    """Summed NLL of IDS[1:] by transformers in float32, its layer matmuls and output head replaced by
+    llmrun's quantizer's dequantized values (as spec.compressed says) when `spec` is given."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    specs = compressed(build_index(folder), spec) if spec is not None else {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if spec is not None and quantizable(name, tuple(param.shape)):
-                param.copy_(dequantize(quantize_weight(param, spec)))
+            if name in specs:
+                param.copy_(dequantize(quantize_weight(param, specs[name])))
         logits = model(torch.tensor([IDS])).logits[0]
     return F.cross_entropy(logits[:-1], torch.tensor(IDS[1:]), reduction="sum").item()
 
@@ -50,9 +52,23 @@ def test_quantized_engine_scores_like_transformers_on_the_dequantized_weights(ti
     assert isinstance(weights.resident[0]["qkv"], QuantWeight)
     assert isinstance(weights.resident[2]["gate_up"], QuantWeight)
     assert weights.resident[0]["qkv"].bits == spec.bits
+    head = weights.resident[weights.head_unit]["head"]  # the head in int8 groups of 32
+    assert isinstance(head, QuantWeight) and (head.bits, head.group_size) == (8, 32)
     expected = transformers_nll(tiny, spec)
     assert nll == pytest.approx(expected, rel=2e-5)
     assert abs(nll - transformers_nll(tiny, None)) > 1e-4 * expected  # the quantization is really there
+
+
+def test_a_tied_head_in_int8_is_also_the_table_its_embeddings_are_looked_up_in(tmp_path, monkeypatch):
+    """Tied embeddings are the head: compressed with it, their rows dequantized from the resident
+    head itself (no float copy of the table), as transformers scores the dequantized table."""
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    tied = save_checkpoint(tmp_path / "tied", llama_config(tie_word_embeddings=True), seed=6)
+    assert compressed(build_index(tied), QuantSpec(4, 32))["model.embed_tokens.weight"] == QuantSpec(8, 32)
+    nll, weights = engine_nll(tied, "int4")
+    head = weights.resident[weights.head_unit]["head"]
+    assert isinstance(head, QuantWeight) and head.bits == 8 and weights._embed_table is head
+    assert nll == pytest.approx(transformers_nll(tied, QuantSpec(4, 32)), rel=2e-5)
 
 
 def test_float_perplexity_matches_transformers(tiny, tmp_path, monkeypatch):
