@@ -109,3 +109,25 @@ def test_teacher_forced_agreement_with_transformers_on_the_same_gguf(kept_entry,
     agreement = (ours == expected).float().mean().item()
     print(f"{path}: teacher-forced top-token agreement over {len(ids)} positions: {agreement:.4f}")
     assert agreement >= 0.99
+
+
+def test_in_bf16_the_kept_weights_choose_what_their_float_values_choose(kept_entry, tmp_path):
+    """bf16 arithmetic alone moves the top token at ~3 % of positions (transformers' own bf16 against its
+    float32: 96.9 %, docs/performance.md), so the issue's 99 % is met in float32 above; in bf16 the kept
+    weights, run through the quantized kernels, pick the tokens the same weights dequantized to a float
+    model pick in bf16 (the same positions on the machine measured; >= 99 % asserted, as the AMX GEMM
+    sums in another order than oneDNN)."""
+    from llmrun.engine.build import EngineOptions
+    from llmrun.engine.tokenizer import load_tokenizer
+    from llmrun.runtime import open_model
+
+    folder = kept_entry[0]
+    ids = load_tokenizer(folder).encode(TEXT.read_text(encoding="utf-8"), add_special_tokens=False)[:MAX_TOKENS]
+    tops = []
+    for model in (folder, reference_float_folder(folder, tmp_path / "reference")):
+        options = EngineOptions(dtype="bfloat16", ctx=MAX_TOKENS, gpu_mem_bytes=0)
+        with open_model(str(model), options, show_progress=False).engine as engine:
+            tops.append(teacher_forced_top_tokens(engine, ids))
+    agreement = (tops[0] == tops[1]).float().mean().item()
+    print(f"bf16, kept against its float values: top-token agreement over {len(ids)} positions: {agreement:.4f}")
+    assert agreement >= 0.99
