@@ -89,9 +89,9 @@ def _squared_error(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) ->
 
 def quantize_index(index: CheckpointIndex, spec: QuantSpec, path: Path, *, keep_floats: bool,
                    on_tensor: Callable[[int, int], None] = lambda done, total: None) -> QuantMetadata:
-    """Write `path`: every compressed tensor of `index` quantized (spec.compressed: the layers' matmuls
-    as `spec` says, the output head in int8) (and, with `keep_floats`, the other
-    tensors as they are), atomically. `on_tensor(done, total)` reports progress."""
+    """Write `path`: every tensor spec.compressed names quantized (the layers' matmuls as `spec` says,
+    the output head as HEAD_SPEC), and with `keep_floats` the other tensors as they are, atomically.
+    `on_tensor(done, total)` reports progress."""
     check_groups(index, spec)
     specs = compressed(index, spec)
     names = list(specs)

@@ -24,7 +24,7 @@ class QuantizedModel:
     name: str
     path: Path
     source_name: str
-    description: str  # e.g. "int4 g64 (quantized by llmrun)"
+    description: str  # QuantMetadata.describe(): "21 layer matmuls in int4 g64, the head/embeddings in ..."
     size_bytes: int
     source_bytes: int
 

@@ -68,7 +68,7 @@ class QuantMetadata:
 
     def describe(self) -> str:
         """One phrase for the notices, e.g. '210 layer matmuls in int4 g32, the head/embeddings in
-        int8 per channel (quantized by llmrun)'."""
+        int8 g32 (quantized by llmrun)'."""
         inside = [f for name, f in self.tensors.items() if in_layer(name)]
         outside = [f for name, f in self.tensors.items() if not in_layer(name)]
         phrases = [f"{len(inside)} layer matmuls in {_formats(inside)}"] if inside else []
