@@ -8,6 +8,10 @@ then measures, in this order and in the same process:
     the GPU kernels of one static-shape decode step by total time (torch profiler);
   - llmrun with --gpu-mem 6GB (layers streamed from pinned memory): tokens, peak GPU memory, tok/s
     against the link bound (pinned bandwidth / bytes streamed per token), batch 8;
+  - llmrun --quant int4 (layers int4 g32, the head int8 g32; issue 16's GPU targets): all resident,
+    and at the fp16 streamed runs' budgets (6 GB, and 2 GB where int4 streams too, beside fp16 at 2 GB),
+    run last (the first run quantizes the checkpoint on load; `--skip transformers,static,compiled,
+    accelerate` leaves time for them where the device time is short);
   - transformers generate all-resident: dynamic cache, static cache without compiling, and static
     cache compiled (its automatic torch.compile, mode reduce-overhead; the compile is timed apart);
     accelerate dispatch_model with a 6 GiB GPU budget.
@@ -67,7 +71,7 @@ def pinned_bandwidth() -> float:
 
 
 def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_mem=None, ctx=4096,
-                  graphs: bool = True, profile: bool = False) -> dict:
+                  graphs: bool = True, profile: bool = False, quant: str = "none") -> dict:
     import os
 
     from llmrun.engine.build import EngineOptions, build_engine
@@ -78,7 +82,8 @@ def llmrun_decode(folder: Path, prompt: list[int], steps: int, batch: int, gpu_m
     torch.cuda.reset_peak_memory_stats()
     os.environ["LLMRUN_NO_CUDA_GRAPHS"] = "0" if graphs else "1"
     started = time.perf_counter()
-    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, batch=batch, ctx=ctx))
+    engine = build_engine(folder, EngineOptions(dtype="float16", gpu_mem_bytes=gpu_mem, batch=batch, ctx=ctx,
+                                                quant=quant))
     load_s = time.perf_counter() - started
     engine.eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=steps)
@@ -222,7 +227,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/phi3-mini"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--skip", default="", help="comma list: transformers,static,compiled,accelerate,batch8,streamed")
+    parser.add_argument("--skip", default="", help="comma list: transformers,static,compiled,accelerate,batch8,streamed,int4")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if not (args.folder / "config.json").exists():
@@ -258,6 +263,15 @@ def main() -> None:
              "static_compiled")
     if "accelerate" not in skip:
         step(results, "accelerate_6gb", accelerate_decode, args.folder, prompt, 16)
+    if "int4" not in skip:  # last: quantizing on load (cached in LLMRUN_HOME) takes a while the first time
+        step(results, "llmrun_int4_resident_b1", llmrun_decode, args.folder, prompt, args.steps, 1, None, 4096,
+             True, False, "int4")
+        if "streamed" not in skip:
+            step(results, "llmrun_int4_gpu6gb_b1", llmrun_decode, args.folder, prompt, 48, 1, 6 * 10**9, 512,
+                 True, False, "int4")
+            step(results, "llmrun_int4_gpu2gb_b1", llmrun_decode, args.folder, prompt, 32, 1, 2 * 10**9, 512,
+                 True, False, "int4")
+            step(results, "llmrun_gpu2gb_b1", llmrun_decode, args.folder, prompt, 16, 1, 2 * 10**9, 512)
     summarize(results)
     text = json.dumps(results, indent=2, default=str)
     if args.out:
@@ -282,6 +296,12 @@ def summarize(r: dict) -> None:
         acc = r.get("accelerate_6gb", {})
         if "tok_s" in acc:
             summary["streamed_vs_accelerate"] = round(streamed["decode_tok_s_per_seq"] / acc["tok_s"], 2)
+    for quantized, plain in (("llmrun_int4_resident_b1", "llmrun_resident_b1"),  # issue 16: >= 2.5x
+                             ("llmrun_int4_gpu6gb_b1", "llmrun_gpu6gb_b1"),  # >= 3x at the same budget
+                             ("llmrun_int4_gpu2gb_b1", "llmrun_gpu2gb_b1")):
+        if "decode_tok_s_per_seq" in r.get(quantized, {}) and "decode_tok_s_per_seq" in r.get(plain, {}):
+            summary[f"{quantized}_vs_fp16"] = round(r[quantized]["decode_tok_s_per_seq"]
+                                                    / r[plain]["decode_tok_s_per_seq"], 2)
     eager = r.get("llmrun_resident_b1_eager", {})
     if "tokens" in eager and "tokens" in resident:
         summary["eager_tokens_equal_graphs"] = eager["tokens"] == resident["tokens"][: len(eager["tokens"])]
