@@ -221,7 +221,8 @@ def _advice(sizes: ModelSizes, budgets: Budgets, options: PlanOptions) -> str:
     where, flag = ("GPU", "--gpu-mem") if budgets.has_gpu else ("CPU", "--cpu-mem")
     budget = budgets.gpu_bytes if budgets.has_gpu else budgets.cpu_bytes
     needed = smallest_budget(sizes, budgets, options)
-    parts = "KV cache, workspace, staging buffers" + (", CUDA runtime" if budgets.has_gpu else "")
+    parts = ("KV cache, workspace, staging buffers" + (", the compressed output head" if sizes.head_compressed else "")
+             + (", CUDA runtime" if budgets.has_gpu else ""))
     head = (f"a {options.ctx}-token context x {options.batch} sequence(s) needs at least {format_bytes(needed)} "
             f"of {where} memory ({parts}), more than the {format_bytes(budget)} budget")
     bigger = f"with {flag} {size_option_text(needed)}"
