@@ -108,7 +108,6 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
     num_layers = int(config["num_hidden_layers"])
     layer_bytes = [0] * num_layers
     embed = lm_head = other = 0
-    compressed_heads = set()  # "embed" / "lm_head" where stored compressed
     pieces: dict[tuple[int, str], tuple[int, bool]] = {}  # (layer, piece) -> (bytes, holds a matrix)
     compressed: dict[tuple, int] = {}  # (layer, piece) -> values of its compressed matrices
     for name, info in index.tensors.items():
@@ -125,10 +124,8 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
             pieces[layer, _piece_name(name)] = (piece_bytes + size, is_matrix or len(info.shape) > 1)
         elif "embed_tokens" in name or name.endswith("wte.weight"):
             embed += size
-            compressed_heads |= {"embed"} if part else set()
         elif name.startswith("lm_head"):
             lm_head += size
-            compressed_heads |= {"lm_head"} if part else set()
         else:
             other += size
     tied = bool(config.get("tie_word_embeddings", False)) and lm_head == 0
@@ -151,14 +148,14 @@ def model_sizes(index: CheckpointIndex, config: dict, dtype_bytes: int) -> Model
         dtype_bytes=dtype_bytes,
         layer_matrix_bytes=layer_matrix_bytes,
         layer_vector_bytes=layer_vector_bytes,
-        head_compressed=("embed" if tied else "lm_head") in compressed_heads,
-        **_dequantized_sizes(compressed, dtype_bytes),
+        **_dequantized_sizes(compressed, dtype_bytes, tied),
     )
 
 
-def _dequantized_sizes(compressed: dict[tuple, int], dtype_bytes: int) -> dict[str, int]:
+def _dequantized_sizes(compressed: dict[tuple, int], dtype_bytes: int, tied: bool) -> dict:
     """From the values of each (layer, piece)'s compressed matrices (layer None: embeddings, head):
-    the largest layer piece, the largest layer in all, and the head, in the run dtype."""
+    the largest layer piece, the largest layer in all, and the head, in the run dtype; and whether
+    the output head (the embeddings when tied) is one of them."""
     per_layer: dict[int, int] = {}
     for (layer, _), count in compressed.items():
         if layer is not None:
@@ -167,4 +164,7 @@ def _dequantized_sizes(compressed: dict[tuple, int], dtype_bytes: int) -> dict[s
     head = [count for (layer, _), count in compressed.items() if layer is None]
     return {"dequantized_bytes": max(pieces, default=0) * dtype_bytes,
             "layer_dequantized_bytes": max(per_layer.values(), default=0) * dtype_bytes,
-            "head_dequantized_bytes": max(head, default=0) * dtype_bytes}
+            "head_dequantized_bytes": max(head, default=0) * dtype_bytes,
+            # outside the layers only the embeddings and lm_head are compressed: tied, the embeddings are the head
+            "head_compressed": any(layer is None and piece.startswith("lm_head") != tied
+                                   for layer, piece in compressed)}

@@ -96,6 +96,10 @@ def test_layer_matmuls_and_the_output_head_are_compressed_and_the_planner_counts
                      "model.layers.0.mlp.down_proj.weight.mins": ("F32", (576, 24)),
                      "lm_head.weight.qweight": ("I8", (320, 576)), "lm_head.weight.scales": ("F32", (320, 18))}
     assert "model.embed_tokens.weight" in planned.tensors and "lm_head.weight" not in planned.tensors
+    from llmrun.plan.model_sizes import model_sizes
+
+    config = {"num_hidden_layers": 1, "hidden_size": 576, "num_attention_heads": 9, "vocab_size": 320}
+    assert model_sizes(planned, config, 2).head_compressed and not model_sizes(index, config, 2).head_compressed
     del shapes["lm_head.weight"]  # tied
     assert compressed(_index(shapes), QuantSpec(8, 0))["model.embed_tokens.weight"] == QuantSpec(8, 32)
 
