@@ -62,7 +62,7 @@ class MappedPieces:
     """Disk pieces as views of their files' mappings, taken in the streamer's cyclic order."""
 
     def __init__(self, pieces: list[Piece], order: list[int]):
-        self.pieces, self.order = pieces, order
+        self.order = order
         self._position = {index: position for position, index in enumerate(order)}
         self._maps: dict[Path, mmap.mmap] = {}
         self._views: dict[int, dict] = {}
