@@ -51,7 +51,8 @@ LLMRUN_API_KEY = Setting("LLMRUN_API_KEY", "the key `llmrun serve` requires (`Au
 LLMRUN_NO_NATIVE = Setting("LLMRUN_NO_NATIVE", "`1` turns llmrun's C and Triton decode kernels off (the plain "
                            "ATen path, same tokens, slower)")
 LLMRUN_FAIL_CHECKS = Setting("LLMRUN_FAIL_CHECKS", "for tests: kernel checks to fail on purpose, as on a CPU "
-                             "where they fail (comma-separated: `gemv`, `layer`, `quant`, `quant_layer`, `amx`)")
+                             "where they fail (comma-separated: `gemv`, `layer`, `quant`, `quant_layer`, `amx`, "
+                             "`vnni_gemm`)")
 LLMRUN_NO_CUDA_GRAPHS = Setting("LLMRUN_NO_CUDA_GRAPHS", "`1` runs CUDA decode steps eagerly instead of replaying "
                                 "CUDA graphs")
 LLMRUN_NO_PACK = Setting("LLMRUN_NO_PACK", "`1` keeps 16-bit CPU weights unpacked (no oneDNN prepacking; for "

@@ -1,7 +1,8 @@
 """Prompt chunks over compressed weights, side by side: bf16 and quantized on load, each quantized format
-also with the AMX prompt GEMM's check failed on purpose (so its chunks dequantize the weight for
-oneDNN's GEMM, as before kernels/quant_amx.c), all engines in one process and the runs interleaved, so
-a machine whose speed drifts moves them all alike. Prints min / median seconds of each case: prompts
+also with the AMX prompt GEMM's check failed on purpose (`-noamx`: its chunks run as on a CPU without
+AMX, by the VNNI GEMM, kernels/quant_gemm_vnni.c) and with both prompt GEMMs' checks failed
+(`-dequant`: the weight dequantized for oneDNN's GEMM, as before either), all engines in one process
+and the runs interleaved, so a machine whose speed drifts moves them all alike. Prints min / median seconds of each case: prompts
 of N tokens, B of them at once, G tokens generated each (the first token's time is the prompt's).
 
 Usage: python scripts/bench_quant_prompt.py [MODEL] [--quants int4,int8] [--cases 128x1x1,512x1x1,128x16x16]
@@ -37,11 +38,12 @@ def run(engine, length: int, batch: int, new_tokens: int) -> float:
 
 def build(folder, kind: str):
     """An engine for `kind`: none, int8, int4, or one of those with `-noamx` (the AMX GEMM's check
-    failed on purpose while the engine warms up; the verdict stays with its kernels)."""
+    failed on purpose while the engine warms up; the verdict stays with its kernels) or `-dequant`
+    (the VNNI GEMM's too)."""
     quant, _, flag = kind.partition("-")
     previous = os.environ.get("LLMRUN_FAIL_CHECKS")
-    if flag == "noamx":
-        os.environ["LLMRUN_FAIL_CHECKS"] = "amx"
+    if flag:
+        os.environ["LLMRUN_FAIL_CHECKS"] = "amx" if flag == "noamx" else "amx,vnni_gemm"
     try:
         engine = build_engine(folder, EngineOptions(gpu_mem_bytes=0, dtype="bfloat16", quant=quant, batch=16))
         run(engine, 40, 1, 1)  # the kernels' checks run here, under the setting
@@ -62,7 +64,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=6)
     args = parser.parse_args()
     folder = resolve_model(args.model).path
-    kinds = [kind for quant in args.quants.split(",") for kind in (quant, f"{quant}-noamx")] + ["none"]
+    kinds = [kind for quant in args.quants.split(",") for kind in (quant, f"{quant}-noamx", f"{quant}-dequant")]
+    kinds.append("none")
     engines = {kind: build(folder, kind) for kind in kinds}
     for kind, engine in engines.items():
         print(kind, engine.decoder.kernels.describe().get("quant_prompt_kernel", "bf16 weights"), flush=True)

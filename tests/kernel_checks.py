@@ -93,6 +93,17 @@ def quant_kernel_should_pass() -> bool:
             and not check_forced_to_fail("quant"))
 
 
+def vnni_gemm_passes(bits: int = 4, group_size: int = 32, in_features: int = 576) -> bool:
+    """Whether the CPU's VNNI GEMM for quantized prompt chunks (kernels/quant_gemm_vnni.c) passed its check."""
+    return CpuQuantMatmul().vnni_gemm_checked(bits, group_size, in_features)
+
+
+def vnni_gemm_should_pass() -> bool:
+    """Where that check must pass: where the decode kernel's must (the same instructions and activation
+    rounding), unless it is failed on purpose."""
+    return quant_kernel_should_pass() and not check_forced_to_fail("vnni_gemm")
+
+
 def amx_gemm_passes(bits: int = 4, group_size: int = 32, in_features: int = 576) -> bool:
     """Whether the CPU's AMX GEMM for quantized prompt chunks (kernels/quant_amx.c) passed its check."""
     return CpuQuantMatmul().gemm_checked(bits, group_size, in_features)

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # on a copy of that cache neither uses a cached build nor adds one.
 CASES = {
     "no_amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},  # an AMD EPYC: AVX-512 BF16, no AMX
-    # the GEMV's, the float32 layer's, the quantized decode kernel's and the AMX prompt GEMM's
-    "checks_fail": {"LLMRUN_FAIL_CHECKS": "gemv,layer,quant,amx"},
+    # the GEMV's, the float32 layer's, the quantized decode kernel's, the AMX and VNNI prompt GEMMs'
+    "checks_fail": {"LLMRUN_FAIL_CHECKS": "gemv,layer,quant,amx,vnni_gemm"},
     "no_avx512": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
     "no_compiler": {"CC": "{tmp}/no-such-cc", "LLMRUN_CACHE": "{tmp}/cache"},
 }
@@ -40,6 +40,7 @@ TESTS = [
     "tests/model/test_native_layer.py::test_the_layer_is_used_where_its_check_should_pass",
     "tests/model/test_quant_kernels.py",
     "tests/model/test_quant_amx.py",
+    "tests/model/test_quant_vnni_gemm.py",
     "tests/engine/test_batch_invariance.py::test_tiny_alone_equals_batched_over_many_rows_and_chunks[bfloat16]",
     "tests/bench/test_bench_cli.py::test_bench_reports_the_kernels_whose_checks_passed[bfloat16]",
     "tests/test_smollm2_end_to_end.py::test_greedy_tokens_equal_transformers[None]",
@@ -50,10 +51,10 @@ import json, sys, pytest, torch
 from llmrun.kernels.native import load_library
 from llmrun.kernels.quant_cpu import CpuQuantMatmul
 from tests.kernel_checks import (TINY_MATMULS, amx_gemm_passes, gemv_passes, layer_passes, onednn_bf16_kernel,
-                                 quant_kernel_passes)
+                                 quant_kernel_passes, vnni_gemm_passes)
 print(json.dumps({"onednn": onednn_bf16_kernel(), "aten": torch.backends.cpu.get_cpu_capability(),
                   "library": load_library() is not None, "layer": layer_passes(), "quant": quant_kernel_passes(),
-                  "amx": amx_gemm_passes(), "amx_int": CpuQuantMatmul().amx_int,
+                  "amx": amx_gemm_passes(), "amx_int": CpuQuantMatmul().amx_int, "vnni_gemm": vnni_gemm_passes(),
                   "gemv": any(gemv_passes(*shape) for shape in TINY_MATMULS)}), flush=True)
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))
 """
@@ -63,6 +64,7 @@ def assert_taken_away(case: str, found: dict) -> None:
     """What the case takes away is gone (on any machine: a case only takes away)."""
     assert not found["gemv"] and (found["layer"] is False or case == "no_amx"), found
     assert not found["quant"] or case == "no_amx", found  # VNNI needs no AMX: only that case keeps it
+    assert not found["vnni_gemm"] or case == "no_amx", found  # (the VNNI prompt GEMM alike)
     assert not found["amx"] and not found["amx_int"], found  # the AMX GEMM and AMX decode tiles: gone in every case
     if case == "no_amx":
         assert "amx" not in found["onednn"], found

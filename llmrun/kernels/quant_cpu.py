@@ -20,9 +20,13 @@ work the VNNI kernel spends on every weight row and activation row.
 Longer bf16 forwards (prompt chunks) run the AMX GEMM (kernels/quant_amx.c) where the CPU has AMX:
 the weight dequantized 32 output rows at a time (format.dequantize's values rounded once to bf16)
 into a buffer the caches hold and multiplied with AMX bf16 tiles, checked like the decode kernel
-(the bound adds the weight's rounding to bf16). A row's bits do not depend on the other rows of its
-call. Elsewhere (no AMX, float32 rows, a failed check) the weight is dequantized once (in C, one
-pass, to the run dtype) and ATen's GEMM runs over it. Within `sharing_dequantized` (prompt chunks of
+(the bound adds the weight's rounding to bf16). Without AMX they run the VNNI GEMM
+(kernels/quant_gemm_vnni.c): the activations rounded to int8 per block of 32 as in a decode step,
+multiplied in integers by the packed weight laid out 16 outputs a vector, checked like the decode
+kernel (~2x a bf16 GEMM's speed on such a CPU, which the dequantizing path could not reach). A row's
+bits do not depend on the other rows of its call. Elsewhere (float32 rows, no VNNI, int8 groups of
+16, a failed check) the weight is dequantized once (in C, one pass, to the run dtype) and ATen's GEMM
+runs over it. Within `sharing_dequantized` (prompt chunks of
 one step run layer by layer) a layer's weights are dequantized (for the AMX GEMM: tiled) once for
 all the step's chunks and the GEMM reads them from there (the same values, so the same bits).
 """
@@ -51,6 +55,7 @@ SOURCE = Path(__file__).with_name("quant_kernels.c")
 LAYER_SOURCE = Path(__file__).with_name("quant_layer.c")
 AMX_SOURCE = Path(__file__).with_name("quant_amx.c")
 AMX_INT_SOURCE = Path(__file__).with_name("quant_amx_int.c")
+GEMM_SOURCE = Path(__file__).with_name("quant_gemm_vnni.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
 GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part-filled tiles of rows, an odd number of them
@@ -63,7 +68,8 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
     """quant_kernels.c built (once per source version, cached like native.py's library), or None."""
     compiler = c_compiler()
     lib = None
-    for sources in ((SOURCE, LAYER_SOURCE, AMX_SOURCE, AMX_INT_SOURCE), (SOURCE, LAYER_SOURCE)):  # a compiler without AMX: no AMX
+    for sources in ((SOURCE, LAYER_SOURCE, GEMM_SOURCE, AMX_SOURCE, AMX_INT_SOURCE),
+                    (SOURCE, LAYER_SOURCE, GEMM_SOURCE)):  # a compiler without AMX: no AMX
         lib = lib or (None if compiler is None else build_library(compiler, sources, FLAGS + GEMV_FLAGS))
     if lib is None or not hasattr(lib, "quant_matmul"):  # (a non-x86-64 build has no kernels)
         return None
@@ -87,6 +93,10 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
     lib.quant_row_scratch_bytes.restype = i64
     lib.quant_matmul.argtypes = [p, i64, i32, i64, i64, p, p, p, i64, i32, i64, p, i64, p, i32]
     lib.quant_matmul.restype = None
+    lib.quant_gemm_vnni.argtypes = [p, i64, i64, i64, p, p, p, i64, i32, i64, p, i64, p, i32]
+    lib.quant_gemm_vnni.restype = None
+    lib.quant_gemm_vnni_scratch.argtypes = [i64, i64, i64, i32]
+    lib.quant_gemm_vnni_scratch.restype = i64
     lib.quant_dequantize.argtypes = [p, p, p, i64, i64, i32, i64, p, i32, i32]
     lib.quant_dequantize.restype = None
     return lib
@@ -118,6 +128,7 @@ class CpuQuantMatmul(QuantMatmul):
         self.ran = False  # whether a decode step ran the kernel (for reports)
         self.gemm_ran = False  # whether a prompt chunk ran the AMX GEMM
         self.amx_ran = False  # whether a decode step took its integer sums from AMX tiles
+        self.vnni_gemm_ran = False  # whether a prompt chunk ran the VNNI GEMM
         self._shared: Optional[dict] = None  # (id, form) -> (weight, its form) inside sharing_dequantized()
 
     @cached_property
@@ -155,6 +166,10 @@ class CpuQuantMatmul(QuantMatmul):
         if x.dtype == torch.bfloat16 and self.gemm_checked(qw.bits, qw.group_size, qw.in_features):
             self.gemm_ran = True  # (inside sharing_dequantized, over the layer's weight tiled once)
             return self.gemm(x, qw, bias, None if self._shared is None else self._kept(qw, "amx", self.amx_tiles))
+        if x.dtype == torch.bfloat16 and self.vnni_gemm_checked(qw.bits, qw.group_size, qw.in_features):
+            self.vnni_gemm_ran = True
+            out = self.vnni_gemm(x, qw)
+            return out if bias is None else out + bias
         return linear(x, self._dequantized_for_chunk(qw, x.dtype), bias)
 
     @contextmanager
@@ -205,6 +220,31 @@ class CpuQuantMatmul(QuantMatmul):
                                                  act_quantized=False, weight_rounded=True, name="amx",
                                                  rows=GEMM_CHECK_ROWS))
         return self._checked[key]
+
+    def vnni_gemm_checked(self, bits: int, group_size: int, in_features: int) -> bool:
+        """Whether the VNNI GEMM (quant_gemm_vnni.c) runs bf16 prompt rows of this format and input
+        size: units of 32 (not int8 groups of 16), checked once each."""
+        key = ("vnni_gemm", bits, group_size, in_features)
+        if key not in self._checked:
+            self._checked[key] = (self.vnni and group_size != 16 and kernel_reads(bits, group_size, in_features)
+                                  and checked_on(self.vnni_gemm, bits, group_size, in_features, torch.bfloat16,
+                                                 act_quantized=True, name="vnni_gemm", rows=GEMM_CHECK_ROWS))
+        return self._checked[key]
+
+    def vnni_gemm(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+        """x [rows, in] (bf16) @ W.T in bf16 by the VNNI GEMM: int8 activations per block of 32 (the
+        decode kernel's terms), 16 outputs a lane vector, the weight read packed."""
+        rows, k = x.shape
+        threads = torch.get_num_threads()
+        need = self.lib.quant_gemm_vnni_scratch(rows, k, qw.group_size, threads)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8)
+        out = torch.empty((rows, qw.out_features), dtype=torch.bfloat16)
+        mins = None if qw.mins is None else qw.mins.data_ptr()
+        self.lib.quant_gemm_vnni(x.data_ptr(), x.stride(0), rows, k, qw.qweight.data_ptr(), qw.scales.data_ptr(),
+                                 mins, qw.out_features, qw.bits, qw.group_size, out.data_ptr(), out.stride(0),
+                                 self._scratch.data_ptr(), threads)
+        return out
 
     def gemm(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None,
              tiled: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -291,4 +331,5 @@ class CpuQuantMatmul(QuantMatmul):
                          if ok and key[0] != "amx")
         return {"quant_matmul": self.name if self.vnni else "dequantize+GEMM", "quant_formats": formats,
                 "quant_decode_kernel": self.ran, "quant_decode_tiles": "AMX int8" if self.amx_ran else None,
-                "quant_prompt_kernel": "AMX bf16, dequantized in blocks" if self.gemm_ran else "dequantize+GEMM"}
+                "quant_prompt_kernel": ("AMX bf16, dequantized in blocks" if self.gemm_ran else
+                                        "C int8-activation VNNI GEMM" if self.vnni_gemm_ran else "dequantize+GEMM")}

@@ -75,6 +75,7 @@ static int32_t *row_xs(const uint8_t *row, long k) { return (int32_t *)(row + k 
 static float *row_t(const uint8_t *row, long k) { return (float *)(row + k + 8 * padded_units(k)); }
 const float *quant_row_dx(const uint8_t *row, long k) { return row_dx(row, k); } /* (for quant_amx_int.c) */
 const float *quant_row_t(const uint8_t *row, long k) { return row_t(row, k); }
+const int32_t *quant_row_xs(const uint8_t *row, long k) { return row_xs(row, k); } /* (quant_gemm_vnni.c) */
 
 /* Scratch bytes one activation row needs (the caller allocates rows * this many bytes, which leaves
  * room to align the first row). */

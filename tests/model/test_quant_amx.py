@@ -3,7 +3,7 @@ the exact product of what it multiplies and the reference's bound, a row's bits 
 (the weight tiled in the call or once for a step, one thread or two), the tiled weight's layout, the bias, the
 check that guards it, and the settings that keep it off. Where the CPU has no AMX (an AMD EPYC, or
 tests/test_simulated_cpus.py's no_amx case) the tests that need it skip and the last ones show the
-dequantize-and-GEMM path instead."""
+path taken instead (the VNNI GEMM, else dequantize-and-GEMM)."""
 
 import pytest
 import torch
@@ -139,7 +139,8 @@ def test_the_check_refuses_a_gemm_that_misreads_the_format(mutation):
 @pytest.mark.parametrize("setting", [("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16"), ("LLMRUN_FAIL_CHECKS", "amx")])
 def test_oneDNN_held_below_amx_or_a_failed_check_keeps_it_off(monkeypatch, setting):
     """ONEDNN_MAX_CPU_ISA below AMX (as on a CPU without it) or the check failed on purpose: prompt
-    chunks dequantize the weight and run ATen's GEMM over it, as on a CPU without AMX."""
+    chunks run as on a CPU without AMX: the VNNI GEMM where its check passed, else ATen's GEMM over the
+    weight dequantized."""
     monkeypatch.setenv(*setting)
     matmul = CpuQuantMatmul()
     if matmul.lib is None:
@@ -147,6 +148,9 @@ def test_oneDNN_held_below_amx_or_a_failed_check_keeps_it_off(monkeypatch, setti
     assert not matmul.gemm_checked(4, 32, 576)
     qw = quant_probe(4, 32, 64, 576, True, seed=3)
     x = probe_inputs(DECODE_ROWS + 1, 576, torch.bfloat16, torch.Generator().manual_seed(3))
-    assert torch.equal(matmul.linear(x, qw), linear(x, dequantize(qw).to(torch.bfloat16)))
+    vnni = matmul.vnni_gemm_checked(4, 32, 576)
+    expected = matmul.vnni_gemm(x, qw) if vnni else linear(x, dequantize(qw).to(torch.bfloat16))
+    assert torch.equal(matmul.linear(x, qw), expected)
     assert not matmul.gemm_ran
-    assert matmul.describe().get("quant_prompt_kernel", "dequantize+GEMM") == "dequantize+GEMM"
+    assert matmul.describe().get("quant_prompt_kernel", "dequantize+GEMM") == (
+        "C int8-activation VNNI GEMM" if vnni else "dequantize+GEMM")

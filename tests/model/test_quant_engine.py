@@ -12,7 +12,7 @@ from llmrun.engine.build import EngineOptions, build_engine
 from llmrun.quant.format import QuantWeight
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.kernel_checks import c_kernels, quant_kernel_passes
-from tests.parity import batched_and_alone, greedy_with_logits
+from tests.parity import batched_and_alone, greedy_with_logits, same_tokens_but_for_ties
 
 PROMPT = [(5 * i * i + 11 * i + 3) % 300 + 3 for i in range(23)]  # 23 tokens: a prompt chunk over 16 rows
 
@@ -94,7 +94,8 @@ def quant_layer_should_run() -> bool:
 
 def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypatch):
     """The layer in one C call (kernels/quant_layer.py) against the same kernels op by op (its check
-    failed on purpose): the same tokens on this model, logits within the layer check's tolerance."""
+    failed on purpose): logits within the layer check's tolerance, and so the same tokens but where
+    two lie within it of each other (a bf16 tie on this random model, which either may break)."""
     with engine(tiny, "bfloat16", "int4") as whole:
         tokens, logits = greedy_with_logits(whole, PROMPT, 12)
         assert whole.decoder.kernels.describe().get("quant_layer", False) is quant_layer_should_run()
@@ -102,8 +103,9 @@ def test_bf16_layers_in_one_c_call_follow_the_op_by_op_path(tiny, home, monkeypa
     with engine(tiny, "bfloat16", "int4") as op_by_op:
         expected_tokens, expected = greedy_with_logits(op_by_op, PROMPT, 12)
         assert "quant_layer" not in op_by_op.decoder.kernels.describe()
-    assert tokens == expected_tokens
-    assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+    tolerance = 0.05 * float(expected.abs().max())
+    same = same_tokens_but_for_ties(tokens, logits, expected_tokens, expected, tolerance)
+    assert float((logits[:same] - expected[:same]).abs().max()) <= tolerance
 
 
 @pytest.mark.parametrize("reads", ["mapped", "copied"])
@@ -152,8 +154,9 @@ def test_streamed_layers_in_one_c_call_give_the_resident_runs_tokens(tiny, home,
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_steps_prompt_chunks_dequantize_each_weight_once(tiny, home, monkeypatch, dtype):
     """Two prompts prefilled in one step run their forwards in lockstep, layer by layer: each layer's
-    compressed weights are dequantized once for both chunks (not once a chunk), and each prompt
-    still gets the tokens it gets alone."""
+    compressed weights are dequantized once for both chunks (not once a chunk; never, where the VNNI
+    GEMM multiplies bf16 chunks by the packed weight), and each prompt still gets the tokens it gets
+    alone."""
     from llmrun.engine.sampler import SamplingParams
     from llmrun.kernels.quant_cpu import load_quant_library
 
@@ -168,7 +171,11 @@ def test_a_steps_prompt_chunks_dequantize_each_weight_once(tiny, home, monkeypat
         generation = e.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4))
         generation.run_to_end()
         together = [r.tokens for r in generation.results]
-        assert len(made) == len(set(made)) == 4 * e.decoder.config.num_hidden_layers  # qkv, o, gate/up, down
+        packed = quant.vnni_gemm_ran and not quant.gemm_ran  # (the VNNI GEMM runs only bf16 chunks)
+        assert packed is (dtype == "bfloat16" and quant.vnni_gemm_checked(4, 32, 64)
+                          and not quant.gemm_checked(4, 32, 64))
+        layers = e.decoder.config.num_hidden_layers
+        assert len(made) == len(set(made)) == (0 if packed else 4 * layers)  # qkv, o, gate/up, down
         monkeypatch.setattr(quant, "dequantized", dequantized)
         monkeypatch.setattr(quant, "amx_tiles", amx_tiles)
         alone = []

@@ -168,7 +168,8 @@ def test_a_check_forced_to_fail_keeps_the_kernel_off(monkeypatch):
 def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
     """More rows than a decode step: the weight dequantized in C is format.dequantize's, rounded to the
     run dtype, bit for bit, and the matmul is ATen's over it (bf16 rows where the AMX GEMM passed its
-    check: that GEMM's, tests/model/test_quant_amx.py)."""
+    check: that GEMM's, tests/model/test_quant_amx.py; else where the VNNI GEMM passed: that one's,
+    tests/model/test_quant_vnni_gemm.py)."""
     if load_quant_library() is None:
         pytest.skip("no C compiler here: prompt chunks run the reference")
     bits, group, with_mins = form
@@ -177,9 +178,11 @@ def test_prompt_chunks_run_a_gemm_over_the_reference_weight(form, dtype):
     assert torch.equal(matmul.dequantized(qw, dtype), dequantize(qw).to(dtype))
     x = probe_inputs(DECODE_ROWS + 1, 768, dtype, torch.Generator().manual_seed(7))
     amx = dtype == torch.bfloat16 and matmul.gemm_checked(bits, qw.group_size, 768)
-    expected = matmul.gemm(x, qw) if amx else linear(x, dequantize(qw).to(dtype))
+    vnni = dtype == torch.bfloat16 and not amx and matmul.vnni_gemm_checked(bits, qw.group_size, 768)
+    expected = (matmul.gemm(x, qw) if amx else matmul.vnni_gemm(x, qw) if vnni
+                else linear(x, dequantize(qw).to(dtype)))
     assert torch.equal(matmul.linear(x, qw), expected)
-    assert matmul.gemm_ran is amx
+    assert matmul.gemm_ran is amx and matmul.vnni_gemm_ran is vnni
 
 
 @pytest.mark.parametrize("with_mins", [False, True])
