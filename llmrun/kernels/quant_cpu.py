@@ -328,7 +328,7 @@ class CpuQuantMatmul(QuantMatmul):
         if not self._checked:
             return {}
         formats = sorted(f"int{key[0]} g{key[1]} k{key[2]}" for key, ok in self._checked.items()
-                         if ok and key[0] != "amx")
+                         if ok and isinstance(key[0], int))  # (the decode kernel's; not the GEMMs')
         return {"quant_matmul": self.name if self.vnni else "dequantize+GEMM", "quant_formats": formats,
                 "quant_decode_kernel": self.ran, "quant_decode_tiles": "AMX int8" if self.amx_ran else None,
                 "quant_prompt_kernel": ("AMX bf16, dequantized in blocks" if self.gemm_ran else

@@ -86,7 +86,9 @@ def test_prompt_chunks_take_it_with_a_strided_input_and_a_bias(matmul):
     if fresh.gemm_checked(4, 32, 768):
         pytest.skip("the AMX GEMM runs prompt chunks here (tests/model/test_quant_amx.py)")
     assert torch.equal(fresh.linear(x, qw, bias), matmul.vnni_gemm(x, qw) + bias)
-    assert fresh.vnni_gemm_ran and fresh.describe()["quant_prompt_kernel"] == "C int8-activation VNNI GEMM"
+    report = fresh.describe()
+    assert fresh.vnni_gemm_ran and report["quant_prompt_kernel"] == "C int8-activation VNNI GEMM"
+    assert report["quant_formats"] == []  # the decode kernel's formats: no decode step ran (not the GEMM's check)
 
 
 def test_int8_groups_of_16_dequantize_for_the_gemm(matmul):
