@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
@@ -123,3 +124,15 @@ def quant_probe(bits: int, group: int, out_features: int, in_features: int, with
     """A check's probe weight of this format (group 0: one group a row, int8 per output channel)."""
     return probe_weight(bits, group or in_features, out_features, in_features, with_mins,
                         torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's thread count set to `count` within the scope (the kernels split their work by it), then
+    put back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ from llmrun.kernels.quant_check import checked_on, probe_inputs, within_quant_bo
 from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
-from tests.kernel_checks import amx_gemm_passes, amx_gemm_should_pass, quant_probe
+from tests.kernel_checks import amx_gemm_passes, amx_gemm_should_pass, quant_probe, torch_threads
 
 # (bits, group, with mins): llmrun's int4 groups and the int8 forms (Q8_0, Q5_K, Q6_K, per channel: 0)
 FORMATS = [(4, 32, True), (4, 64, True), (4, 128, True), (8, 32, False), (8, 32, True), (8, 16, False), (8, 0, False)]
@@ -68,17 +68,13 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
     x = probe_inputs(300, 256, torch.bfloat16, torch.Generator().manual_seed(11))
     together = matmul.gemm(x, qw)
     tiled = matmul.amx_tiles(qw)
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    for count in (1, 2):
+        with torch_threads(count):
             assert torch.equal(matmul.gemm(x, qw, tiled=tiled), together)
             assert torch.equal(matmul.gemm(x[:40], qw), together[:40])
             assert torch.equal(matmul.gemm(x[33:73], qw, tiled=tiled), together[33:73])
             for r in (0, 17, 299):
                 assert torch.equal(matmul.gemm(x[r:r + 1], qw), together[r:r + 1])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_the_tiled_weight_holds_the_dequantized_values(matmul):

@@ -11,7 +11,7 @@ from llmrun.kernels.quant_check import ACT_BLOCK, checked_on, probe_inputs, term
 from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul, load_quant_library
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
-from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass, quant_probe
+from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass, quant_probe, torch_threads
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (bits, group, with mins): llmrun's int4 groups, and the int8 forms a GGUF maps to (Q8_0 g32, Q5_K g32
@@ -81,16 +81,12 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
     qw = quant_probe(bits, group, 203, 768, with_mins, seed=11)
     x = probe_inputs(DECODE_ROWS, 768, torch.bfloat16, torch.Generator().manual_seed(11))
     together = matmul.matmul(x, qw)
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    for count in (1, 2):
+        with torch_threads(count):
             for r in (0, 5, DECODE_ROWS - 1):
                 assert torch.equal(matmul.matmul(x[r:r + 1], qw), together[r:r + 1])
             for start, end in ((3, 6), (8, 10), (2, 9)):  # three rows, two, seven (a tile of four and one of three)
                 assert torch.equal(matmul.matmul(x[start:end], qw), together[start:end])
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("form", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}")

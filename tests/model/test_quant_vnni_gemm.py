@@ -11,7 +11,7 @@ from llmrun.kernels.quant_check import probe_inputs, term_magnitudes, within_qua
 from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul
 from llmrun.model.layers import linear
 from llmrun.quant.format import dequantize
-from tests.kernel_checks import quant_probe, vnni_gemm_passes, vnni_gemm_should_pass
+from tests.kernel_checks import quant_probe, torch_threads, vnni_gemm_passes, vnni_gemm_should_pass
 from tests.model.test_quant_kernels import emulated
 
 # (bits, group, with mins): llmrun's int4 groups, the int8 forms a GGUF maps to with units of 32 (Q8_0,
@@ -62,16 +62,12 @@ def test_a_rows_bits_do_not_depend_on_its_company(matmul, form):
     qw = quant_probe(bits, group, 203, 768, with_mins, seed=13)
     x = probe_inputs(45, 768, torch.bfloat16, torch.Generator().manual_seed(13))
     together = matmul.vnni_gemm(x, qw)
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    for count in (1, 2):
+        with torch_threads(count):
             for r in (0, 17, 44):
                 assert torch.equal(matmul.vnni_gemm(x[r:r + 1], qw), together[r:r + 1])
             for start, end in ((3, 6), (8, 10), (2, 9), (5, 40)):
                 assert torch.equal(matmul.vnni_gemm(x[start:end], qw), together[start:end])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_prompt_chunks_take_it_with_a_strided_input_and_a_bias(matmul):
