@@ -97,6 +97,10 @@ def load_quant_library() -> Optional[ctypes.CDLL]:
     lib.quant_gemm_vnni.restype = None
     lib.quant_gemm_vnni_scratch.argtypes = [i64, i64, i64, i32]
     lib.quant_gemm_vnni_scratch.restype = i64
+    lib.quant_quantize_rows.argtypes = [p, i64, i64, i64, i64, i32, p]  # (these two: tests call them alone)
+    lib.quant_quantize_rows.restype = i64
+    lib.quant_panels_in_decode_order.argtypes = [p, i64, i64, i64, p, p, p, i64, i32, i64, p, i64, i32]
+    lib.quant_panels_in_decode_order.restype = i32
     lib.quant_dequantize.argtypes = [p, p, p, i64, i64, i32, i64, p, i32, i32]
     lib.quant_dequantize.restype = None
     return lib

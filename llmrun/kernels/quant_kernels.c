@@ -17,7 +17,9 @@
  * S * (weight scale * dx) by one FMA, unit by unit, then min * T group by group (lane g % 16), and
  * reduce4 sums the 16 lanes. Here S comes from VPDPBUSD lanes, reduced as integers (any order is
  * exact); quant_amx_int.c takes S from AMX tiles for steps of several rows and the same float steps,
- * so a row's bits do not depend on the rows beside it or on which kernel ran.
+ * and quant_gemm_vnni.c (steps of PANEL_ROWS bf16 rows or more, units of 32) takes S from VNNI lanes
+ * that each hold one output and the same float steps in 16 accumulators, so a row's bits do not depend
+ * on the rows beside it or on which kernel ran.
  *
  * Lane layout: a VNNI lane sums 4 adjacent bytes. An int4 chunk of 64 inputs is 32 bytes; its low
  * nibbles (the even inputs) fill the first 32 bytes of a vector and its high nibbles (the odd ones)
@@ -411,6 +413,13 @@ TARGET static void f32_dots(const uint8_t *w, const float *s, const float *m, co
     }
 }
 
+/* quant_gemm_vnni.c: int_dots's products and order of sums, 16 outputs a vector (a panel laid out once a
+ * call, every row of the step against it): the same bits, fewer instructions from PANEL_ROWS rows. */
+#define PANEL_ROWS 8 /* bf16 rows from which it runs them (measured: at 4 rows int_dots is as fast) */
+int quant_panels_in_decode_order(const uint8_t *xq, long x_row, long rows, long k, const uint8_t *qweight,
+                                 const float *scales, const float *mins, long n, int bits, long group,
+                                 uint16_t *out, long out_stride, int threads);
+
 /* out[r][o] (row stride out_stride, in x's dtype) = x[r] @ W.T for rows r < rows, outputs o < n; x
  * [rows][k] (row stride x_stride): bf16 rows (bf16 = 1) rounded to int8 per block of 32 for VNNI,
  * float32 rows kept in float32 (the weight dequantized in registers). k a multiple of 64; group 16 or
@@ -429,6 +438,10 @@ TARGET void quant_matmul(const void *x, long x_stride, int bf16, long rows, long
         else
             reorder_row((const float *)x + r * x_stride, k, bits, (float *)(xq + r * x_row));
     }
+    if (bf16 && rows >= PANEL_ROWS && group != 16 &&
+        quant_panels_in_decode_order(xq, x_row, rows, k, qweight, scales, mins, n, bits, group, out, out_stride,
+                                     threads) == 0)
+        return; /* (the bits int_dots gives, faster from PANEL_ROWS rows) */
     if (bf16) unit_spans(k, group, spans);
 #pragma omp parallel num_threads(threads)
     {

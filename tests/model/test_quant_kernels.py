@@ -18,6 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 # with mins, Q6_K g16) and llmrun's per-channel int8 (group = inputs: 0 here)
 FORMATS = [(4, 32, True), (4, 64, True), (4, 128, True), (8, 32, False), (8, 32, True), (8, 16, False),
            (8, 64, False), (8, 0, False)]
+FORM_ID = lambda f: f"int{f[0]}-g{f[1] or 'row'}{'-mins' if f[2] else ''}"  # noqa: E731
 SMOLLM2_MATMULS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate/up, down
 
 
@@ -107,6 +108,41 @@ def test_amx_tiles_give_each_row_the_bits_it_has_alone(matmul, form):
         for rows in (1, 2, 5, 8, 9, DECODE_ROWS):
             assert torch.equal(matmul.matmul_amx(x[:rows], qw), alone[:rows]), rows
         assert torch.equal(matmul.matmul(x, qw), alone)  # (a step of 16 rows takes the tiles)
+
+
+def panels_in_decode_order(matmul, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+    """x @ W.T through quant_gemm_vnni.c's panels in the decode kernel's order, called alone (quant_matmul
+    hands bf16 steps of 8 rows or more to it)."""
+    lib, rows, k = matmul.lib, x.shape[0], x.shape[1]
+    scratch = torch.empty(rows * lib.quant_row_scratch_bytes(k, qw.group_size) + 64, dtype=torch.uint8)
+    xq = (scratch.data_ptr() + 63) // 64 * 64
+    x_row = lib.quant_quantize_rows(x.data_ptr(), x.stride(0), rows, k, qw.group_size, qw.bits, xq)
+    out = torch.empty((rows, qw.out_features), dtype=torch.bfloat16)
+    mins = None if qw.mins is None else qw.mins.data_ptr()
+    assert lib.quant_panels_in_decode_order(xq, x_row, rows, k, qw.qweight.data_ptr(), qw.scales.data_ptr(), mins,
+                                            qw.out_features, qw.bits, qw.group_size, out.data_ptr(), out.stride(0),
+                                            torch.get_num_threads()) == 0
+    return out
+
+
+@pytest.mark.parametrize("form", [f for f in FORMATS if f[1] != 16], ids=FORM_ID)
+def test_panels_give_each_row_the_bits_the_decode_kernel_gives_it_alone(matmul, form):
+    """Steps of 8 to 16 bf16 rows run through 16-output panels (quant_gemm_vnni.c) that sum each output's
+    terms into 16 accumulators as the decode kernel sums them into its lanes, and add those in its
+    tree: every row's bits equal that row computed alone by the decode kernel (an output count that
+    is not a multiple of 16, input sizes with a part-filled last span of units, one thread or two)."""
+    bits, group, with_mins = form
+    for out_features, in_features in ((203, 768), (40, 576), (17, 1536), (1536, 576)):
+        if group and in_features % group:
+            continue
+        qw = quant_probe(bits, group, out_features, in_features, with_mins, seed=in_features + 1)
+        x = probe_inputs(DECODE_ROWS, in_features, torch.bfloat16, torch.Generator().manual_seed(in_features))
+        alone = torch.cat([matmul.matmul(x[r:r + 1], qw) for r in range(DECODE_ROWS)])
+        for count in (1, 2):
+            with torch_threads(count):
+                for rows in (1, 3, 8, 13, DECODE_ROWS):
+                    assert torch.equal(panels_in_decode_order(matmul, x[:rows], qw), alone[:rows]), rows
+        assert torch.equal(matmul.matmul(x, qw), alone)  # (a step of 16 rows takes the panels)
 
 
 def test_amx_tiles_are_off_where_amx_checks_are_failed_on_purpose(monkeypatch):
