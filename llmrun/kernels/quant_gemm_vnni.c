@@ -45,6 +45,8 @@ const float *quant_row_dx(const uint8_t *row, long k);
 const int32_t *quant_row_xs(const uint8_t *row, long k);
 const float *quant_row_t(const uint8_t *row, long k);
 void quant_store_bf16(const float *in, uint16_t *out, long n);
+/* chunk j of a weight row as VPDPBUSD's unsigned bytes, in the activations' order */
+void quant_chunk_values_to(const uint8_t *w, long j, int bits, uint8_t *out);
 
 /* Bytes of a thread's panel: the VNNI columns, then the scales and minimums a group [groups][16]. */
 static long panel_bytes(long k, long group) { return PANEL * k + 2 * (k / group) * PANEL * 4; }
@@ -52,16 +54,6 @@ static long panel_bytes(long k, long group) { return PANEL * k + 2 * (k / group)
 /* Scratch bytes quant_gemm_vnni needs: the quantized rows, each thread's panel, room to align. */
 long quant_gemm_vnni_scratch(long rows, long k, long group, int threads) {
     return rows * (quant_row_scratch_bytes(k, group) - 64) + threads * panel_bytes(k, group) + 64;
-}
-
-/* Chunk c of a weight row as the unsigned bytes VPDPBUSD reads, in the activations' stored order
- * (int4: the low nibbles, i.e. the even inputs, then the high ones; int8: w + 128). */
-TARGET static inline __m512i chunk_values(const uint8_t *w, long c, int bits) {
-    if (bits == 8)
-        return _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + c * CHUNK)), _mm512_set1_epi8((char)0x80));
-    __m256i packed = _mm256_loadu_si256((const __m256i *)(w + c * CHUNK / 2));
-    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1),
-                            _mm512_set1_epi8(0x0f));
 }
 
 /* Outputs o0..o0+15 (zero past n) as VNNI columns: columns[c * 16 + q] lane j = bytes 4q..4q+3 of
@@ -73,8 +65,10 @@ TARGET static void pack_panel(const uint8_t *qweight, const float *scales, const
     const __m512i across = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
     for (long c = 0; c < chunks; c++) {
         for (long j = 0; j < PANEL; j++)
-            _mm512_store_si512((void *)rows[j], o0 + j < n ? chunk_values(qweight + (o0 + j) * w_row, c, bits)
-                                                           : _mm512_setzero_si512());
+            if (o0 + j < n)
+                quant_chunk_values_to(qweight + (o0 + j) * w_row, c, bits, (uint8_t *)rows[j]);
+            else
+                _mm512_store_si512((void *)rows[j], _mm512_setzero_si512());
         for (int q = 0; q < 16; q++) _mm512_store_si512((void *)(columns + c * 16 + q),
                                                         _mm512_i32gather_epi32(across, &rows[0][q], 4));
     }

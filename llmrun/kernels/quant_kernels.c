@@ -156,6 +156,11 @@ TARGET static inline __attribute__((always_inline)) __m512i chunk_values(const u
     return bits == 8 ? _mm512_xor_si512(bytes, _mm512_set1_epi8((char)0x80)) : bytes;
 }
 
+/* Chunk j's values stored to out (64 bytes), for quant_gemm_vnni.c's panels. */
+TARGET void quant_chunk_values_to(const uint8_t *w, long j, int bits, uint8_t *out) {
+    _mm512_storeu_si512((void *)out, chunk_values(w, j, bits));
+}
+
 /* The sums of four vectors' lanes, in one order whatever the vectors are (so an output's bits do
  * not depend on which outputs or rows are computed beside it). */
 TARGET static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
