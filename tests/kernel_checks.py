@@ -16,7 +16,8 @@ from llmrun.kernels.clib import aten_runs_avx512
 from llmrun.kernels.native import LayerShape, NativeKernels, load_library
 from llmrun.kernels.native_layer import blas_sgemm
 from llmrun.kernels.quant_check import probe_weight
-from llmrun.kernels.quant_cpu import CpuQuantMatmul, amx_allowed, load_quant_library
+from llmrun.kernels.quant_cpu import CpuQuantMatmul
+from llmrun.kernels.quant_library import amx_allowed, load_quant_library
 from llmrun.quant.format import QuantWeight
 from llmrun.weights.packing import pack_weight
 

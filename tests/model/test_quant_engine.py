@@ -158,7 +158,7 @@ def test_a_steps_prompt_chunks_dequantize_each_weight_once(tiny, home, monkeypat
     GEMM multiplies bf16 chunks by the packed weight), and each prompt still gets the tokens it gets
     alone."""
     from llmrun.engine.sampler import SamplingParams
-    from llmrun.kernels.quant_cpu import load_quant_library
+    from llmrun.kernels.quant_library import load_quant_library
 
     if load_quant_library() is None:
         pytest.skip("no C compiler here: prompt chunks run the reference, which dequantizes inside")

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from llmrun.kernels.quant import PLAIN, quant_linear
 from llmrun.kernels.quant_check import ACT_BLOCK, checked_on, probe_inputs, term_magnitudes, within_quant_bound
-from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul, load_quant_library
+from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul
+from llmrun.kernels.quant_library import load_quant_library
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
 from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass, quant_probe, torch_threads
