@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +33,14 @@ class PerplexityResult:
         return math.exp(self.mean_nll)
 
 
-def read_text(file: Path) -> str:
+def read_text(file: Path, purpose: str = "perplexity needs a text to score") -> str:
     try:
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise UsageError(f"cannot read {file}: {reason}") from None
     if not text.strip():
-        raise UsageError(f"{file} is empty: perplexity needs a text to score")
+        raise UsageError(f"{file} is empty: {purpose}")
     return text
 
 
@@ -60,21 +61,31 @@ def perplexity(engine, token_ids: list[int], chunk: int = CHUNK_TOKENS) -> Perpl
 @torch.inference_mode()
 def _window_nll(engine, ids: list[int], chunk: int) -> tuple[float, int]:
     """Summed negative log-likelihood of ids[1:] given what precedes each, from an empty cache."""
+    total, count = 0.0, 0
+    for start, hidden in window_forwards(engine, ids, chunk):
+        targets = ids[start + 1 : start + hidden.shape[0] + 1]  # the last row of the last chunk predicts nothing
+        logits = engine.decoder.logits(engine.weights, hidden[: len(targets)]).float()  # [rows, vocab]
+        total += F.cross_entropy(logits, torch.tensor(targets, device=hidden.device), reduction="sum").item()
+        count += len(targets)
+    return total, count
+
+
+def window_forwards(engine, ids: list[int], chunk: int = CHUNK_TOKENS, weights=None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run `ids` (at most the engine's context) as one sequence from an empty cache, `chunk` tokens a
+    forward, teacher-forced: yields (first position, final hidden rows) of each chunk. `weights`
+    (default: the engine's) is what the decoder reads its layers from."""
     decoder, allocator, device = engine.decoder, engine.allocator, engine.decoder.device
+    weights = engine.weights if weights is None else weights
     allocator.add_sequence(_SEQ_ID)
     try:
         allocator.grow(_SEQ_ID, len(ids))
         table = allocator.block_table(_SEQ_ID)
-        total, count = 0.0, 0
         for start in range(0, len(ids), chunk):
             piece = ids[start : start + chunk]
             meta = build_metadata([SeqStep(table, start, len(piece), len(ids))], allocator.block_size, device)
-            hidden = decoder.forward(engine.weights, torch.tensor(piece, device=device),
-                                     torch.arange(start, start + len(piece), device=device), meta, engine.cache)
-            targets = ids[start + 1 : start + len(piece) + 1]  # the last row of the last chunk predicts nothing
-            logits = decoder.logits(engine.weights, hidden[: len(targets)]).float()  # [rows, vocab]
-            total += F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="sum").item()
-            count += len(targets)
-        return total, count
+            with torch.inference_mode():
+                hidden = decoder.forward(weights, torch.tensor(piece, device=device),
+                                         torch.arange(start, start + len(piece), device=device), meta, engine.cache)
+            yield start, hidden
     finally:
         allocator.free_sequence(_SEQ_ID)

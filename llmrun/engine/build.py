@@ -49,23 +49,26 @@ def eos_token_ids(folder: Path, config_raw: dict, tokenizer) -> list[int]:
 
 
 def build_engine(folder: Path, options: EngineOptions,
-                 on_layer: Optional[Callable[[int, int], None]] = None) -> "Engine":
-    """The whole road for a model folder: its plan inputs, the plan `llmrun plan` would show, the Engine."""
+                 on_layer: Optional[Callable[[int, int], None]] = None, kernels: Optional[Callable] = None) -> "Engine":
+    """The whole road for a model folder: its plan inputs, the plan `llmrun plan` would show, the Engine
+    (`kernels(shape, dtype, device)`, where given, makes the decoder's kernel set instead of kernels_for)."""
     from llmrun.plan.inputs import folder_inputs
     from llmrun.plan.make import make_plan
 
     inputs = folder_inputs(folder)
     return engine_from_plan(inputs, make_plan(inputs.config, inputs.index, options, inputs.folder), options,
-                            on_layer=on_layer)
+                            on_layer=on_layer, kernels=kernels)
 
 
 def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: EngineOptions, *,
                      on_layer: Optional[Callable[[int, int], None]] = None,
                      step_observer: StepObserver = NO_STEP_OBSERVER,
-                     on_quantize: Callable[[int, int], None] = lambda done, total: None) -> "Engine":
+                     on_quantize: Callable[[int, int], None] = lambda done, total: None,
+                     kernels: Optional[Callable] = None) -> "Engine":
     """Load the model as planned into an Engine; config, architecture and index come from `inputs`
     (read once, by plan/inputs.py). `on_layer(i, bytes)` observes loading, `step_observer` each step,
-    `on_quantize(done, total)` the tensors quantized on load (`--quant`, when not cached yet)."""
+    `on_quantize(done, total)` the tensors quantized on load (`--quant`, when not cached yet); `kernels`
+    as build_engine's."""
     from llmrun.engine.generate import Engine
     from llmrun.engine.tokenizer import load_tokenizer
     from llmrun.kernels.choose import kernels_for
@@ -84,8 +87,9 @@ def engine_from_plan(inputs: "PlanInputs", report: "PlanReport", options: Engine
     dtype = torch_dtype(report.dtype)
     tokenizer = load_tokenizer(folder)
     family = decoder_class(architecture)
-    kernels = kernels_for(family.layer_shape(config), dtype, device)  # ATen's ops, or fused ones that passed their check
-    decoder = family(config, dtype, device, max_positions=placement.ctx, kernels=kernels)
+    make_kernels = kernels_for if kernels is None else kernels  # (kernels_for: ATen's ops, or fused ones that passed their check)
+    decoder = family(config, dtype, device, max_positions=placement.ctx,
+                     kernels=make_kernels(family.layer_shape(config), dtype, device))
     rss_before_weights = current_rss_bytes()
     index = inputs.index
     if options.quant != "none":  # a float model compressed on load, through the cache in $LLMRUN_HOME
