@@ -29,19 +29,28 @@ def quantize_command(
     name: Annotated[Optional[str], typer.Option("--name", help="Name in llmrun's store (default: MODEL-int4-g32).",
                                                 metavar="NAME")] = None,
     force: Annotated[bool, flag("--force", help="Replace a store entry of that name.")] = False,
+    calibrate: Annotated[Optional[Path], typer.Option(
+        "--calibrate", help="int4: run this UTF-8 text through the float model first and round each weight "
+                            "more closely where its input is large (a slower quantize, a closer model; "
+                            "docs/quantization.md).", metavar="FILE", show_default=False)] = None,
 ) -> None:
     """Write a copy of MODEL with its layers' matmul weights (and output head) compressed into llmrun's store.
 
-    Example: llmrun quantize smollm2 --to int4 --group 64 --name smollm2-int4
+    Example: llmrun quantize smollm2 --to int4 --group 64 --name smollm2-int4 --calibrate notes.txt
     """
     from llmrun import display
+    from llmrun.bench.perplexity import read_text
     from llmrun.quant.spec import QuantSpec
     from llmrun.quant.store_model import quantize_to_store
     from llmrun.sizes import format_bytes
 
     spec = QuantSpec.parse(to, group)
-    with display.count_progress(f"quantizing {model} to {spec.label}", "tensors") as on_tensor:
-        made = quantize_to_store(model, spec, name, force, on_tensor)
+    text = None
+    if calibrate is not None:
+        text = (calibrate.name, read_text(calibrate, "--calibrate needs a text to run"))
+    with display.count_progress(f"calibrating on {calibrate and calibrate.name}", "tokens") as on_token, \
+            display.count_progress(f"quantizing {model} to {spec.label}", "tensors") as on_tensor:
+        made = quantize_to_store(model, spec, name, force, on_tensor, text, on_token)
     print(f"{made.name}: {made.description}, "
           f"{format_bytes(made.size_bytes)} (from {format_bytes(made.source_bytes)}); ready at {made.path}",
           file=sys.stderr)

@@ -30,8 +30,12 @@ class QuantizedModel:
 
 
 def quantize_to_store(model: str, spec: QuantSpec, name: str | None, force: bool,
-                      on_tensor: Callable[[int, int], None] = lambda done, total: None) -> QuantizedModel:
-    """Quantize `model` (resolved, or pulled, as `run` does) into the store entry `name`."""
+                      on_tensor: Callable[[int, int], None] = lambda done, total: None,
+                      calibration_text: tuple[str, str] | None = None,
+                      on_calibrating: Callable[[int, int], None] = lambda done, total: None) -> QuantizedModel:
+    """Quantize `model` (resolved, or pulled, as `run` does) into the store entry `name`. With
+    `calibration_text` (file name, text; int4 only) the float model first runs the text for each
+    input's importance (quant/calibrate.py), its tokens reported by `on_calibrating(done, total)`."""
     from llmrun.hub.store import StoreMetadata, entry_path, staged_entry, write_metadata
     from llmrun.plan.inputs import folder_inputs
     from llmrun.quant.quantize import quantize_index
@@ -47,12 +51,22 @@ def quantize_to_store(model: str, spec: QuantSpec, name: str | None, force: bool
     if final.exists() and not force:
         raise StoreConflictError(f"the store already has a model called '{final.name}'; "
                                  f"pass --force to replace it, or --name to choose another name")
+    calibration = None
+    if calibration_text is not None:
+        from llmrun.quant.calibrate import calibrate
+        from llmrun.quant.spec import compressed, in_layer
+
+        if spec.bits != 4:
+            raise UsageError("--calibrate weighs int4 fits; int8 is quantized without it")
+        layer_names = [n for n, s in compressed(inputs.index, spec).items() if in_layer(n) and s.bits == 4]
+        file_name, text = calibration_text
+        calibration = calibrate(Path(source.path), text, file_name, layer_names, on_calibrating)
     with staged_entry(target) as staging:
         for file in sorted(Path(source.path).iterdir()):
             if file.is_file() and file.suffix != ".safetensors" and file.name not in _NOT_COPIED:
                 shutil.copy2(file, staging / file.name)
         meta = quantize_index(inputs.index, spec, staging / "model.safetensors", keep_floats=True,
-                              on_tensor=on_tensor)
+                              on_tensor=on_tensor, calibration=calibration)
         created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
         write_metadata(staging, StoreMetadata(source="quantize", original_file=str(Path(source.path).resolve()),
                                               sha256="", created=created, quant=meta.summary()))
