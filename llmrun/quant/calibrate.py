@@ -13,26 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from llmrun.kernels.interface import Kernels
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Per checkpoint tensor name, the importance of each of its inputs (float32 [in]), and what was run."""
-
-    importance: dict[str, torch.Tensor]
-    file: str  # the text's file name, for the store entry's description
-    num_tokens: int
-
-    @property
-    def phrase(self) -> str:
-        return f"calibrated on {self.file} ({self.num_tokens} tokens)"
+from llmrun.quant.quantize import Calibration
 
 
 class ImportanceKernels(Kernels):

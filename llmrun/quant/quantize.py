@@ -10,7 +10,8 @@ them in float16 exactly, and what is loaded is what was measured.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,9 +21,6 @@ from llmrun.quant.spec import QuantSpec, check_groups, compressed
 from llmrun.weights.index import CheckpointIndex
 from llmrun.weights.loader import PackedTensor, TensorFileReader
 
-if TYPE_CHECKING:
-    from llmrun.quant.calibrate import Calibration
-
 _HALF_NORMAL = 2.0**-14  # smallest normal float16: below it float16 would lose bits
 _HALF_MAX = 65504.0
 FIT_ROUNDS = 4  # least-squares rounds of the int4 fit (0: the plain min/max grid)
@@ -31,6 +29,20 @@ SEARCH_SCALES = tuple(0.7 + 0.0225 * i for i in range(21))
 WEIGHTED_ROUNDS = 2
 IMPORTANCE_FLOOR = 1e-3  # of the mean importance, added to each input's: no group is left unweighted
 QUANTIZER_VERSION = 3  # names quantize-on-load cache entries: bump when the values chosen change
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per checkpoint tensor name, the importance of each of its inputs (float32 [in]), and the text
+    measured (quant/calibrate.py makes it)."""
+
+    importance: dict[str, torch.Tensor]
+    file: str  # the text's file name, for the store entry's description
+    num_tokens: int
+
+    @property
+    def phrase(self) -> str:
+        return f"calibrated on {self.file} ({self.num_tokens} tokens)"
 
 
 def _half_rounded(values: torch.Tensor) -> torch.Tensor:
@@ -136,7 +148,7 @@ def _fit_int4_weighted(w: torch.Tensor, importance: torch.Tensor) -> tuple[torch
 
 def quantize_index(index: CheckpointIndex, spec: QuantSpec, path: Path, *, keep_floats: bool,
                    on_tensor: Callable[[int, int], None] = lambda done, total: None,
-                   calibration: "Calibration | None" = None) -> QuantMetadata:
+                   calibration: Calibration | None = None) -> QuantMetadata:
     """Write `path`: every tensor spec.compressed names quantized (the layers' matmuls as `spec` says,
     the output head as HEAD_SPEC), and with `keep_floats` the other tensors as they are, atomically.
     `on_tensor(done, total)` reports progress; `calibration` (quant/calibrate.py) weighs the int4 fits
