@@ -87,23 +87,36 @@ def _fit_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     scales, mins = (high - low) / 15.0, low
     best = (scales, mins, _squared_error(w, scales, mins))
-    n = w.shape[-1]
     for _ in range(FIT_ROUNDS):
-        q = _nearest(w, scales, mins).to(torch.float32)
-        sum_q, sum_qq = q.sum(-1), (q * q).sum(-1)
-        sum_w, sum_qw = w.sum(-1), (q * w).sum(-1)
-        det = n * sum_qq - sum_q * sum_q
-        fitted = det > 0
-        det = torch.where(fitted, det, torch.ones_like(det))
-        new_scales = (n * sum_qw - sum_q * sum_w) / det
-        fitted &= new_scales > 0
-        scales = torch.where(fitted, new_scales, scales)
-        mins = torch.where(fitted, (sum_w - scales * sum_q) / n, mins)
-        error = _squared_error(w, scales, mins)
-        better = error < best[2]
-        best = (torch.where(better, scales, best[0]), torch.where(better, mins, best[1]),
-                torch.where(better, error, best[2]))
+        scales, mins = _refit(w, scales, mins)
+        best = _better(best, scales, mins, _squared_error(w, scales, mins))
     return best[0], best[1]
+
+
+def _refit(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of least squares: each group's best scale and min for the nearest levels of the
+    current ones (the squared errors weighted by `weights` [..., group] where given); a group with no
+    such line of positive scale keeps its own."""
+    q = _nearest(w, scales, mins).to(torch.float32)
+    weigh = (lambda t: t) if weights is None else (lambda t: weights * t)  # noqa: E731
+    n = torch.full_like(scales, w.shape[-1]) if weights is None else weights.sum(-1).expand_as(scales)
+    sum_q, sum_qq = weigh(q).sum(-1), weigh(q * q).sum(-1)
+    sum_w, sum_qw = weigh(w).sum(-1), weigh(q * w).sum(-1)
+    det = n * sum_qq - sum_q * sum_q
+    fitted = det > 0
+    det = torch.where(fitted, det, torch.ones_like(det))
+    new_scales = (n * sum_qw - sum_q * sum_w) / det
+    fitted &= new_scales > 0
+    scales = torch.where(fitted, new_scales, scales)
+    return scales, torch.where(fitted, (sum_w - scales * sum_q) / n, mins)
+
+
+def _better(best: tuple, scales: torch.Tensor, mins: torch.Tensor, error: torch.Tensor) -> tuple:
+    """(scales, mins, error) of each group's better fit: `best`'s, or the new one where its error is less."""
+    better = error < best[2]
+    return (torch.where(better, scales, best[0]), torch.where(better, mins, best[1]),
+            torch.where(better, error, best[2]))
 
 
 def _squared_error(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -123,26 +136,13 @@ def _fit_int4_weighted(w: torch.Tensor, importance: torch.Tensor) -> tuple[torch
     scales, mins = _half_rounded(scales), _half_rounded(mins)
     best = (scales, mins, _squared_error(w, scales, mins, a))
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    sum_a = a.sum(-1)
     for fraction in SEARCH_SCALES:
         scales = (high - low) / 15.0 * fraction
         mins = (low + high) / 2 - 7.5 * scales
         for _ in range(WEIGHTED_ROUNDS):
-            q = _nearest(w, scales, mins).to(torch.float32)
-            sum_q, sum_qq = (a * q).sum(-1), (a * q * q).sum(-1)
-            sum_w, sum_qw = (a * w).sum(-1), (a * q * w).sum(-1)
-            det = sum_a * sum_qq - sum_q * sum_q
-            fitted = det > 0
-            det = torch.where(fitted, det, torch.ones_like(det))
-            new_scales = (sum_a * sum_qw - sum_q * sum_w) / det
-            fitted &= new_scales > 0
-            scales = torch.where(fitted, new_scales, scales)
-            mins = torch.where(fitted, (sum_w - scales * sum_q) / sum_a, mins)
+            scales, mins = _refit(w, scales, mins, a)
         scales, mins = _half_rounded(scales), _half_rounded(mins)
-        error = _squared_error(w, scales, mins, a)
-        better = error < best[2]
-        best = (torch.where(better, scales, best[0]), torch.where(better, mins, best[1]),
-                torch.where(better, error, best[2]))
+        best = _better(best, scales, mins, _squared_error(w, scales, mins, a))
     return best[0], best[1]
 
 
