@@ -148,7 +148,7 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(args, content, fra
 def test_smollm2_calibrated_int4_g64_is_closer_to_the_float_model(smollm2_dir, tmp_path):
     """Calibrated on the project's guide (technical English), scored on the story the quality table
     uses: the calibrated int4 g64 fit loses less perplexity than the plain one (docs/quantization.md
-    has the figures: +8 % against +34 %)."""
+    has the figures: +8.8 % against +33.7 %)."""
     from pathlib import Path
 
     from llmrun.bench.perplexity import perplexity
