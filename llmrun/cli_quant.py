@@ -48,7 +48,7 @@ def quantize_command(
     text = None
     if calibrate is not None:
         text = (calibrate.name, read_text(calibrate, "--calibrate needs a text to run"))
-    with display.count_progress(f"calibrating on {calibrate and calibrate.name}", "tokens") as on_token, \
+    with display.count_progress(f"calibrating on {text and text[0]}", "tokens", enabled=text is not None) as on_token, \
             display.count_progress(f"quantizing {model} to {spec.label}", "tensors") as on_tensor:
         made = quantize_to_store(model, spec, name, force, on_tensor, text, on_token)
     print(f"{made.name}: {made.description}, "

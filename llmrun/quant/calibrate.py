@@ -14,12 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 
 from llmrun.kernels.interface import Kernels
 from llmrun.quant.quantize import Calibration
+
+if TYPE_CHECKING:
+    from llmrun.engine.build import EngineOptions
 
 
 class ImportanceKernels(Kernels):
@@ -95,9 +98,10 @@ class _TrackedWeights:
 
 def calibrate(folder: Path, text: str, file_name: str, expected: list[str],
               on_chunk: Callable[[int, int], None] = lambda done, total: None,
-              options: Optional[object] = None) -> Calibration:
-    """Run `text` through the float model in `folder` and return each of `expected`'s (the layer matmul
-    weights to quantize) input importance; `on_chunk(done, total)` reports progress in tokens."""
+              options: Optional["EngineOptions"] = None) -> Calibration:
+    """Run `text` through the float model in `folder` (planned by `options`, default: as `llmrun run`
+    would place it, one sequence) and return each of `expected`'s (the layer matmul weights to
+    quantize) input importance; `on_chunk(done, total)` reports progress in tokens."""
     from llmrun.bench.perplexity import CHUNK_TOKENS, window_forwards
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.errors import UsageError

@@ -9,8 +9,8 @@ them in float16 exactly, and what is loaded is what was measured.
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
