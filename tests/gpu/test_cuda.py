@@ -96,3 +96,20 @@ def test_cuda_decoders_use_the_triton_kernels(checkpoint):
 def test_cuda_graphs_stay_off_when_layers_stream(checkpoint):
     engine = build_engine(checkpoint, placement_options("gpu-cpu", checkpoint))
     assert engine.runner.static is not None and not engine.runner.static.capture
+
+
+@pytest.mark.parametrize("placement", ("gpu", "gpu-disk"))
+def test_calibration_on_cuda_measures_what_the_cpu_measures(checkpoint, placement):
+    """`quantize --calibrate`'s float pass on a CUDA engine (resident, or layers streamed from disk)
+    records the importances the CPU's does."""
+    from llmrun.quant.calibrate import calibrate
+    from llmrun.quant.spec import QuantSpec, compressed, in_layer
+    from llmrun.weights.index import build_index
+
+    names = [n for n in compressed(build_index(checkpoint), QuantSpec(4, 32)) if in_layer(n)]
+    text = " ".join(f"a boat and {n} gulls crossed the bay" for n in range(60))
+    runs = [calibrate(checkpoint, text, "t", names, options=placement_options(name, checkpoint, ctx=128, batch=1))
+            for name in ("resident", placement)]
+    assert runs[0].num_tokens > 128  # more than one window
+    for name in names:
+        torch.testing.assert_close(runs[1].importance[name], runs[0].importance[name], rtol=1e-3, atol=1e-6)
