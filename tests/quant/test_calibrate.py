@@ -103,7 +103,7 @@ def test_the_weighted_fit_never_loses_to_the_plain_fit_by_its_measure(group):
 def test_int8_and_the_head_are_quantized_as_without_calibration():
     w, importance = weights_with_outliers()
     for spec in (QuantSpec(8, 0), QuantSpec(8, 32)):
-        a, b = quantize.quantize_weight(w, spec), quantize.quantize_weight(w, spec, None)
+        a, b = quantize.quantize_weight(w, spec), quantize.quantize_weight(w, spec, importance)
         assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
 
 
