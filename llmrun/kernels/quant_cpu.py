@@ -13,7 +13,8 @@ ATen held below AVX-512), no compiler, or a format the kernel does not read (an 
 16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
 Where the CPU has AMX int8 (and ONEDNN_MAX_CPU_ISA leaves AMX on), bf16 decode steps of AMX_DECODE_ROWS
-rows or more take each unit's integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI
+rows or more (`amx_rows`: 8 for a layer's weights, 4 for an output head's thousands of outputs, by
+measurement) take each unit's integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI
 kernel's float steps in its order: a row's bits are those it has alone (tested), at a fraction of the
 work the VNNI kernel spends on every weight row and activation row.
 
@@ -48,7 +49,7 @@ from llmrun.kernels.quant_layer import QuantLayer
 from llmrun.kernels.quant_library import amx_allowed, load_quant_library
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight
-from llmrun.quant.spec import CPU_AMX_ROWS, CPU_DECODE_ROWS
+from llmrun.quant.spec import CPU_AMX_ROWS, CPU_AMX_WIDE, CPU_AMX_WIDE_ROWS, CPU_DECODE_ROWS
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
@@ -60,6 +61,11 @@ AMX_DECODE_ROWS = CPU_AMX_ROWS  # by bits: decode steps of this many bf16 rows o
 def kernel_reads(bits: int, group_size: int, in_features: int) -> bool:
     """Whether the C kernel reads this format: inputs in steps of 64, groups that tile those steps."""
     return in_features % CHUNK == 0 and (group_size == 32 or group_size % CHUNK == 0 or (group_size, bits) == (16, 8))
+
+
+def amx_rows(qw: QuantWeight) -> int:
+    """Rows from which a bf16 decode step of `qw` takes its integer sums from AMX tiles, where they may run."""
+    return CPU_AMX_WIDE_ROWS if qw.out_features >= CPU_AMX_WIDE else AMX_DECODE_ROWS[qw.bits]
 
 
 class CpuQuantMatmul(QuantMatmul):
@@ -226,10 +232,10 @@ class CpuQuantMatmul(QuantMatmul):
 
     def matmul(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         """x [rows, in] @ W.T in x's dtype: bf16 rows by the VNNI kernel (int8 activations per block
-        of 32; from AMX_DECODE_ROWS rows, where they may run, its integer sums from AMX tiles: the same
+        of 32; from `amx_rows(qw)` rows, where they may run, its integer sums from AMX tiles: the same
         bits), float32 rows with the weight dequantized in registers (float32 throughout)."""
         rows, k = x.shape
-        if x.dtype == torch.bfloat16 and rows >= AMX_DECODE_ROWS[qw.bits] and self.amx_int:
+        if x.dtype == torch.bfloat16 and rows >= amx_rows(qw) and self.amx_int:
             self.amx_ran = True
             return self.matmul_amx(x, qw)
         row_bytes = max(self.lib.quant_row_scratch_bytes(k, qw.group_size), 4 * k)  # int8 form, or k floats

@@ -23,7 +23,10 @@ DEFAULT_INT4_GROUP = 32
 CPU_DECODE_ROWS = 16  # rows the CPU's quantized matmul reads packed; more dequantize the weight for a GEMM
 # decode rows from which, by bits, those sums come from AMX int8 tiles where the CPU has them (int4 weights are
 # unpacked for the tiles, int8 ones read as they lie; below, the VNNI kernel was faster: docs/performance.md)
-CPU_AMX_ROWS = {4: 8, 8: 4}
+CPU_AMX_ROWS = {4: 8, 8: 8}
+# ...and from this many rows for a weight of CPU_AMX_WIDE outputs or more (an output head's vocabulary: its
+# short rows make the VNNI kernel's per-output sums dear; measured, docs/performance.md)
+CPU_AMX_WIDE, CPU_AMX_WIDE_ROWS = 16384, 4
 PER_CHANNEL = 0  # QuantSpec.group_size for int8 with one scale per output channel
 # the output head's names: lm_head, else (tied) the embedding table, which is then the head
 HEAD_NAMES = ("lm_head.weight", "model.embed_tokens.weight")
