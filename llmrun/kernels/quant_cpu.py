@@ -12,9 +12,8 @@ slower than this one. Each weight format, input size and dtype is checked agains
 ATen held below AVX-512), no compiler, or a format the kernel does not read (an int8 group that is not
 16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
-Where the CPU has AMX int8 (and ONEDNN_MAX_CPU_ISA leaves AMX on), bf16 decode steps of AMX_DECODE_ROWS
-rows or more (`amx_rows`: 8 for a layer's weights, 4 for an output head's thousands of outputs, by
-measurement) take each unit's integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI
+Where the CPU has AMX int8 (and ONEDNN_MAX_CPU_ISA leaves AMX on), bf16 decode steps of several rows
+(`spec.cpu_amx_rows`: 8, or 4 for int8 weights no cache holds, by measurement) take each unit's integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI
 kernel's float steps in its order: a row's bits are those it has alone (tested), at a fraction of the
 work the VNNI kernel spends on every weight row and activation row.
 
@@ -49,23 +48,17 @@ from llmrun.kernels.quant_layer import QuantLayer
 from llmrun.kernels.quant_library import amx_allowed, load_quant_library
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight
-from llmrun.quant.spec import CPU_AMX_ROWS, CPU_AMX_WIDE, CPU_AMX_WIDE_ROWS, CPU_DECODE_ROWS
+from llmrun.quant.spec import CPU_DECODE_ROWS, cpu_amx_rows
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 DECODE_ROWS = CPU_DECODE_ROWS  # forwards of up to this many rows run the integer kernel; more dequantize
 GEMM_CHECK_ROWS = (17, 70)  # the AMX GEMM's check: part-filled tiles of rows, an odd number of them
 CHUNK = 64  # inputs per step of the kernel's inner loop
-AMX_DECODE_ROWS = CPU_AMX_ROWS  # by bits: decode steps of this many bf16 rows or more use AMX tiles
 
 
 def kernel_reads(bits: int, group_size: int, in_features: int) -> bool:
     """Whether the C kernel reads this format: inputs in steps of 64, groups that tile those steps."""
     return in_features % CHUNK == 0 and (group_size == 32 or group_size % CHUNK == 0 or (group_size, bits) == (16, 8))
-
-
-def amx_rows(qw: QuantWeight) -> int:
-    """Rows from which a bf16 decode step of `qw` takes its integer sums from AMX tiles, where they may run."""
-    return CPU_AMX_WIDE_ROWS if qw.out_features >= CPU_AMX_WIDE else AMX_DECODE_ROWS[qw.bits]
 
 
 class CpuQuantMatmul(QuantMatmul):
@@ -103,7 +96,7 @@ class CpuQuantMatmul(QuantMatmul):
 
     @cached_property
     def amx_int(self) -> bool:
-        """Whether decode steps of AMX_DECODE_ROWS rows or more may take their integer sums from AMX int8
+        """Whether decode steps of `cpu_amx_rows` rows or more may take their integer sums from AMX int8
         tiles here (quant_amx_int.c: the VNNI kernel's bits): as `amx`, with AMX's int8 instructions
         (and like it, off where ONEDNN_MAX_CPU_ISA keeps oneDNN below AMX, or with LLMRUN_FAIL_CHECKS=amx)."""
         return (self.lib is not None and hasattr(self.lib, "quant_matmul_amx") and amx_allowed()
@@ -232,10 +225,11 @@ class CpuQuantMatmul(QuantMatmul):
 
     def matmul(self, x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         """x [rows, in] @ W.T in x's dtype: bf16 rows by the VNNI kernel (int8 activations per block
-        of 32; from `amx_rows(qw)` rows, where they may run, its integer sums from AMX tiles: the same
+        of 32; from `cpu_amx_rows` rows, where they may run, its integer sums from AMX tiles: the same
         bits), float32 rows with the weight dequantized in registers (float32 throughout)."""
         rows, k = x.shape
-        if x.dtype == torch.bfloat16 and rows >= amx_rows(qw) and self.amx_int:
+        if x.dtype == torch.bfloat16 and rows >= cpu_amx_rows(qw.bits, qw.out_features, qw.in_features) \
+                and self.amx_int:
             self.amx_ran = True
             return self.matmul_amx(x, qw)
         row_bytes = max(self.lib.quant_row_scratch_bytes(k, qw.group_size), 4 * k)  # int8 form, or k floats

@@ -24,7 +24,7 @@ import torch
 
 from llmrun.kernels.interface import CHECK_ROWS, check_forced_to_fail
 from llmrun.quant.format import QuantWeight
-from llmrun.quant.spec import CPU_AMX_ROWS
+from llmrun.quant.spec import CPU_AMX_LARGE_BYTES, CPU_AMX_LARGE_ROWS, CPU_AMX_ROWS, cpu_amx_rows
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 ATTENTION_TOLERANCE = 0.03  # of the largest output: attention rounds once here, where SDPA rounds elsewhere
@@ -50,7 +50,8 @@ class QuantLayerStep(ctypes.Structure):
                                              "intermediate")]
                 + [("eps", _f), ("scale", _f), ("cos", _p), ("sin_folded", _p), ("slot", _p), ("count", _i64),
                    ("max_len", _i64), ("starts", _p), ("lens", _p), ("rows", _p), ("amx_matmul", _p),
-                   ("amx_from4", _i64), ("amx_from8", _i64), ("amx_scratch", _p), ("scratch", _p)])
+                   ("amx_from4", _i64), ("amx_from8", _i64), ("amx_large_bytes", _i64), ("amx_large_rows", _i64),
+                   ("amx_scratch", _p), ("scratch", _p)])
 
 
 def declare_quant_layer(lib: ctypes.CDLL) -> None:
@@ -128,7 +129,8 @@ class QuantLayer:
                               rope[1].data_ptr(), meta.slot_mapping.data_ptr(), len(keys), int(lens.max()),
                               starts.data_ptr(), lens.data_ptr(), ctypes.addressof(rows),
                               address(lib.quant_matmul_amx) if amx else None, CPU_AMX_ROWS[4] if amx else 0,
-                              CPU_AMX_ROWS[8] if amx else 0, None, None)
+                              CPU_AMX_ROWS[8] if amx else 0, CPU_AMX_LARGE_BYTES if amx else 0,
+                              CPU_AMX_LARGE_ROWS if amx else 0, None, None)
         layer_bytes = lib.quant_layer_scratch_bytes(ctypes.byref(step))
         size = layer_bytes + (lib.quant_amx_int_scratch(max(s.hidden_size, s.intermediate_size), 16, threads) + 64
                               if amx else 0)  # (the AMX tiles' scratch after the layer's)
@@ -150,7 +152,8 @@ class QuantLayer:
                                           out_delta.data_ptr())
         self.ran = self.quant.ran = True  # (its matmuls are the quantized matmul's kernel)
         if step.amx_matmul and not self.quant.amx_ran:  # (for reports: asked until it is so)
-            self.quant.amx_ran = any(step.count >= CPU_AMX_ROWS[w[key].bits] for key in MATRICES)
+            self.quant.amx_ran = any(step.count >= cpu_amx_rows(w[key].bits, w[key].out_features, w[key].in_features)
+                                     for key in MATRICES)
         return out_hidden, out_delta
 
     def _weights(self, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor) -> QuantLayerWeights:

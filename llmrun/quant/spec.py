@@ -24,9 +24,17 @@ CPU_DECODE_ROWS = 16  # rows the CPU's quantized matmul reads packed; more dequa
 # decode rows from which, by bits, those sums come from AMX int8 tiles where the CPU has them (int4 weights are
 # unpacked for the tiles, int8 ones read as they lie; below, the VNNI kernel was faster: docs/performance.md)
 CPU_AMX_ROWS = {4: 8, 8: 8}
-# ...and from this many rows for a weight of CPU_AMX_WIDE outputs or more (an output head's vocabulary: its
-# short rows make the VNNI kernel's per-output sums dear; measured, docs/performance.md)
-CPU_AMX_WIDE, CPU_AMX_WIDE_ROWS = 16384, 4
+# ...and int8 weights of this many bytes or more (no cache holds them: an output head, a 7B model's layers) from
+# this many rows (measured on SmolLM2's head and 7B-shaped weights, docs/performance.md)
+CPU_AMX_LARGE_BYTES, CPU_AMX_LARGE_ROWS = 8 << 20, 4
+
+
+def cpu_amx_rows(bits: int, out_features: int, in_features: int) -> int:
+    """Decode rows from which a weight's integer sums come from AMX int8 tiles, where the CPU has them."""
+    large = bits == 8 and out_features * in_features >= CPU_AMX_LARGE_BYTES
+    return CPU_AMX_LARGE_ROWS if large else CPU_AMX_ROWS[bits]
+
+
 PER_CHANNEL = 0  # QuantSpec.group_size for int8 with one scale per output channel
 # the output head's names: lm_head, else (tied) the embedding table, which is then the head
 HEAD_NAMES = ("lm_head.weight", "model.embed_tokens.weight")

@@ -12,7 +12,7 @@ from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul
 from llmrun.kernels.quant_library import load_quant_library
 from llmrun.model.layers import linear
 from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
-from llmrun.quant.spec import CPU_AMX_ROWS, CPU_AMX_WIDE, CPU_AMX_WIDE_ROWS
+from llmrun.quant.spec import CPU_AMX_LARGE_BYTES, CPU_AMX_LARGE_ROWS, CPU_AMX_ROWS
 from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass, quant_probe, torch_threads
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -147,21 +147,22 @@ def test_panels_give_each_row_the_bits_the_decode_kernel_gives_it_alone(matmul, 
         assert torch.equal(matmul.matmul(x, qw), alone)  # (a step of 16 rows takes the panels)
 
 
-def test_a_vocabulary_wide_weight_takes_the_amx_tiles_from_fewer_rows(matmul):
-    """Where the CPU has AMX int8, a decode step of CPU_AMX_WIDE_ROWS rows takes its sums from the tiles
-    for a weight of CPU_AMX_WIDE outputs or more (an output head: measured faster there) and from the
-    VNNI kernel for a layer's weight (which takes the tiles from CPU_AMX_ROWS rows); each row's bits are
-    those it has alone either way."""
+def test_a_large_int8_weight_takes_the_amx_tiles_from_fewer_rows(matmul):
+    """Where the CPU has AMX int8, a decode step of CPU_AMX_LARGE_ROWS rows takes its sums from the tiles
+    for an int8 weight of CPU_AMX_LARGE_BYTES or more (an output head, a 7B model's layers: measured
+    faster there) and from the VNNI kernel for a smaller one or an int4 one (which take the tiles from
+    CPU_AMX_ROWS rows); each row's bits are those it has alone either way."""
     if not matmul.amx_int:
         pytest.skip("no AMX int8 tiles here (or ONEDNN_MAX_CPU_ISA keeps AMX off)")
-    assert CPU_AMX_WIDE_ROWS < CPU_AMX_ROWS[8]
-    x = probe_inputs(CPU_AMX_WIDE_ROWS, 576, torch.bfloat16, torch.Generator().manual_seed(5))
-    for out_features, tiles in ((CPU_AMX_WIDE, True), (576, False)):
-        qw = quant_probe(8, 32, out_features, 576, False, seed=5)
+    assert CPU_AMX_LARGE_ROWS < min(CPU_AMX_ROWS.values())
+    large = -(-CPU_AMX_LARGE_BYTES // 576)  # outputs of 576 inputs that make a large int8 weight
+    x = probe_inputs(CPU_AMX_LARGE_ROWS, 576, torch.bfloat16, torch.Generator().manual_seed(5))
+    for bits, out_features, tiles in ((8, large, True), (8, 576, False), (4, large, False)):
+        qw = quant_probe(bits, 32, out_features, 576, bits == 4, seed=5)
         fresh = CpuQuantMatmul()
         out = fresh.matmul(x, qw)
-        assert fresh.amx_ran == tiles, out_features
-        assert torch.equal(out, torch.cat([fresh.matmul(x[r:r + 1], qw) for r in range(CPU_AMX_WIDE_ROWS)]))
+        assert fresh.amx_ran == tiles, (bits, out_features)
+        assert torch.equal(out, torch.cat([fresh.matmul(x[r:r + 1], qw) for r in range(CPU_AMX_LARGE_ROWS)]))
 
 
 def test_amx_tiles_are_off_where_amx_checks_are_failed_on_purpose(monkeypatch):
