@@ -40,6 +40,7 @@ struct quant_matrix {
     const uint8_t *qweight;
     const float *scales, *mins; /* mins NULL when absent */
     long n, k, bits, group;
+    long amx_from; /* the step's rows from which its sums come from AMX tiles, where they run (spec.cpu_amx_rows) */
 };
 
 struct quant_layer_weights {
@@ -60,8 +61,6 @@ struct quant_layer_step {
     const long *starts, *lens;    /* row r's K/V rows, contiguous in the pools from starts[r] */
     const int64_t *const *rows;   /* or, where rows[r] is not NULL, its lens[r] K/V rows in order */
     void *amx_matmul;             /* quant_amx_int.c's quant_matmul_amx where it may run, else NULL */
-    long amx_from4, amx_from8;    /* the rows from which it runs int4 / int8 weights (0: never) */
-    long amx_large_bytes, amx_large_rows; /* and int8 weights of so many bytes or more from these rows (0: no such rule) */
     uint8_t *amx_scratch;         /* its scratch (quant_amx_int_scratch bytes), 64-byte aligned */
     uint8_t *scratch;             /* quant_layer_scratch_bytes() */
 };
@@ -201,9 +200,7 @@ typedef int (*amx_matmul_fn)(const uint16_t *, long, long, long, const uint8_t *
  * as the VNNI kernel's, which runs elsewhere). */
 static void matmul(const struct quant_matrix *m, const uint16_t *x, uint16_t *out, const struct quant_layer_step *s,
                    uint8_t *scratch) {
-    long from = m->bits == 4 ? s->amx_from4 : s->amx_from8;
-    if (m->bits == 8 && s->amx_large_bytes && m->n * m->k >= s->amx_large_bytes) from = s->amx_large_rows;
-    if (s->amx_matmul && from && s->count >= from &&
+    if (s->amx_matmul && s->count >= m->amx_from &&
         ((amx_matmul_fn)s->amx_matmul)(x, m->k, s->count, m->k, m->qweight, m->scales, m->mins, m->n, (int)m->bits,
                                        m->group, out, m->n, s->amx_scratch, s->threads) == 0)
         return;

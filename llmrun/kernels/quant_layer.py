@@ -24,7 +24,7 @@ import torch
 
 from llmrun.kernels.interface import CHECK_ROWS, check_forced_to_fail
 from llmrun.quant.format import QuantWeight
-from llmrun.quant.spec import CPU_AMX_LARGE_BYTES, CPU_AMX_LARGE_ROWS, CPU_AMX_ROWS, cpu_amx_rows
+from llmrun.quant.spec import cpu_amx_rows
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 ATTENTION_TOLERANCE = 0.03  # of the largest output: attention rounds once here, where SDPA rounds elsewhere
@@ -36,7 +36,7 @@ _p, _i64, _i32, _f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_floa
 
 class QuantMatrix(ctypes.Structure):
     _fields_ = [("qweight", _p), ("scales", _p), ("mins", _p), ("n", _i64), ("k", _i64), ("bits", _i64),
-                ("group", _i64)]
+                ("group", _i64), ("amx_from", _i64)]
 
 
 class QuantLayerWeights(ctypes.Structure):
@@ -50,7 +50,6 @@ class QuantLayerStep(ctypes.Structure):
                                              "intermediate")]
                 + [("eps", _f), ("scale", _f), ("cos", _p), ("sin_folded", _p), ("slot", _p), ("count", _i64),
                    ("max_len", _i64), ("starts", _p), ("lens", _p), ("rows", _p), ("amx_matmul", _p),
-                   ("amx_from4", _i64), ("amx_from8", _i64), ("amx_large_bytes", _i64), ("amx_large_rows", _i64),
                    ("amx_scratch", _p), ("scratch", _p)])
 
 
@@ -65,7 +64,7 @@ def declare_quant_layer(lib: ctypes.CDLL) -> None:
 def _matrix(qw: QuantWeight) -> QuantMatrix:
     mins = None if qw.mins is None else qw.mins.data_ptr()
     return QuantMatrix(qw.qweight.data_ptr(), qw.scales.data_ptr(), mins, qw.out_features, qw.in_features, qw.bits,
-                       qw.group_size)
+                       qw.group_size, cpu_amx_rows(qw.bits, qw.out_features, qw.in_features))
 
 
 class QuantLayer:
@@ -128,9 +127,7 @@ class QuantLayer:
                               s.num_kv_heads, s.head_dim, s.intermediate_size, s.eps, scale, rope[0].data_ptr(),
                               rope[1].data_ptr(), meta.slot_mapping.data_ptr(), len(keys), int(lens.max()),
                               starts.data_ptr(), lens.data_ptr(), ctypes.addressof(rows),
-                              address(lib.quant_matmul_amx) if amx else None, CPU_AMX_ROWS[4] if amx else 0,
-                              CPU_AMX_ROWS[8] if amx else 0, CPU_AMX_LARGE_BYTES if amx else 0,
-                              CPU_AMX_LARGE_ROWS if amx else 0, None, None)
+                              address(lib.quant_matmul_amx) if amx else None, None, None)
         layer_bytes = lib.quant_layer_scratch_bytes(ctypes.byref(step))
         size = layer_bytes + (lib.quant_amx_int_scratch(max(s.hidden_size, s.intermediate_size), 16, threads) + 64
                               if amx else 0)  # (the AMX tiles' scratch after the layer's)
