@@ -48,14 +48,19 @@ def perplexity(engine, token_ids: list[int], chunk: int = CHUNK_TOKENS) -> Perpl
     """Score `token_ids` with `engine` (nothing else may run on it meanwhile)."""
     if len(token_ids) < 2:
         raise UsageError("the text is a single token: perplexity needs at least two")
-    window = engine.max_context
     total, scored = 0.0, 0
-    for first in range(0, len(token_ids), window):
-        part = token_ids[first : first + window]
+    for _, part in context_windows(engine, token_ids):
         if len(part) >= 2:
             nll, count = _window_nll(engine, part, chunk)
             total, scored = total + nll, scored + count
     return PerplexityResult(len(token_ids), scored, total / scored)
+
+
+def context_windows(engine, token_ids: list[int]) -> Iterator[tuple[int, list[int]]]:
+    """(first position, ids) of each window of the engine's context a long text is scored in."""
+    window = engine.max_context
+    for first in range(0, len(token_ids), window):
+        yield first, token_ids[first : first + window]
 
 
 @torch.inference_mode()

@@ -102,7 +102,7 @@ def calibrate(folder: Path, text: str, file_name: str, expected: list[str],
     """Run `text` through the float model in `folder` (planned by `options`, default: as `llmrun run`
     would place it, one sequence) and return each of `expected`'s (the layer matmul weights to
     quantize) input importance; `on_chunk(done, total)` reports progress in tokens."""
-    from llmrun.bench.perplexity import CHUNK_TOKENS, window_forwards
+    from llmrun.bench.perplexity import CHUNK_TOKENS, context_windows, window_forwards
     from llmrun.engine.build import EngineOptions, build_engine
     from llmrun.errors import UsageError
 
@@ -113,9 +113,7 @@ def calibrate(folder: Path, text: str, file_name: str, expected: list[str],
             raise UsageError(f"{file_name} has no tokens to calibrate on")
         kernels = engine.decoder.kernels
         weights = _TrackedWeights(engine.weights, kernels)
-        window = engine.max_context
-        for first in range(0, len(ids), window):
-            part = ids[first : first + window]
+        for first, part in context_windows(engine, ids):
             for start, hidden in window_forwards(engine, part, CHUNK_TOKENS, weights):
                 on_chunk(first + start + hidden.shape[0], len(ids))
         by_key = kernels.mean_squares()
