@@ -13,8 +13,8 @@ ATen held below AVX-512), no compiler, or a format the kernel does not read (an 
 16, 32 or a multiple of 64, inputs not a multiple of 64) runs the prompt path.
 
 Where the CPU has AMX int8 (and ONEDNN_MAX_CPU_ISA leaves AMX on), bf16 decode steps of several rows
-(`spec.cpu_amx_rows`: 8, or 4 for int8 weights no cache holds, by measurement) take each unit's integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI
-kernel's float steps in its order: a row's bits are those it has alone (tested), at a fraction of the
+(`spec.cpu_amx_rows`: 8, or 4 for int8 weights no cache holds, by measurement) take each unit's
+integer sum from AMX tiles (kernels/quant_amx_int.c) and then the VNNI kernel's float steps in its order: a row's bits are those it has alone (tested), at a fraction of the
 work the VNNI kernel spends on every weight row and activation row.
 
 Longer bf16 forwards (prompt chunks) run the AMX GEMM (kernels/quant_amx.c) where the CPU has AMX:
