@@ -69,6 +69,8 @@ def _window_nll(engine, ids: list[int], chunk: int) -> tuple[float, int]:
     total, count = 0.0, 0
     for start, hidden in window_forwards(engine, ids, chunk):
         targets = ids[start + 1 : start + hidden.shape[0] + 1]  # the last row of the last chunk predicts nothing
+        if not targets:  # a last chunk of that one row
+            continue
         logits = engine.decoder.logits(engine.weights, hidden[: len(targets)]).float()  # [rows, vocab]
         total += F.cross_entropy(logits, torch.tensor(targets, device=hidden.device), reduction="sum").item()
         count += len(targets)
