@@ -9,7 +9,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from llmrun.cli_options import CpuMem, Ctx, Dtype, GpuMem, ModelArg, Quant, flag, json_option
+from llmrun.cli_options import CpuMem, Ctx, Dtype, GpuMem, ModelArg, Quant, checked, flag, json_option
 
 
 def known_target(value: str) -> str:
@@ -65,27 +65,32 @@ def perplexity_command(
     ctx: Ctx = None,
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
+    chunk: Annotated[Optional[int], typer.Option(
+        "--chunk", help="Tokens a forward, 1 to 512 (default 512: the path prompts take); 16 or fewer run the kernels of "
+                        "decode steps (1: a generated token's path, slower).", callback=checked("chunk"),
+        metavar="N", show_default=False)] = None,
     as_json: Annotated[bool, json_option("Print one JSON object.")] = False,
 ) -> None:
     """Perplexity of MODEL on FILE, every token scored teacher-forced (lower is better).
 
     Example: llmrun perplexity smollm2 data/perplexity-english.txt --quant int4
     """
-    from llmrun.bench.perplexity import perplexity, read_text
+    from llmrun.bench.perplexity import CHUNK_TOKENS, perplexity, read_text
     from llmrun.engine.build import EngineOptions
     from llmrun.runtime import open_model
 
     text = read_text(file)
+    chunk = chunk or CHUNK_TOKENS
     request = EngineOptions(gpu_mem_bytes=gpu_mem, cpu_mem_bytes=cpu_mem, ctx=ctx, batch=1, dtype=dtype,
                             quant=quant)
     opened = open_model(model, request, show_progress=not as_json)
     with opened.engine:
         ids = opened.tokenizer.encode(text, add_special_tokens=False)
-        result = perplexity(opened.engine, ids)
+        result = perplexity(opened.engine, ids, chunk)
         quant = opened.engine.weights.quant.meta
         weights = quant.describe() if quant.tensors else "float"
     data = {"model": opened.name, "file": str(file), "dtype": opened.engine.plan.dtype, "weights": weights,
-            "num_tokens": result.num_tokens, "num_scored": result.num_scored,
+            "chunk": chunk, "num_forwards": result.num_forwards, "num_tokens": result.num_tokens, "num_scored": result.num_scored,
             "mean_nll": round(result.mean_nll, 6), "perplexity": round(result.perplexity, 4)}
     if as_json:
         print(json.dumps(data))

@@ -66,6 +66,7 @@ RULES = {
     "shutdown_grace": Rule(low=0),
     "reps": Rule(low=1, integer=True),
     "new_tokens": Rule(low=1, integer=True),
+    "chunk": Rule(low=1, high=512, integer=True),  # tokens a forward in `llmrun perplexity` (its default, the most)
 }
 
 

@@ -27,6 +27,7 @@ class PerplexityResult:
     num_tokens: int  # tokens of the text
     num_scored: int  # tokens predicted (each window's first is not)
     mean_nll: float  # nats per scored token
+    num_forwards: int  # forwards the decoder ran (chunks of every window)
 
     @property
     def perplexity(self) -> float:
@@ -48,12 +49,12 @@ def perplexity(engine, token_ids: list[int], chunk: int = CHUNK_TOKENS) -> Perpl
     """Score `token_ids` with `engine` (nothing else may run on it meanwhile)."""
     if len(token_ids) < 2:
         raise UsageError("the text is a single token: perplexity needs at least two")
-    total, scored = 0.0, 0
+    total, scored, forwards = 0.0, 0, 0
     for _, part in context_windows(engine, token_ids):
         if len(part) >= 2:
-            nll, count = _window_nll(engine, part, chunk)
-            total, scored = total + nll, scored + count
-    return PerplexityResult(len(token_ids), scored, total / scored)
+            nll, count, runs = _window_nll(engine, part, chunk)
+            total, scored, forwards = total + nll, scored + count, forwards + runs
+    return PerplexityResult(len(token_ids), scored, total / scored, forwards)
 
 
 def context_windows(engine, token_ids: list[int]) -> Iterator[tuple[int, list[int]]]:
@@ -64,17 +65,19 @@ def context_windows(engine, token_ids: list[int]) -> Iterator[tuple[int, list[in
 
 
 @torch.inference_mode()
-def _window_nll(engine, ids: list[int], chunk: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of ids[1:] given what precedes each, from an empty cache."""
-    total, count = 0.0, 0
+def _window_nll(engine, ids: list[int], chunk: int) -> tuple[float, int, int]:
+    """Summed negative log-likelihood of ids[1:] given what precedes each, from an empty cache; the
+    tokens scored and the forwards run."""
+    total, count, forwards = 0.0, 0, 0
     for start, hidden in window_forwards(engine, ids, chunk):
+        forwards += 1
         targets = ids[start + 1 : start + hidden.shape[0] + 1]  # the last row of the last chunk predicts nothing
         if not targets:  # a last chunk of that one row
             continue
         logits = engine.decoder.logits(engine.weights, hidden[: len(targets)]).float()  # [rows, vocab]
         total += F.cross_entropy(logits, torch.tensor(targets, device=hidden.device), reduction="sum").item()
         count += len(targets)
-    return total, count
+    return total, count, forwards
 
 
 def window_forwards(engine, ids: list[int], chunk: int = CHUNK_TOKENS, weights=None) -> Iterator[tuple[int, torch.Tensor]]:

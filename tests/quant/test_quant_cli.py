@@ -81,9 +81,14 @@ def test_an_existing_name_is_refused_unless_forced(tiny, tmp_path):
     (["plan", "MODEL", "--quant", "fp4"], "unknown quantization 'fp4'"),
     (["quantize", "MODEL", "--to", "int3"], "unknown quantization 'int3'"),
     (["quantize", "MODEL", "--group", "many"], "Invalid value for '--group'"),
+    (["perplexity", "MODEL", "FILE", "--chunk", "0"], "must be an integer from 1 to 512, got 0"),
+    (["perplexity", "MODEL", "FILE", "--chunk", "513"], "must be an integer from 1 to 512, got 513"),
+    (["perplexity", "MODEL", "FILE", "--chunk", "some"], "Invalid value for '--chunk'"),
 ])
 def test_unknown_values_are_usage_errors(tiny, tmp_path, args, fragment):
-    args = [str(tiny) if a == "MODEL" else a for a in args]
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to score.")
+    args = [{"MODEL": str(tiny), "FILE": str(text)}.get(a, a) for a in args]
     assert_usage_error(run_cli(args, tmp_path), fragment)
 
 
@@ -158,6 +163,14 @@ def test_perplexity_command_scores_the_file(tiny, tmp_path):
     assert json.loads(quant.stdout)["weights"] == ("21 layer matmuls in int4 g32, the head/embeddings in int8 g32 "
                                                    "(quantized by llmrun)")
     assert json.loads(quant.stdout)["perplexity"] != data["perplexity"]
+    # one token a forward (the decode steps' kernels): the same text scored, within float32 rounding
+    steps = run_cli(["perplexity", tiny, text, "--json", "--gpu-mem", "0", "--dtype", "float32", "--chunk", "1"],
+                    tmp_path)
+    assert steps.returncode == 0, steps.stderr
+    by_step = json.loads(steps.stdout)
+    assert (by_step["chunk"], data["chunk"]) == (1, 512) and by_step["num_scored"] == data["num_scored"]
+    assert (by_step["num_forwards"], data["num_forwards"]) == (data["num_tokens"], 1)
+    assert by_step["mean_nll"] == pytest.approx(data["mean_nll"], rel=1e-4)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     assert_one_line_error(run_cli(["perplexity", tiny, empty], tmp_path), "is empty: perplexity needs a text")
