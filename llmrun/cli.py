@@ -10,10 +10,11 @@ from typer.core import TyperGroup
 
 from llmrun.cli_options import (
     Ctx, CpuMem, DefaultModelArg, Dtype, GpuMem, MinP, ModelArg, Quant, Quiet, RepeatPenalty, Seed, Stop, System,
-    Temperature, TopK, TopP, batch_option, checked, flag, json_option, max_tokens_option,
-    ApiKey, Host, MaxBodySize, MaxWaiting, Port, ShutdownGrace, Url,
+    Temperature, TopK, TopP, Url, batch_option, checked, default_model, engine_options, flag, json_option,
+    max_tokens_option,
 )
 from llmrun.cli_quant import quant_commands
+from llmrun.cli_serve import serve_commands
 from llmrun.cli_store import store_commands
 from llmrun.errors import LlmrunError
 from llmrun.streams import end_quietly, exit_now, fail, flush_std_streams, lenient_stdin
@@ -59,22 +60,6 @@ def _app_options(
                                           callback=_show_version, is_eager=True)] = False,
 ) -> None:
     """Run large language models locally and offline, on whatever hardware you have."""
-
-
-def _plan_request(gpu_mem_bytes: Optional[int], cpu_mem_bytes: Optional[int], ctx: Optional[int], batch: int,
-                  dtype: str, quant: str):
-    """EngineOptions from options already checked where they are declared (sizes read into bytes)."""
-    from llmrun.engine.build import EngineOptions
-
-    return EngineOptions(gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, ctx=ctx, batch=batch,
-                         dtype=dtype, quant=quant)
-
-
-def _default_model(model: Optional[str]) -> str:
-    """MODEL when given, else $LLMRUN_MODEL, else smollm2."""
-    from llmrun import settings
-
-    return model or settings.LLMRUN_MODEL.text() or "smollm2"
 
 
 def _report(data: dict, as_json: bool, render) -> None:
@@ -138,7 +123,7 @@ def run_command(
         run_remote(url, model, read_prompt(prompt, raw=raw), params, system=system, raw=raw, as_json=as_json,
                    quiet=quiet)
         return
-    _run_here(model, prompt, params, _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant), system=system,
+    _run_here(model, prompt, params, engine_options(gpu_mem, cpu_mem, ctx, batch, dtype, quant), system=system,
               raw=raw, each_line=each_line, as_json=as_json, quiet=quiet)
 
 
@@ -193,9 +178,9 @@ def chat_command(
     from llmrun.chat.repl import run_chat
     from llmrun.runtime import open_model
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, 1, dtype, quant)
+    request = engine_options(gpu_mem, cpu_mem, ctx, 1, dtype, quant)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    opened = open_model(_default_model(model), request)
+    opened = open_model(default_model(model), request)
     with opened.engine:
         status = run_chat(opened, params, system=system, quiet=quiet)
     if status:  # piped input with a refused line: each was reported as it came
@@ -221,8 +206,8 @@ def plan_command(
     from llmrun.plan.make import make_plan
     from llmrun.plan.schema import plan_to_json
 
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
-    inputs = plan_inputs(_default_model(model))
+    request = engine_options(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
+    inputs = plan_inputs(default_model(model))
     report = make_plan(inputs.config, inputs.index, request, inputs.folder)
     data = plan_to_json(report, inputs.name, str(inputs.folder or inputs.name), inputs.architecture)
     from llmrun.display import render_plan
@@ -258,47 +243,15 @@ def bench_command(
     from llmrun.bench.workload import bench_cases
 
     compare = check_bench_args(compare, batch, new_tokens, reps)
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
+    request = engine_options(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
     cases = bench_cases(quick, batch, new_tokens)
-    data = run_bench(_default_model(model), request, cases, reps, compare)
+    data = run_bench(default_model(model), request, cases, reps, compare)
     from llmrun.display import render_bench
 
     _report(data, as_json, render_bench)
 
 
-@app.command("serve")
-def serve_command(
-    model: DefaultModelArg = None,
-    host: Host = "127.0.0.1",
-    port: Port = 8000,
-    api_key: ApiKey = None,
-    max_waiting: MaxWaiting = 256,
-    max_body_size: MaxBodySize = "4MB",
-    shutdown_grace: ShutdownGrace = 5.0,
-    batch: Annotated[int, batch_option("Sequences decoded together (the KV cache is planned for them).")] = 16,
-    ctx: Ctx = None,
-    dtype: Dtype = "auto",
-    quant: Quant = "none",
-    gpu_mem: GpuMem = None,
-    cpu_mem: CpuMem = None,
-) -> None:
-    """Serve a model over HTTP: OpenAI's API under /v1 (completions, chat, streaming) and Ollama's /api.
-
-    Ctrl-C or SIGTERM stops it (running requests get --shutdown-grace seconds). docs/serve.md has more.
-
-    Example: llmrun serve smollm2 --port 8000   (then: curl http://127.0.0.1:8000/v1/models)
-    """
-    from llmrun import settings
-    from llmrun.serve.app import ServeConfig
-    from llmrun.serve.server import serve
-
-    request = _plan_request(gpu_mem, cpu_mem, ctx, batch, dtype, quant)
-    config = ServeConfig(api_key=api_key or settings.LLMRUN_API_KEY.text(), max_body_bytes=max_body_size)
-    serve(_default_model(model), request, config, host=host, port=port, max_waiting=max_waiting,
-          grace_s=shutdown_grace)
-
-
-for _name, _command in {**store_commands(), **quant_commands()}.items():
+for _name, _command in {**serve_commands(), **store_commands(), **quant_commands()}.items():
     app.command(_name)(_command)
 
 

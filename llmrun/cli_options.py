@@ -1,5 +1,6 @@
-"""Every command-line option and argument declared once, with its check: the commands in cli.py
-share these `Annotated` types, so an option reads and refuses values the same way everywhere."""
+"""Every command-line option and argument declared once, with its check: the commands in cli*.py
+share these `Annotated` types, so an option reads and refuses values the same way everywhere; and the
+helpers every command uses to turn them into engine options and a model name."""
 
 from __future__ import annotations
 
@@ -137,3 +138,19 @@ Url = Annotated[Optional[str], typer.Option("--url", help="Send the prompt to a 
 KeepQuant = Annotated[bool, typer.Option(
     "--keep-quant/--dequantize",
     help="Keep a GGUF's quantized weights (exact, in llmrun's int4/int8 format), or dequantize them to float32.")]
+
+
+def engine_options(gpu_mem_bytes: Optional[int], cpu_mem_bytes: Optional[int], ctx: Optional[int], batch: int,
+                   dtype: str, quant: str):
+    """EngineOptions from options already checked where they are declared (sizes read into bytes)."""
+    from llmrun.engine.build import EngineOptions
+
+    return EngineOptions(gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, ctx=ctx, batch=batch,
+                         dtype=dtype, quant=quant)
+
+
+def default_model(model: Optional[str]) -> str:
+    """MODEL when given, else $LLMRUN_MODEL, else smollm2."""
+    from llmrun import settings
+
+    return model or settings.LLMRUN_MODEL.text() or "smollm2"

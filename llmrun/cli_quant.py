@@ -9,7 +9,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from llmrun.cli_options import CpuMem, Ctx, Dtype, GpuMem, ModelArg, Quant, checked, flag, json_option
+from llmrun.cli_options import (
+    CpuMem, Ctx, Dtype, GpuMem, ModelArg, Quant, checked, engine_options, flag, json_option,
+)
 
 
 def known_target(value: str) -> str:
@@ -76,14 +78,11 @@ def perplexity_command(
     Example: llmrun perplexity smollm2 data/perplexity-english.txt --quant int4
     """
     from llmrun.bench.perplexity import CHUNK_TOKENS, perplexity, read_text
-    from llmrun.engine.build import EngineOptions
     from llmrun.runtime import open_model
 
     text = read_text(file)
     chunk = chunk or CHUNK_TOKENS
-    request = EngineOptions(gpu_mem_bytes=gpu_mem, cpu_mem_bytes=cpu_mem, ctx=ctx, batch=1, dtype=dtype,
-                            quant=quant)
-    opened = open_model(model, request, show_progress=not as_json)
+    opened = open_model(model, engine_options(gpu_mem, cpu_mem, ctx, 1, dtype, quant), show_progress=not as_json)
     with opened.engine:
         ids = opened.tokenizer.encode(text, add_special_tokens=False)
         result = perplexity(opened.engine, ids, chunk)
