@@ -165,6 +165,21 @@ def test_a_large_int8_weight_takes_the_amx_tiles_from_fewer_rows(matmul):
         assert torch.equal(out, torch.cat([fresh.matmul(x[r:r + 1], qw) for r in range(CPU_AMX_LARGE_ROWS)]))
 
 
+def test_the_layer_in_one_c_call_carries_each_matrix_its_own_amx_threshold():
+    """quant_layer.c's matrices take the tiles from the rows their struct says (no rule of its own in
+    C): that field is `cpu_amx_rows` of the matrix, so a large int8 one (the test models' layers are
+    all small) gets CPU_AMX_LARGE_ROWS, a small int8 or a large int4 one CPU_AMX_ROWS[bits]."""
+    from llmrun.kernels.quant_layer import _matrix
+
+    large = -(-CPU_AMX_LARGE_BYTES // 576)
+    for bits, out_features, rows in ((8, large, CPU_AMX_LARGE_ROWS), (8, 576, CPU_AMX_ROWS[8]),
+                                     (4, large, CPU_AMX_ROWS[4])):
+        qw = quant_probe(bits, 32, out_features, 576, bits == 4, seed=5)
+        struct = _matrix(qw)
+        assert (struct.amx_from, struct.n, struct.k, struct.bits) == (rows, out_features, 576, bits)
+        assert struct.qweight == qw.qweight.data_ptr()
+
+
 def test_amx_tiles_are_off_where_amx_checks_are_failed_on_purpose(monkeypatch):
     monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "amx")
     assert not CpuQuantMatmul().amx_int
