@@ -12,6 +12,7 @@ from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
 ACT_BLOCK = 32  # inputs per activation block of the int8-activation kernels (llama.cpp's Q8_0 block)
 CHECK_ROWS = (1, 3, 16)
 PROBE_OUT = 256  # output rows a format's check probes: every output's sum is computed alike
+BOUND_OUTPUTS = 64  # outputs within_quant_bound takes at a time
 
 
 def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, act_quantized: bool,
@@ -22,10 +23,25 @@ def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, a
     the activations are rounded to int8 per block of 32 (`act_quantized`), up to half a step of each
     block's scale (max |x| / 127) times sum |w| over the block, and where the dequantized weight is
     rounded to x's dtype before the products (`weight_rounded`), half a unit in its last place of each
-    weight: sum |w x| times half the dtype's epsilon."""
-    weight = dequantize(qw).double().cpu()
-    xs = x.double().cpu()
-    actual = actual.double().cpu()
+    weight: sum |w x| times half the dtype's epsilon. Computed BOUND_OUTPUTS outputs at a time, so
+    its float64 copies of the weight stay small (a first-use check runs beside a model's weights)."""
+    xs, actual = x.double().cpu(), actual.double().cpu()
+    return all(_within(actual[:, start:start + BOUND_OUTPUTS], xs, x.dtype, part, act_quantized, weight_rounded)
+               for start, part in output_slices(qw))
+
+
+def output_slices(qw: QuantWeight):
+    """(first output, the weight's outputs from there) BOUND_OUTPUTS at a time, on the CPU."""
+    for start in range(0, qw.out_features, BOUND_OUTPUTS):
+        stop = min(start + BOUND_OUTPUTS, qw.out_features)
+        rows = lambda t: None if t is None else t[start:stop].cpu()  # noqa: E731
+        yield start, QuantWeight(qw.bits, qw.group_size, stop - start, qw.in_features, rows(qw.qweight),
+                                 rows(qw.scales), rows(qw.mins))
+
+
+def _within(actual: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, qw: QuantWeight, act_quantized: bool,
+            weight_rounded: bool) -> bool:
+    weight = dequantize(qw).double()
     expected = xs @ weight.T
     bound = 2e-5 * (xs.abs() @ term_magnitudes(qw).T)
     if act_quantized:
@@ -33,9 +49,9 @@ def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, a
         per_input = steps.repeat_interleave(ACT_BLOCK, dim=1)  # [rows, in]
         bound = bound + 0.5 * 1.001 * (per_input @ weight.abs().T)
     if weight_rounded:
-        bound = bound + 0.5 * 1.001 * torch.finfo(x.dtype).eps * (xs.abs() @ weight.abs().T)
-    if x.dtype != torch.float32:
-        bound = bound + expected.abs() * torch.finfo(x.dtype).eps + torch.finfo(x.dtype).tiny
+        bound = bound + 0.5 * 1.001 * torch.finfo(dtype).eps * (xs.abs() @ weight.abs().T)
+    if dtype != torch.float32:
+        bound = bound + expected.abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
     return bool(((actual - expected).abs() <= bound).all())
 
 
@@ -91,10 +107,11 @@ def checked_on(run, bits: int, group_size: int, in_features: int, dtype: torch.d
     generator = torch.Generator().manual_seed(in_features * 131 + group_size * 7 + bits)
     for with_mins in ((True,) if bits == 4 else (True, False)):
         qw = probe_weight(bits, group_size, PROBE_OUT, in_features, with_mins, generator)
-        on_device, magnitudes = qw.to(device), term_magnitudes(qw).float()
+        on_device = qw.to(device)
         for num_rows in rows:
             x = probe_inputs(num_rows, in_features, torch.float32, generator)
-            largest = float((x.abs() @ magnitudes.T).max())  # kept well inside the dtype's range (float16)
+            largest = max(float((x.abs() @ term_magnitudes(part).float().T).max())  # kept well inside the
+                          for _, part in output_slices(qw))  # dtype's range (float16)
             x = (x * min(1.0, torch.finfo(dtype).max / 16 / largest)).to(dtype)
             if not within_quant_bound(run(x.to(device), on_device), x, qw, act_quantized, weight_rounded):
                 return False

@@ -1,6 +1,6 @@
 """The real SmolLM2 quantized to int4 on load, streamed from disk under --cpu-mem 100MB with its layers
 read in place (weights/mapped.py): the resident run's tokens (as the reader thread's copies give),
-and the peak RSS of each run over the runtime's own baseline (in place: within the budget and a tenth)."""
+and the peak RSS of each run over the runtime's own baseline (in place: within the budget; copied: and a tenth)."""
 
 import json
 import sys
@@ -34,7 +34,8 @@ def test_int4_layers_read_in_place_give_the_resident_tokens(smollm2_home, tmp_pa
              for name, r in (("mapped", mapped), ("copied", copied))}
     print(f"peak RSS over the baseline: in place {grown['mapped'] / MB:.1f} MB, copied {grown['copied'] / MB:.1f} MB")
     # Read in place, the pieces held are all of the file that is mapped, dropped at release in the compute
-    # thread: 83-105 MB over the baseline in these runs, the highest while the kernels' first-use checks
-    # ran (transient, outside the plan); pieces whose pages were never dropped (18 streamed layers, 46 MiB)
-    # would go far past the budget and its tenth. The copied run is printed only.
-    assert grown["mapped"] <= 110 * MB
+    # thread; pieces whose pages were never dropped (18 streamed layers, 46 MiB) would go far past the budget.
+    # 65-69 MB over the baseline either way (the kernels' first-use checks, which peaked at 83-111 MB when
+    # their float64 copies of a probe weight were made whole, now take 64 outputs at a time).
+    assert grown["mapped"] <= 100 * MB
+    assert grown["copied"] <= 110 * MB  # the reader thread's copies: a tenth of slack
