@@ -46,7 +46,17 @@ def folder_inputs(folder: Path, name: Optional[str] = None) -> PlanInputs:
     folder = Path(folder)
     config = read_config_json(folder)
     architecture = _architecture(folder, config)
-    return PlanInputs(name or folder.name, folder, config, build_index(folder), architecture)
+    index = build_index(folder)
+    return PlanInputs(name or folder.name, folder, head_as_stored(config, index), index, architecture)
+
+
+def head_as_stored(config: dict, index: CheckpointIndex) -> dict:
+    """The config with a stored lm_head.weight as the output head, whatever tie_word_embeddings says:
+    transformers unties a tied config whose checkpoint holds both tables with different values (and
+    with equal ones either projection gives the same logits), so the plan and the decoder do as it does."""
+    if "lm_head.weight" in index.tensors and config.get("tie_word_embeddings") is not False:
+        return {**config, "tie_word_embeddings": False}
+    return config
 
 
 def _architecture(where: Path, config: dict) -> str:
@@ -66,7 +76,7 @@ def _gguf_inputs(gguf_file: Path) -> PlanInputs:
     if imported is not None:
         return replace(folder_inputs(imported.path, entry_name), folder=gguf_file)
     config, index = imported_config_and_index(gguf_file)
-    return PlanInputs(entry_name, gguf_file, config, index, _architecture(gguf_file, config))
+    return PlanInputs(entry_name, gguf_file, head_as_stored(config, index), index, _architecture(gguf_file, config))
 
 
 def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
@@ -99,5 +109,5 @@ def _remote_inputs(name: str, unavailable: ModelUnavailableError) -> PlanInputs:
             start, end = info.data_offsets
             tensors[tensor_name] = TensorInfo(tensor_name, Path(file_name), info.dtype, tuple(info.shape),
                                               start, end)
-    return PlanInputs(name, None, config, CheckpointIndex(Path(repo_id), tensors),
-                      _architecture(Path(repo_id), config))
+    index = CheckpointIndex(Path(repo_id), tensors)
+    return PlanInputs(name, None, head_as_stored(config, index), index, _architecture(Path(repo_id), config))

@@ -68,6 +68,37 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, placement):
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_tied_config_whose_checkpoint_has_its_own_lm_head_runs_that_head(tmp_path, monkeypatch):
+    """tie_word_embeddings true, yet lm_head.weight stored with values of its own: transformers then does
+    not tie them (it warns) and projects with the file's lm_head; so do llmrun's plan and decoder, in
+    16 bits and with the head compressed on load (the lm_head compressed, the embeddings left alone)."""
+    from safetensors.torch import load_file, save_file
+
+    from llmrun.quant.format import QuantWeight
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    folder = save_checkpoint(tmp_path / "both", llama_config(**VARIANTS["mha-tied"]), seed=3)
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = torch.randn(tensors["model.embed_tokens.weight"].shape,
+                                            generator=torch.Generator().manual_seed(9)) * 0.05
+    save_file(tensors, file, metadata={"format": "pt"})
+    prompt = prompt_ids(0, PROMPT_LEN)
+    ref_tokens, ref_logits = reference(folder, prompt, 8)
+    for placement in ("resident", "disk-head"):
+        engine = build_engine(folder, placement_options(placement, folder))
+        assert not engine.plan.placement.sizes.tied_embeddings
+        tokens, logits = greedy_with_logits(engine, prompt, 8)
+        assert tokens == ref_tokens
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    engine = build_engine(folder, EngineOptions(gpu_mem_bytes=0, dtype="float32", quant="int8"))
+    head = engine.weights.resident[engine.weights.head_unit]["head"]
+    assert isinstance(head, QuantWeight) and engine.weights._embed_table is not head
+    tokens, logits = greedy_with_logits(engine, prompt, 8)
+    assert (logits - ref_logits).abs().max() < 0.1 * ref_logits.abs().max()  # int8: close, not exact
+
+
 @pytest.mark.parametrize("placement", ("resident", "disk"))
 def test_batched_prompts_of_different_lengths_match_each_alone(checkpoint, placement):
     prompts = [prompt_ids(seed, length) for seed, length in ((1, 5), (2, 33), (3, 17), (4, 1))]
