@@ -68,9 +68,9 @@ def perplexity_command(
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     chunk: Annotated[Optional[int], typer.Option(
-        "--chunk", help="Tokens a forward, 1 to 512 (default 512: the path prompts take); 16 or fewer run the kernels of "
-                        "decode steps (1: a generated token's path, slower).", callback=checked("chunk"),
-        metavar="N", show_default=False)] = None,
+        "--chunk", help="Tokens a forward, 1 to 512 (default 512: the path prompts take); 16 or fewer run "
+                        "the kernels of decode steps (1: a generated token's path, slower).",
+        callback=checked("chunk"), metavar="N", show_default=False)] = None,
     as_json: Annotated[bool, json_option("Print one JSON object.")] = False,
 ) -> None:
     """Perplexity of MODEL on FILE, every token scored teacher-forced (lower is better).
@@ -89,7 +89,8 @@ def perplexity_command(
         quant = opened.engine.weights.quant.meta
         weights = quant.describe() if quant.tensors else "float"
     data = {"model": opened.name, "file": str(file), "dtype": opened.engine.plan.dtype, "weights": weights,
-            "chunk": chunk, "num_forwards": result.num_forwards, "num_tokens": result.num_tokens, "num_scored": result.num_scored,
+            "chunk": chunk, "num_forwards": result.num_forwards, "num_tokens": result.num_tokens,
+            "num_scored": result.num_scored,
             "mean_nll": round(result.mean_nll, 6), "perplexity": round(result.perplexity, 4)}
     if as_json:
         print(json.dumps(data))

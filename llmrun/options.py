@@ -49,6 +49,8 @@ def _fmt(number: Number) -> str:
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
+PERPLEXITY_CHUNK = 512  # tokens a forward in `llmrun perplexity`: its default and the most (512 x vocab logits)
+
 # key -> its rule; the keys are SamplingParams' fields and the other numeric options.
 RULES = {
     "temperature": Rule(low=0),
@@ -66,7 +68,7 @@ RULES = {
     "shutdown_grace": Rule(low=0),
     "reps": Rule(low=1, integer=True),
     "new_tokens": Rule(low=1, integer=True),
-    "chunk": Rule(low=1, high=512, integer=True),  # tokens a forward in `llmrun perplexity` (its default, the most)
+    "chunk": Rule(low=1, high=PERPLEXITY_CHUNK, integer=True),  # tokens a forward in `llmrun perplexity`
 }
 
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from llmrun.errors import UsageError
 from llmrun.kv.metadata import SeqStep, build_metadata
+from llmrun.options import PERPLEXITY_CHUNK
 
-CHUNK_TOKENS = 512  # prompt rows per forward (logits of a chunk: 512 x vocab float32)
+CHUNK_TOKENS = PERPLEXITY_CHUNK  # prompt rows per forward (logits of a chunk: 512 x vocab float32)
 _SEQ_ID = 1 << 40  # the one sequence perplexity runs; no generation runs beside it
 
 

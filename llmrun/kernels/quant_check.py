@@ -41,6 +41,7 @@ def output_slices(qw: QuantWeight):
 
 def _within(actual: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, qw: QuantWeight, act_quantized: bool,
             weight_rounded: bool) -> bool:
+    """within_quant_bound for one slice of outputs (xs float64; `dtype`: the rows' own)."""
     weight = dequantize(qw).double()
     expected = xs @ weight.T
     bound = 2e-5 * (xs.abs() @ term_magnitudes(qw).T)
