@@ -18,14 +18,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmrun.quant.format import QuantWeight, dequantize
+from llmrun.quant.format import QuantWeight, chunk_rows, dequantize, row_slices
 
 
 def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The reference: x @ dequantize(qw).T (+ bias), in float32 on x's device, returned in x's dtype."""
-    weight = dequantize(qw).to(x.device)
-    out = F.linear(x.to(torch.float32), weight, None if bias is None else bias.to(torch.float32))
-    return out.to(x.dtype)
+    """The reference: x @ dequantize(qw).T (+ bias), in float32 on x's device, returned in x's dtype.
+    The weight is dequantized `chunk_rows` outputs at a time (each output's sum is its own): the whole
+    of an output head at once would hold float32 copies of it several times its compressed size beside
+    the model, past what a plan reserves (one matrix in the run dtype)."""
+    xf = x.to(torch.float32)
+    rows = min(chunk_rows(qw.in_features), qw.out_features)
+    piece = torch.empty((rows, qw.in_features), dtype=torch.float32, device=qw.qweight.device)  # every piece's
+    outs = [F.linear(xf, dequantize(part, piece[: part.out_features]).to(x.device),
+                     None if bias is None else bias[start : start + part.out_features].to(torch.float32))
+            for start, part in row_slices(qw, rows)]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(x.dtype)
 
 
 class QuantMatmul:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from llmrun.kernels.interface import check_forced_to_fail
-from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
+from llmrun.quant.format import QuantWeight, dequantize, pack_int4, row_slices, unpack_int4
 
 ACT_BLOCK = 32  # inputs per activation block of the int8-activation kernels (llama.cpp's Q8_0 block)
 CHECK_ROWS = (1, 3, 16)
@@ -32,11 +32,7 @@ def within_quant_bound(actual: torch.Tensor, x: torch.Tensor, qw: QuantWeight, a
 
 def output_slices(qw: QuantWeight):
     """(first output, the weight's outputs from there) BOUND_OUTPUTS at a time, on the CPU."""
-    for start in range(0, qw.out_features, BOUND_OUTPUTS):
-        stop = min(start + BOUND_OUTPUTS, qw.out_features)
-        rows = lambda t: None if t is None else t[start:stop].cpu()  # noqa: E731
-        yield start, QuantWeight(qw.bits, qw.group_size, stop - start, qw.in_features, rows(qw.qweight),
-                                 rows(qw.scales), rows(qw.mins))
+    return row_slices(qw.to("cpu"), BOUND_OUTPUTS)
 
 
 def _within(actual: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, qw: QuantWeight, act_quantized: bool,

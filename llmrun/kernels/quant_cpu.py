@@ -47,7 +47,7 @@ from llmrun.kernels.quant_check import checked_on
 from llmrun.kernels.quant_layer import QuantLayer
 from llmrun.kernels.quant_library import amx_allowed, load_quant_library
 from llmrun.model.layers import linear
-from llmrun.quant.format import QuantWeight
+from llmrun.quant.format import QuantWeight, chunk_rows, row_slices
 from llmrun.quant.spec import CPU_DECODE_ROWS, cpu_amx_rows
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -117,7 +117,21 @@ class CpuQuantMatmul(QuantMatmul):
             self.vnni_gemm_ran = True
             out = self.vnni_gemm(x, qw)
             return out if bias is None else out + bias
+        if self._shared is None and x.shape[0] <= DECODE_ROWS:  # a decode step the kernel does not read
+            return self._piecewise(x, qw, bias)
         return linear(x, self._dequantized_for_chunk(qw, x.dtype), bias)
+
+    def _piecewise(self, x: torch.Tensor, qw: QuantWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x @ W.T (+ bias) with W dequantized `chunk_rows` outputs at a time (each output's sum its own):
+        a decode step whose format or CPU the kernel does not take (no AVX-512 VNNI, a failed check)
+        never holds a whole weight in the run dtype, which for an output head (SmolLM2's: 57 MB in bf16)
+        is more than a plan reserves beside the model for decode steps."""
+        rows = min(chunk_rows(qw.in_features), qw.out_features)
+        piece = torch.empty((rows, qw.in_features), dtype=x.dtype)  # one buffer for every piece
+        outs = [linear(x, self.dequantized(part, x.dtype, piece[: part.out_features]),
+                       None if bias is None else bias[start : start + part.out_features])
+                for start, part in row_slices(qw, rows)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @contextmanager
     def sharing_dequantized(self):
@@ -259,9 +273,10 @@ class CpuQuantMatmul(QuantMatmul):
             raise RuntimeError("AMX int8 tiles cannot run here (amx_int decides where they may)")
         return out
 
-    def dequantized(self, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [out, in] in `dtype`: format.dequantize's float32 values (rounded once to bf16)."""
-        out = torch.empty((qw.out_features, qw.in_features), dtype=dtype)
+    def dequantized(self, qw: QuantWeight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight [out, in] in `dtype`: format.dequantize's float32 values (rounded once to bf16),
+        written into `out` (contiguous, that shape and dtype) where given."""
+        out = torch.empty((qw.out_features, qw.in_features), dtype=dtype) if out is None else out
         mins = None if qw.mins is None else qw.mins.data_ptr()
         self.lib.quant_dequantize(qw.qweight.data_ptr(), qw.scales.data_ptr(), mins, qw.out_features,
                                   qw.in_features, qw.bits, qw.group_size, out.data_ptr(), DTYPES[dtype],

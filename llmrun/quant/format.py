@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from llmrun.quant.spec import INT4_GROUPS
+
+DEQUANTIZE_CHUNK_BYTES = 2 << 20  # float32 bytes of a weight's rows the piecewise paths dequantize at a time
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,14 +127,44 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def dequantize(qw: QuantWeight) -> torch.Tensor:
-    """The reference: float32 [out, in] with w = q * scale + min per group (the definition kernels match)."""
+def dequantize(qw: QuantWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: float32 [out, in] with w = q * scale + min per group (the definition kernels match),
+    written into `out` (float32, contiguous, that shape, on qw's device) where given."""
     q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
-    q = q.to(torch.float32).reshape(qw.out_features, qw.num_groups, qw.group_size)  # [out, groups, group]
-    w = q * qw.scales.unsqueeze(-1)
+    shape = (qw.out_features, qw.num_groups, qw.group_size)
+    if out is None:
+        out = torch.empty((qw.out_features, qw.in_features), dtype=torch.float32, device=q.device)
+    w = out.view(shape)  # [out, groups, group]
+    w.copy_(q.reshape(shape))
+    w.mul_(qw.scales.unsqueeze(-1))
     if qw.mins is not None:
-        w = w + qw.mins.unsqueeze(-1)
-    return w.reshape(qw.out_features, qw.in_features)
+        w.add_(qw.mins.unsqueeze(-1))
+    return out
+
+
+def row_slices(qw: QuantWeight, rows: int) -> Iterator[tuple[int, QuantWeight]]:
+    """(first output, qw's outputs from there) `rows` outputs at a time, views of its parts."""
+    for start in range(0, qw.out_features, rows):
+        stop = min(start + rows, qw.out_features)
+        part = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        yield start, QuantWeight(qw.bits, qw.group_size, stop - start, qw.in_features, part(qw.qweight),
+                                 part(qw.scales), part(qw.mins))
+
+
+def chunk_rows(in_features: int) -> int:
+    """Outputs of a weight dequantized at once where it is done in pieces: DEQUANTIZE_CHUNK_BYTES of float32."""
+    return max(1, DEQUANTIZE_CHUNK_BYTES // (4 * in_features))
+
+
+def dequantize_to(qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize(qw) in `dtype` on qw's device, made chunk_rows outputs at a time: never a float32
+    copy of the whole weight (an output head's would be twice its bf16 size)."""
+    out = torch.empty((qw.out_features, qw.in_features), dtype=dtype, device=qw.qweight.device)
+    rows = min(chunk_rows(qw.in_features), qw.out_features)
+    piece = torch.empty((rows, qw.in_features), dtype=torch.float32, device=qw.qweight.device)
+    for start, part in row_slices(qw, rows):
+        out[start : start + part.out_features] = dequantize(part, piece[: part.out_features])
+    return out
 
 
 def dequantize_rows(qw: QuantWeight, rows: torch.Tensor) -> torch.Tensor:

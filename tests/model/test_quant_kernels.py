@@ -11,7 +11,7 @@ from llmrun.kernels.quant_check import ACT_BLOCK, checked_on, probe_inputs, term
 from llmrun.kernels.quant_cpu import DECODE_ROWS, CpuQuantMatmul
 from llmrun.kernels.quant_library import load_quant_library
 from llmrun.model.layers import linear
-from llmrun.quant.format import QuantWeight, dequantize, pack_int4, unpack_int4
+from llmrun.quant.format import QuantWeight, chunk_rows, dequantize, pack_int4, unpack_int4
 from llmrun.quant.spec import CPU_AMX_LARGE_BYTES, CPU_AMX_LARGE_ROWS, CPU_AMX_ROWS
 from tests.kernel_checks import quant_kernel_passes, quant_kernel_should_pass, quant_probe, torch_threads
 
@@ -227,6 +227,28 @@ def test_a_check_forced_to_fail_keeps_the_kernel_off(monkeypatch):
     qw = quant_probe(4, 32, 64, 576, True, seed=3)
     x = probe_inputs(1, 576, torch.float32, torch.Generator().manual_seed(3))
     assert torch.equal(matmul.linear(x, qw), F.linear(x, dequantize(qw)))  # the prompt path: the reference
+    assert not matmul.ran
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_decode_step_the_kernel_does_not_take_dequantizes_a_large_weight_in_pieces(monkeypatch, dtype):
+    """A CPU without AVX-512 VNNI (or a failed check): a decode step over an output head never holds the
+    whole weight dequantized (SmolLM2's head: 57 MB in bf16, beyond what a plan reserves), only
+    `chunk_rows` outputs of it at a time, in one buffer; the outputs are the whole weight's."""
+    if load_quant_library() is None:
+        pytest.skip("no C compiler here: decode steps run the reference (tests/quant/test_format.py)")
+    monkeypatch.setenv("LLMRUN_FAIL_CHECKS", "quant,vnni_gemm,amx")
+    matmul = CpuQuantMatmul()
+    qw = quant_probe(8, 32, 2 * chunk_rows(576) + 7, 576, False, seed=4)
+    asked = []
+    dequantized = matmul.dequantized
+    monkeypatch.setattr(matmul, "dequantized", lambda w, dt, out=None: asked.append((w.out_features, out is not None))
+                        or dequantized(w, dt, out))
+    x = probe_inputs(3, 576, dtype, torch.Generator().manual_seed(4))
+    bias = torch.randn(qw.out_features, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out = matmul.linear(x, qw, bias)
+    assert asked == [(chunk_rows(576), True), (chunk_rows(576), True), (7, True)]
+    torch.testing.assert_close(out, linear(x, dequantize(qw).to(dtype), bias))  # (bits alike here; not promised)
     assert not matmul.ran
 
 

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from llmrun.errors import InvalidModelError
-from llmrun.quant.format import QuantWeight, concat_quant, dequantize, pack_int4, unpack_int4
+from llmrun.quant.format import (
+    QuantWeight, chunk_rows, concat_quant, dequantize, dequantize_to, pack_int4, row_slices, unpack_int4,
+)
 from llmrun.quant.stored import (
     METADATA_KEY, QuantMetadata, TensorFormat, TwoLevel, load_quantized, save_quantized, stored_tensors, stored_two_level,
 )
@@ -35,6 +37,32 @@ def test_dequantize_is_q_times_scale_plus_min_per_group():
     for row, col in ((0, 0), (1, 31), (2, 32), (3, 63)):
         group = col // 32
         assert w[row, col] == q[row, col].float() * qw.scales[row, group] + qw.mins[row, group]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_weight_dequantized_in_pieces_is_the_whole_of_it(bits):
+    """row_slices / dequantize_to / dequantize(out=): the same values as dequantize of the whole weight,
+    for a weight of several pieces with a last one cut short (the reference matmul and the GPU's
+    prompt path go piece by piece so no float32 copy of a whole output head is ever held)."""
+    from llmrun.kernels.quant import quant_linear
+
+    g = torch.Generator().manual_seed(bits)
+    out_features, in_features = 2 * chunk_rows(64) + 5, 64
+    q = torch.randint(0, 16, (out_features, in_features), generator=g, dtype=torch.uint8)
+    qweight = pack_int4(q) if bits == 4 else (q.to(torch.int8) - 8)
+    scales = torch.rand(out_features, 2, generator=g) + 0.1
+    mins = torch.randn(out_features, 2, generator=g) if bits == 4 else None
+    qw = QuantWeight(bits, 32, out_features, in_features, qweight, scales, mins)
+    whole = dequantize(qw)
+    pieces = list(row_slices(qw, chunk_rows(in_features)))
+    assert [start for start, _ in pieces] == [0, chunk_rows(64), 2 * chunk_rows(64)] and pieces[-1][1].out_features == 5
+    assert torch.equal(torch.cat([dequantize(part) for _, part in pieces]), whole)
+    buffer = torch.full((5, in_features), float("nan"))
+    assert torch.equal(dequantize(pieces[-1][1], buffer), whole[-5:])
+    assert torch.equal(dequantize_to(qw, torch.bfloat16), whole.to(torch.bfloat16))
+    x, bias = torch.randn(3, in_features, generator=g), torch.randn(out_features, generator=g)
+    torch.testing.assert_close(quant_linear(x, qw, bias), torch.nn.functional.linear(x, whole, bias),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_int8_per_channel_has_no_mins():
