@@ -18,7 +18,7 @@ import torch
 from llmrun.kernels.quant import QuantMatmul, quant_parts
 from llmrun.kernels.quant_check import checked_on
 from llmrun.model.layers import linear
-from llmrun.quant.format import QuantWeight, dequantize_to
+from llmrun.quant.format import QuantWeight, dequantize
 
 try:  # CUDA builds of torch depend on triton; CPU builds usually lack it
     import triton
@@ -110,7 +110,7 @@ class TritonQuantMatmul(QuantMatmul):
                 and all(t.is_contiguous() and t.device == x.device for t in quant_parts(qw))):
             self.ran = True
             return quant_gemv(x, qw)
-        return linear(x, dequantize_to(qw, x.dtype).to(x.device), bias)
+        return linear(x, dequantize(qw).to(x.device, x.dtype), bias)
 
     def gemv_checked(self, bits: int, group_size: int, in_features: int, dtype: torch.dtype) -> bool:
         key = (bits, group_size, in_features, dtype)

@@ -156,17 +156,6 @@ def chunk_rows(in_features: int) -> int:
     return max(1, DEQUANTIZE_CHUNK_BYTES // (4 * in_features))
 
 
-def dequantize_to(qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    """dequantize(qw) in `dtype` on qw's device, made chunk_rows outputs at a time: never a float32
-    copy of the whole weight (an output head's would be twice its bf16 size)."""
-    out = torch.empty((qw.out_features, qw.in_features), dtype=dtype, device=qw.qweight.device)
-    rows = min(chunk_rows(qw.in_features), qw.out_features)
-    piece = torch.empty((rows, qw.in_features), dtype=torch.float32, device=qw.qweight.device)
-    for start, part in row_slices(qw, rows):
-        out[start : start + part.out_features] = dequantize(part, piece[: part.out_features])
-    return out
-
-
 def dequantize_rows(qw: QuantWeight, rows: torch.Tensor) -> torch.Tensor:
     """float32 [len(rows), in]: the rows `rows` (output indices) of `dequantize(qw)`, and only them
     (a compressed embedding table's lookup)."""
