@@ -149,8 +149,7 @@ class QuantLayer:
                                           out_delta.data_ptr())
         self.ran = self.quant.ran = True  # (its matmuls are the quantized matmul's kernel)
         if step.amx_matmul and not self.quant.amx_ran:  # (for reports: asked until it is so)
-            self.quant.amx_ran = any(step.count >= cpu_amx_rows(w[key].bits, w[key].out_features, w[key].in_features)
-                                     for key in MATRICES)
+            self.quant.amx_ran = any(step.count >= getattr(weights, key).amx_from for key in MATRICES)
         return out_hidden, out_delta
 
     def _weights(self, w: dict, k_pool: torch.Tensor, v_pool: torch.Tensor) -> QuantLayerWeights:
