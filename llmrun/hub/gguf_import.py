@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import struct
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llmrun.errors import InvalidModelError, StoreConflictError
+from llmrun.hub.gguf_entries import file_sha256, imported_from, made_from, path_entry_name, reusable_entry
 from llmrun.hub.source import ModelSource, validate_model_folder
 from llmrun.hub.store import (
     StoreMetadata,
@@ -32,7 +32,6 @@ WEIGHTS_FILE = "model.safetensors"
 _CONVERSION_ERRORS = (
     ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, NotImplementedError, struct.error,
 )
-_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
 
 
 def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None = None,
@@ -58,7 +57,7 @@ def import_gguf(path: Path | str, name: str | None = None, *, origin: str | None
     replacing = entry_path(entry_name).exists()
     if replacing and not force and not imported_from(gguf_file, entry_name):
         raise StoreConflictError(
-            f"the store already has a different model called '{entry_name}'{_made_from(entry_name)}; "
+            f"the store already has a different model called '{entry_name}'{made_from(entry_name)}; "
             f"pass --force to replace it, or --name to import {gguf_file.name} under another name"
         )
     checked_layout(gguf_file)  # a tensor type no one can read: one line before any work
@@ -99,59 +98,6 @@ def import_gguf_once(path: Path | str) -> ModelSource:
     return import_gguf(gguf_file, entry_name, force=same_path)
 
 
-def path_entry_name(gguf_file: Path) -> str:
-    """The store name for a GGUF run by path: `stem-<8 hex digits of the resolved path's sha256>`."""
-    resolved = Path(gguf_file).resolve()
-    return store_name(f"{resolved.stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}")
-
-
-def reusable_entry(gguf_file: Path, entry_name: str, keep_quant: bool = False) -> ModelSource | None:
-    """The complete store entry `entry_name` when it was imported from this very file, with its
-    quantization kept (`keep_quant`) or dequantized as asked, else None."""
-    folder = entry_path(entry_name)
-    if not imported_from(gguf_file, entry_name):
-        return None
-    metadata = read_metadata(folder)
-    if metadata is None or (metadata.quant is not None) != keep_quant:
-        return None
-    try:
-        validate_model_folder(folder)
-    except InvalidModelError:
-        return None  # damaged since: import it again
-    return ModelSource(name=entry_name, path=folder, source="store")
-
-
-def imported_from(gguf_file: Path, entry_name: str) -> bool:
-    """Whether the entry `entry_name` was made from this file's contents (complete or not).
-
-    Size and mtime decide without reading the file; a new mtime with the same size costs one
-    sha256, after which the entry's llmrun.json records the new mtime so the next check is free.
-    """
-    folder = entry_path(entry_name)
-    metadata = read_metadata(folder)
-    if metadata is None or metadata.source != "gguf-import":
-        return False
-    stat = gguf_file.stat()
-    if stat.st_size != metadata.original_size_bytes:
-        return False
-    if (metadata.original_file, metadata.original_mtime_ns) == (str(gguf_file), stat.st_mtime_ns):
-        return True
-    if file_sha256(gguf_file) != metadata.sha256:
-        return False
-    if not metadata.original_file.startswith("pypi:"):
-        try:  # an optimisation only: a read-only store (plan, run) costs a hash next time, no error
-            write_metadata(folder, replace(metadata, original_file=str(gguf_file),
-                                           original_mtime_ns=stat.st_mtime_ns))
-        except OSError:
-            pass
-    return True
-
-
-def _made_from(entry_name: str) -> str:
-    metadata = read_metadata(entry_path(entry_name))
-    return f" (imported from {metadata.original_file})" if metadata is not None else ""
-
-
 def check_gguf_file(path: Path | str) -> Path:
     """The absolute path of a readable GGUF file; InvalidModelError (one line) otherwise."""
     gguf_file = Path(path).expanduser().absolute()
@@ -167,23 +113,6 @@ def check_gguf_file(path: Path | str) -> Path:
     if magic != GGUF_MAGIC:
         raise InvalidModelError(f"{gguf_file} is not a GGUF file (it does not start with 'GGUF')")
     return gguf_file
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256, read once per (path, size, mtime) in this process."""
-    stat = Path(path).stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256_SEEN:
-        _SHA256_SEEN[key] = _read_sha256(path)
-    return _SHA256_SEEN[key]
-
-
-def _read_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _convert(gguf_file: Path, folder: Path, step, keep_quant: bool) -> tuple[dict | None, list[str]]:

@@ -69,7 +69,7 @@ def _architecture(where: Path, config: dict) -> str:
 def _gguf_inputs(gguf_file: Path) -> PlanInputs:
     """A .gguf file, planned as what its import will be: the store entry when made, else its header."""
     from llmrun.hub.gguf_header import imported_config_and_index
-    from llmrun.hub.gguf_import import path_entry_name, reusable_entry
+    from llmrun.hub.gguf_entries import path_entry_name, reusable_entry
 
     entry_name = path_entry_name(gguf_file)
     imported = reusable_entry(gguf_file, entry_name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmrun.errors import InvalidModelError
-from llmrun.hub import gguf_import, store
+from llmrun.hub import gguf_entries, gguf_import, store
 from llmrun.hub.resolve import resolve_model
 from llmrun.hub.source import validate_model_folder
 from tests.checkpoints import CHAT_TEMPLATE, llama_config, save_checkpoint
@@ -68,12 +68,12 @@ def test_metadata_records_the_original_file(tiny_gguf):
     assert source.name == "Tiny-Llama.F32"
     assert metadata.source == "gguf-import"
     assert metadata.original_file == str(tiny_gguf)
-    assert metadata.sha256 == gguf_import.file_sha256(tiny_gguf)
+    assert metadata.sha256 == gguf_entries.file_sha256(tiny_gguf)
 
 
 def test_resolving_a_gguf_path_imports_once(tiny_gguf, monkeypatch):
     first = resolve_model(str(tiny_gguf))
-    assert (first.name, first.source) == (gguf_import.path_entry_name(tiny_gguf), "store")
+    assert (first.name, first.source) == (gguf_entries.path_entry_name(tiny_gguf), "store")
     assert first.name.startswith("Tiny-Llama.F32-")
 
     def no_conversion(*args):
@@ -88,7 +88,7 @@ def test_resolving_a_gguf_path_imports_once(tiny_gguf, monkeypatch):
     def no_hashing(path):
         raise AssertionError("hashed again")
 
-    monkeypatch.setattr(gguf_import, "file_sha256", no_hashing)
+    monkeypatch.setattr(gguf_entries, "file_sha256", no_hashing)
     assert resolve_model(str(tiny_gguf)) == first  # the new mtime was recorded: no second hash
     assert resolve_model(first.name) == first  # now a store entry by name
 

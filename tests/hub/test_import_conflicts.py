@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from llmrun.errors import StoreConflictError
-from llmrun.hub import gguf_import, store
+from llmrun.hub import gguf_entries, gguf_import, store
 from llmrun.hub.resolve import resolve_model
 from tests.checkpoints import llama_config, save_checkpoint
 from tests.cli.helpers import assert_one_line_error, run_cli
@@ -45,7 +45,7 @@ def test_a_different_model_is_not_replaced_without_force(two_ggufs):
     assert "--force" in message and "--name" in message and "\n" not in message
     assert store.read_metadata(kept.path).sha256 == kept_sha  # untouched
     replaced = gguf_import.import_gguf(second, "model", force=True)
-    assert store.read_metadata(replaced.path).sha256 == gguf_import.file_sha256(second)
+    assert store.read_metadata(replaced.path).sha256 == gguf_entries.file_sha256(second)
 
 
 def test_an_entry_not_made_by_import_is_not_replaced_either(two_ggufs, store_entry):
